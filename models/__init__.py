@@ -1,0 +1,1 @@
+"""Encoders, pretrained weight resolution and classification heads, behind one registry."""

@@ -1,0 +1,3 @@
+"""medxfer pipeline: stages, CLI, data, training and tracking."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,208 @@
+"""The ``medxfer`` command line: one thin command per stage. Parse, call a typed function, print.
+
+No logic lives here. Stage modules are imported inside each command so that
+``medxfer --help`` stays fast and heavy imports (torch, mlflow) load only when used.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.errors import MedxferError
+from pipeline.workspace import DEFAULT_WORKSPACE
+
+app = typer.Typer(
+    name="medxfer",
+    help="Transfer learning for medical images: ingest -> split -> train -> evaluate -> register -> predict/export.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+Workspace = Annotated[Path, typer.Option("--workspace", "-w", help="Folder for all stage outputs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+SpecArg = Annotated[Path, typer.Argument(help="Data spec YAML (see data_specs/template.yaml).")]
+
+
+def _run(fn, as_json: bool) -> None:
+    from pipeline import ui
+
+    try:
+        result = fn()
+    except MedxferError as exc:
+        ui.console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    if result is not None:
+        ui.finish(result, as_json)
+
+
+@app.command(epilog="Example: `medxfer demo --out demo-data` then `medxfer run data_specs/breastmnist_demo.yaml`")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the demo DICOM/NIfTI trees.")] = Path("demo-data"),
+    limit: Annotated[int | None, typer.Option(help="Write only the first N studies per split (quick tries).")] = None,
+    json: Json = False,
+) -> None:
+    """Write the bundled BreastMNIST (DICOM) and AdrenalMNIST3D (NIfTI) demo datasets to disk."""
+    from pipeline.demo import write_demo
+
+    _run(lambda: write_demo(out, limit=limit), json)
+
+
+@app.command("check-spec", epilog="Example: `medxfer check-spec data_specs/breastmnist_demo.yaml`")
+def check_spec(spec: SpecArg, json: Json = False) -> None:
+    """Validate a data spec without reading any image."""
+    from pipeline.spec import check_spec_command
+
+    _run(lambda: check_spec_command(spec), json)
+
+
+@app.command(epilog="Example: `medxfer ingest data_specs/breastmnist_demo.yaml --workspace medxfer-work`")
+def ingest(
+    spec: SpecArg,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    strict: Annotated[bool, typer.Option(help="Fail if any input is rejected.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Header-reading threads (default: CPU count).")] = None,
+    json: Json = False,
+) -> None:
+    """Scan DICOM/NIfTI, select series, check geometry, pseudonymise, and write the manifest and rejects."""
+    from pipeline.ingest import ingest as run_ingest
+    from pipeline.spec import load_spec
+
+    _run(lambda: run_ingest(load_spec(spec), workspace, strict=strict, workers=workers), json)
+
+
+@app.command(epilog="Example: `medxfer split data_specs/breastmnist_demo.yaml --workspace medxfer-work`")
+def split(spec: SpecArg, workspace: Workspace = DEFAULT_WORKSPACE, json: Json = False) -> None:
+    """Patient-grouped, stratified, duplicate-aware train/val/test split (or k folds)."""
+    from pipeline.spec import load_spec
+    from pipeline.split import split as run_split
+
+    _run(lambda: run_split(load_spec(spec), workspace), json)
+
+
+@app.command("models", epilog="Example: `medxfer models --json`")
+def list_models(json: Json = False) -> None:
+    """List registered encoders, their dims, parameter counts, weight sources and layer groups."""
+    from models.registry import models_command
+
+    _run(models_command, json)
+
+
+@app.command(epilog=(
+    "Examples: `medxfer train data_specs/breastmnist_demo.yaml`; "
+    "`medxfer train SPEC --set epochs=4 --set lr=3e-4`; `medxfer train SPEC --resume`; "
+    "`medxfer train SPEC --control scratch`"
+))
+def train(
+    spec: SpecArg,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; default: the packaged 2D/3D recipe.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local pretrained weights file for the encoder.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the last unfinished run of this spec.")] = False,
+    control: Annotated[str | None, typer.Option(help="Also train a control arm: scratch or probe.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    json: Json = False,
+) -> None:
+    """Train a classifier with progressive unfreezing and focal loss; log everything to MLflow."""
+    from pipeline.spec import load_spec
+    from pipeline.train import train as run_train
+
+    _run(lambda: run_train(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], weights=weights,
+                           resume=resume, control=control, device=device), json)
+
+
+@app.command(epilog="Example: `medxfer evaluate 3f2a... --workspace medxfer-work --json`")
+def evaluate(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples.")] = 1000,
+    json: Json = False,
+) -> None:
+    """Test metrics with patient-bootstrap CIs, validation threshold, temperature calibration, plots."""
+    from pipeline.evaluate import evaluate as run_evaluate
+
+    _run(lambda: run_evaluate(run_id, workspace, n_bootstrap=bootstrap), json)
+
+
+@app.command(epilog="Example: `medxfer register 3f2a... --name breast-us`")
+def register(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of an evaluated training run.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    json: Json = False,
+) -> None:
+    """Register the run's model as an MLflow pyfunc with alias 'candidate' and its model card."""
+    from pipeline.registry import register as run_register
+
+    _run(lambda: run_register(run_id, name, workspace), json)
+
+
+@app.command(epilog="Example: `medxfer promote breast-us 3 --alias champion`")
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int, typer.Argument(help="Model version.")],
+    alias: Annotated[str, typer.Option(help="Alias to set.")] = "champion",
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    json: Json = False,
+) -> None:
+    """Set an alias on a model version, refusing when the recipe's promotion floors are not met."""
+    from pipeline.registry import promote as run_promote
+
+    _run(lambda: run_promote(name, version, alias, workspace), json)
+
+
+@app.command(epilog=(
+    "Examples: `medxfer predict models:/breast-us@candidate new_studies/ --out preds.csv`; "
+    "`medxfer predict export/ scan.nii.gz --saliency cams/`"
+))
+def predict(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@alias, runs:/RUN_ID, or an exported folder.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Study folders, DICOM/NIfTI files, or a CSV with a path column.")],
+    out: Annotated[Path, typer.Option(help="Output CSV.")] = Path("preds.csv"),
+    saliency: Annotated[Path | None, typer.Option(help="Write Grad-CAM maps to this folder.")] = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    json: Json = False,
+) -> None:
+    """Predict on new studies with exactly the training preprocessing."""
+    from pipeline.predict import predict as run_predict
+
+    _run(lambda: run_predict(model_uri, inputs, out, saliency=saliency, workspace=workspace), json)
+
+
+@app.command(epilog="Example: `medxfer export models:/breast-us@champion --out handoff/`")
+def export(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@alias or runs:/RUN_ID.")],
+    out: Annotated[Path, typer.Option(help="Hand-off folder to create.")],
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    json: Json = False,
+) -> None:
+    """Write a hand-off folder: safetensors, ONNX, preprocessing JSON, model card, SHA-256 manifest."""
+    from pipeline.export import export as run_export
+
+    _run(lambda: run_export(model_uri, out, workspace=workspace), json)
+
+
+@app.command("run", epilog="Example: `medxfer run data_specs/breastmnist_demo.yaml --json`")
+def run_all(
+    spec: SpecArg,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; default: the packaged recipe.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
+    name: Annotated[str | None, typer.Option(help="Registered model name (default: the spec name).")] = None,
+    json: Json = False,
+) -> None:
+    """ingest -> split -> train -> evaluate -> register, in one command."""
+    from pipeline.runall import run_all as run_pipeline
+    from pipeline.spec import load_spec
+
+    _run(lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name), json)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m pipeline`
+    sys.exit(app())
