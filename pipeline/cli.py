@@ -163,7 +163,7 @@ def promote(
 ))
 def predict(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@alias, runs:/RUN_ID, or an exported folder.")],
-    inputs: Annotated[list[Path], typer.Argument(help="Study folders, DICOM/NIfTI files, or a CSV with a path column.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Study folders, DICOM/NIfTI files, or a CSV of paths.")],
     out: Annotated[Path, typer.Option(help="Output CSV.")] = Path("preds.csv"),
     saliency: Annotated[Path | None, typer.Option(help="Write Grad-CAM maps to this folder.")] = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
