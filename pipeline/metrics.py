@@ -1,0 +1,427 @@
+"""Classification metrics, operating thresholds and patient-level bootstrap CIs. Pure numpy.
+
+Conventions used everywhere in medxfer's evaluation:
+
+- ``y`` is an int array of class indices, ``prob`` an (N, K) array of class probabilities (K >= 2).
+- Binary tasks: the score is ``prob[:, pos]`` and the decision is ``score >= threshold``.
+  Multiclass tasks: the decision is ``argmax``; one-vs-rest versions of every metric are
+  computed per class and macro-averaged (unweighted mean over classes).
+- Undefined values (e.g. PPV with no predicted positives) are ``nan``, never 0, so they cannot
+  masquerade as a bad result; JSON writers turn them into ``null``.
+- Bootstrap CIs resample *patients* with replacement; every study of a drawn patient comes
+  along (as many times as the patient was drawn). Studies of one patient are correlated, so
+  resampling studies would understate the width of the interval. Percentile 95% CIs.
+  Resamples lacking a class (AUROC undefined) are skipped and counted, not silently dropped.
+
+AUROC and average precision are implemented here (tie-aware, checked against scikit-learn in
+the tests) because the bootstrap calls them thousands of times and sklearn's input validation
+dominates at these sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+METRIC_NAMES = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv")
+
+
+# ---------------------------------------------------------------------------- rank metrics
+
+def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve for binary labels (1 = positive); ties count one half. nan if a class is absent."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    # Average ranks over ties (Mann-Whitney U).
+    ranks = np.empty(s.size, dtype=np.float64)
+    _, first, counts = np.unique(s_sorted, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the precision-recall curve as sklearn's average_precision_score (step-wise, no interpolation)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s_desc, y_desc = s[order], y[order]
+    # One operating point per distinct score (the last index of each tie block).
+    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
+    tp = np.cumsum(y_desc)[last]
+    fp = (last + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) with decisions ``score >= threshold``; the first point is (0, 0) at +inf."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s_desc, y_desc = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
+    tp = np.cumsum(y_desc)[last]
+    fp = (last + 1) - tp
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    fpr = np.r_[0.0, fp / n_neg]
+    tpr = np.r_[0.0, tp / n_pos]
+    thr = np.r_[np.inf, s_desc[last]]
+    return fpr, tpr, thr
+
+
+def pr_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at each distinct score, highest threshold first, starting at recall 0."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s_desc, y_desc = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
+    tp = np.cumsum(y_desc)[last]
+    precision = tp / (last + 1)
+    recall = tp / max(int(y.sum()), 1)
+    return np.r_[0.0, recall], np.r_[1.0, precision]
+
+
+# ---------------------------------------------------------------------------- threshold metrics
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else float("nan")
+
+
+def confusion_counts(y_true: np.ndarray, decision: np.ndarray) -> dict[str, int]:
+    y = np.asarray(y_true).astype(bool)
+    d = np.asarray(decision).astype(bool)
+    return {"tp": int((y & d).sum()), "fp": int((~y & d).sum()), "tn": int((~y & ~d).sum()),
+            "fn": int((y & ~d).sum())}
+
+
+def rates(y_true: np.ndarray, decision: np.ndarray) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV and balanced accuracy of a binary decision."""
+    c = confusion_counts(y_true, decision)
+    sens = _ratio(c["tp"], c["tp"] + c["fn"])
+    spec = _ratio(c["tn"], c["tn"] + c["fp"])
+    return {"sensitivity": sens, "specificity": spec, "ppv": _ratio(c["tp"], c["tp"] + c["fp"]),
+            "npv": _ratio(c["tn"], c["tn"] + c["fn"]), "balanced_accuracy": (sens + spec) / 2.0}
+
+
+def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
+    """All headline metrics of a binary classifier: rank metrics on ``score``, the rest at ``score >= threshold``."""
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(score, dtype=np.float64)
+    out = {"auroc": auroc(y, s), "auprc": average_precision(y, s)}
+    out.update(rates(y, s >= threshold))
+    return {k: out[k] for k in METRIC_NAMES}
+
+
+def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes: Sequence[str] | None = None
+                       ) -> dict[str, Any]:
+    """Macro (headline) and one-vs-rest per-class metrics; the decision is argmax.
+
+    Returns ``{<metric>: macro value, ..., "per_class": {class: {<metric>: value}}}``. The macro
+    balanced accuracy is the mean per-class recall (sklearn's ``balanced_accuracy_score``).
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    k = p.shape[1]
+    names = list(classes) if classes is not None else [str(i) for i in range(k)]
+    pred = p.argmax(axis=1)
+    per_class: dict[str, dict[str, float]] = {}
+    for c in range(k):
+        yc = y == c
+        r = rates(yc, pred == c)
+        per_class[names[c]] = {"auroc": auroc(yc, p[:, c]), "auprc": average_precision(yc, p[:, c]),
+                               "sensitivity": r["sensitivity"], "specificity": r["specificity"],
+                               "ppv": r["ppv"], "npv": r["npv"], "support": int(yc.sum())}
+    out: dict[str, Any] = {}
+    for m in ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv"):
+        out[m] = _nanmean([per_class[n][m] for n in names])
+    out["balanced_accuracy"] = out["sensitivity"]
+    out = {m: out[m] for m in METRIC_NAMES}
+    out["accuracy"] = float((pred == y).mean()) if y.size else float("nan")
+    out["per_class"] = per_class
+    return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+def confusion_matrix(y_true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) counts, rows = true class, columns = predicted class."""
+    return np.bincount(np.asarray(y_true) * k + np.asarray(pred), minlength=k * k).reshape(k, k)
+
+
+# ---------------------------------------------------------------------------- calibration metrics
+
+def ece(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error with equal-width bins.
+
+    Binary (K == 2): calibration of the positive-class probability (column 1), the number a
+    clinician reads. Multiclass: top-label confidence vs accuracy (Guo et al. 2017).
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    if y.size == 0:
+        return float("nan")
+    conf, hit = _reliability_inputs(y, p)
+    bins = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, weights=conf, minlength=n_bins) - np.bincount(bins, weights=hit, minlength=n_bins))
+    return float(gap.sum() / counts.sum())
+
+
+def _reliability_inputs(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if p.shape[1] == 2:
+        return p[:, 1], (y == 1).astype(np.float64)
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+
+
+def reliability_curve(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: (mean predicted, observed frequency, count); empty bins are nan."""
+    conf, hit = _reliability_inputs(np.asarray(y_true).astype(int), np.asarray(prob, dtype=np.float64))
+    bins = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(bins, weights=conf, minlength=n_bins) / counts
+        freq = np.bincount(bins, weights=hit, minlength=n_bins) / counts
+    return mean_p, freq, counts
+
+
+def brier(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Binary: mean squared error of the positive-class probability. Multiclass: mean sum over classes
+    of the squared error against the one-hot label (Brier's original definition)."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    if y.size == 0:
+        return float("nan")
+    if p.shape[1] == 2:
+        return float(np.mean((p[:, 1] - (y == 1)) ** 2))
+    onehot = np.eye(p.shape[1])[y]
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def nll(y_true: np.ndarray, prob: np.ndarray) -> float:
+    y = np.asarray(y_true).astype(int)
+    p = np.clip(np.asarray(prob, dtype=np.float64)[np.arange(y.size), y], 1e-12, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+# ---------------------------------------------------------------------------- thresholds
+
+@dataclass
+class ThresholdChoice:
+    threshold: float
+    policy: str
+    target: float | None
+    val_sensitivity: float
+    val_specificity: float
+    achieved: bool = True  # False when no threshold reaches the target on validation
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.threshold, "policy": self.policy, "target": self.target,
+                "val_sensitivity": self.val_sensitivity, "val_specificity": self.val_specificity,
+                "target_achieved": self.achieved}
+
+
+def choose_threshold(y_true: np.ndarray, score: np.ndarray, policy: str = "youden",
+                     target: float | None = None) -> ThresholdChoice:
+    """Pick the operating threshold on validation scores (decision: ``score >= threshold``).
+
+    youden: maximise sensitivity + specificity - 1 (ties: the higher threshold, i.e. fewer positives).
+    sensitivity: the highest threshold whose sensitivity >= target (best specificity at that floor).
+    specificity: the lowest threshold whose specificity >= target (best sensitivity at that floor).
+    The threshold is an observed validation score, so it is reproducible from evaluation.json.
+    """
+    y = np.asarray(y_true).astype(int)
+    if y.min(initial=1) == y.max(initial=0):
+        raise ValueError("choosing a threshold needs both classes in the validation split")
+    fpr, tpr, thr = roc_points(y, score)
+    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # drop the +inf point: it predicts no positives at all
+    spec = 1.0 - fpr
+    achieved = True
+    if policy == "youden":
+        i = int(np.argmax(tpr - fpr))
+    elif policy == "sensitivity":
+        if target is None:
+            raise ValueError("policy 'sensitivity' needs a target")
+        ok = np.nonzero(tpr >= target - 1e-12)[0]
+        i = int(ok[0])  # thresholds descend, so the first qualifying one is the highest
+    elif policy == "specificity":
+        if target is None:
+            raise ValueError("policy 'specificity' needs a target")
+        ok = np.nonzero(spec >= target - 1e-12)[0]
+        if ok.size:
+            i = int(ok[-1])
+        else:
+            i, achieved = 0, False  # even the strictest observed threshold misses the target
+    else:
+        raise ValueError(f"unknown threshold policy {policy!r}: use youden, sensitivity or specificity")
+    return ThresholdChoice(float(thr[i]), policy, target, float(tpr[i]), float(spec[i]), achieved)
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+@dataclass
+class Interval:
+    value: float
+    ci_low: float
+    ci_high: float
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"value": _finite_or_none(self.value), "ci_low": _finite_or_none(self.ci_low),
+                "ci_high": _finite_or_none(self.ci_high)}
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+@dataclass
+class BootstrapResult:
+    intervals: dict[str, Interval]
+    n_resamples: int
+    n_skipped: int  # resamples lacking a class; excluded from every interval
+    n_patients: int
+    seed: int
+    samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"intervals": {k: v.as_dict() for k, v in self.intervals.items()},
+                "n_resamples": self.n_resamples, "n_skipped": self.n_skipped, "n_patients": self.n_patients,
+                "seed": self.seed, "unit": "patient", "method": "percentile", "level": 0.95}
+
+
+def patient_resample_indices(patients: Sequence[Any], n_resamples: int, seed: int
+                             ) -> tuple[int, Callable[[], np.ndarray]]:
+    """A generator of study-index arrays, each drawn by resampling patients with replacement."""
+    _, codes = np.unique(np.asarray(patients, dtype=object).astype(str), return_inverse=True)
+    n_pat = int(codes.max()) + 1 if codes.size else 0
+    rng = np.random.default_rng(seed)
+    studies = np.arange(codes.size)
+
+    def draw() -> np.ndarray:
+        # How often each patient was drawn becomes how often each of its studies appears.
+        times = np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat)
+        return np.repeat(studies, times[codes])
+
+    return n_pat, draw
+
+
+def bootstrap(y_true: np.ndarray, prob: np.ndarray, patients: Sequence[Any],
+              statistic: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+              n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> BootstrapResult:
+    """Patient-level percentile bootstrap of every value ``statistic(y, prob)`` returns.
+
+    The point estimate is the statistic on the full data. A resample in which any class of
+    ``prob``'s columns is missing from ``y`` is skipped and counted in ``n_skipped``.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    point = statistic(y, p)
+    k = p.shape[1] if p.ndim == 2 else 2
+    n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
+    draws: dict[str, list[float]] = {name: [] for name in point}
+    skipped = 0
+    for _ in range(n_resamples):
+        idx = draw()
+        yb = y[idx]
+        if np.unique(yb).size < k:
+            skipped += 1
+            continue
+        for name, v in statistic(yb, p[idx]).items():
+            draws[name].append(v)
+    samples = {name: np.asarray(v, dtype=np.float64) for name, v in draws.items()}
+    alpha = (1.0 - level) / 2.0
+    intervals = {}
+    for name, v in point.items():
+        arr = samples[name]
+        arr = arr[np.isfinite(arr)]
+        if arr.size == 0 or not np.isfinite(v):
+            lo = hi = float("nan")
+        else:
+            lo, hi = (float(x) for x in np.quantile(arr, [alpha, 1.0 - alpha]))
+        intervals[name] = Interval(float(v), lo, hi)
+    return BootstrapResult(intervals, n_resamples, skipped, n_pat, seed, samples)
+
+
+def paired_bootstrap_diff(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, patients: Sequence[Any],
+                          metric: Callable[[np.ndarray, np.ndarray], float],
+                          n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """metric(a) - metric(b) on the same studies, with a paired patient-level bootstrap CI.
+
+    Both arms see the identical resample each time, so study difficulty cancels and the interval
+    is much tighter than comparing two independent CIs. Also reports the one-sided bootstrap
+    fraction of resamples in which a is not better (diff <= 0).
+    """
+    y = np.asarray(y_true).astype(int)
+    pa, pb = np.asarray(prob_a, dtype=np.float64), np.asarray(prob_b, dtype=np.float64)
+    k = pa.shape[1]
+    ma, mb = metric(y, pa), metric(y, pb)
+    n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
+    diffs, skipped = [], 0
+    for _ in range(n_resamples):
+        idx = draw()
+        yb = y[idx]
+        if np.unique(yb).size < k:
+            skipped += 1
+            continue
+        diffs.append(metric(yb, pa[idx]) - metric(yb, pb[idx]))
+    d = np.asarray(diffs, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    alpha = (1.0 - level) / 2.0
+    lo, hi = (float(x) for x in np.quantile(d, [alpha, 1.0 - alpha])) if d.size else (float("nan"),) * 2
+    return {"a": ma, "b": mb, "diff": Interval(ma - mb, lo, hi),
+            "p_not_better": float(np.mean(d <= 0)) if d.size else float("nan"),
+            "n_resamples": n_resamples, "n_skipped": skipped, "n_patients": n_pat, "seed": seed}
+
+
+# ---------------------------------------------------------------------------- task-level helpers
+
+def headline_statistic(threshold: float | None, positive_index: int = 1
+                       ) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
+    """The statistic bootstrapped for the report: headline metrics plus ECE and Brier.
+
+    Binary (threshold given): scores are ``prob[:, positive_index]`` and labels are 1 for the
+    positive class. Multiclass (threshold None): macro one-vs-rest metrics at argmax.
+    """
+
+    def stat(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        if threshold is None:
+            m = multiclass_metrics(y, p)
+            out = {k: m[k] for k in METRIC_NAMES}
+            return out | {"ece": ece(y, p), "brier": brier(y, p)}
+        yb = (y == positive_index).astype(int)
+        p2 = binary_prob(p, positive_index)
+        return binary_metrics(yb, p2[:, 1], threshold) | {"ece": ece(yb, p2), "brier": brier(yb, p2)}
+
+    return stat
+
+
+def binary_prob(prob: np.ndarray, positive_index: int) -> np.ndarray:
+    """(N, 2) [negative, positive] probabilities for a 2-class ``prob`` whose positive column is given."""
+    pos = np.asarray(prob, dtype=np.float64)[:, positive_index]
+    return np.stack([1.0 - pos, pos], axis=1)
+
+
+def macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC for binary (column 1 positive after :func:`binary_prob`) or macro one-vs-rest for K > 2."""
+    if p.shape[1] == 2:
+        return auroc(y == 1, p[:, 1])
+    return _nanmean([auroc(y == c, p[:, c]) for c in range(p.shape[1])])
