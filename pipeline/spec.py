@@ -68,6 +68,14 @@ class SeriesRules(BaseModel):
     min_slices: int = Field(1, ge=1)
     # Tie-break when several series qualify: first rule that matches wins, then most slices.
     prefer: list[str] = Field(default_factory=list)
+    # Slice steps may differ from the median step by this fraction before the series is quarantined
+    # as unevenly spaced; a gap of 1.5 steps or more is reported as missing slices instead.
+    spacing_tolerance: float = Field(0.1, gt=0, lt=0.5)
+
+    @field_validator("modality")
+    @classmethod
+    def _upper(cls, v: list[str] | None) -> list[str] | None:
+        return [m.strip().upper() for m in v] if v is not None else None
 
     @field_validator("description_include", "description_exclude", "prefer")
     @classmethod
@@ -206,6 +214,12 @@ _HINTS = {
     "classes": "list the class names in index order, e.g. [normal, pneumonia]",
     "split": "split: {fractions: {train: 0.7, val: 0.1, test: 0.2}, seed: 0}",
     "split.fractions": "e.g. {train: 0.7, val: 0.1, test: 0.2}",
+    "split.folds": "an integer >= 2, e.g. folds: 5 (fractions.test, if set, is still held out as test)",
+    "series": "series: {modality: [CT], description_exclude: ['(?i)scout'], min_slices: 20}",
+    "series.spacing_tolerance": "a fraction of the slice step, e.g. 0.1 for 10%",
+    "positive_class": "one of the names in classes",
+    "preprocess": "preprocess: {spacing: [1, 1, 1], size: [64, 64, 64], intensity: {mode: zscore}}",
+    "preprocess.intensity": "intensity: {mode: ct_window, window: [40, 400]} or {mode: zscore} or {mode: scale}",
 }
 
 
