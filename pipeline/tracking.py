@@ -1,0 +1,369 @@
+"""MLflow, behind one module: the only place that imports mlflow.
+
+Every string that leaves for the tracking store (param keys and values, tags,
+metric names, text artifacts, strings inside logged checkpoints) passes through
+``PHIGuard.check``: a value that contains the data root, the labels CSV, a
+path component of a source file, or a known original identifier is refused
+before it is written. Training never logs the manifest's ``files`` or the
+spec's paths in the first place; the guard is there for the day someone does.
+
+mlflow is imported inside functions so ``medxfer --help`` and stages that do
+not track stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import StageError
+
+TAG_STATUS = "medxfer.status"  # running | finished | failed | interrupted
+TAG_ROLE = "medxfer.role"  # main | control
+TAG_CONTROL = "medxfer.control"  # scratch | probe (on both the parent and the control run)
+TAG_CONTROL_RUN = "medxfer.control_run_id"  # on the parent
+TAG_SPEC = "medxfer.spec"
+PACKAGES = ("medxfer", "torch", "torchvision", "monai", "timm", "mlflow", "numpy", "pydicom", "nibabel",
+            "albumentations", "scikit-learn")
+MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+
+
+class PHIRefused(StageError):
+    """A value bound for MLflow looked like PHI or a source path; the message never repeats the value."""
+
+
+# --- the PHI guard ---------------------------------------------------------------------------------------------------
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9._^\-]+")
+_PSEUDONYM = re.compile(r"^(st|pt)-[0-9a-f]{20}$")
+# Words that legitimately appear in what we log and may also name folders in a source tree.
+_ALWAYS_SAFE = {"dicom", "nifti", "train", "val", "test", "images", "image", "data", "dcm", "nii", "nii.gz",
+                "labels.csv", "series", "study", "studies", "patient", "patients"}
+
+
+def _word_ok_to_guard(w: str, safe: set[str]) -> bool:
+    if w.lower() in safe:
+        return False
+    if w.isdigit():
+        return len(w) >= 6  # IDs, dates; short numbers collide with epochs, sizes, seeds
+    return len(w) >= 4
+
+
+class PHIGuard:
+    """Refuses values containing protected path prefixes (substring) or protected words (whole words)."""
+
+    def __init__(self, prefixes: Iterable[str] = (), words: Iterable[str] = (), safe: Iterable[str] = ()):
+        self.prefixes = sorted({p for p in prefixes if p and len(p) > 1}, key=len, reverse=True)
+        safe_set = {s.lower() for s in safe} | _ALWAYS_SAFE
+        self.words = {w.lower() for w in words if w and _word_ok_to_guard(w, safe_set)}
+
+    @classmethod
+    def for_training(cls, spec: Any, files: Iterable[Iterable[str]] = (), pseudonym_map: Path | None = None,
+                     originals: Iterable[str] = ()) -> PHIGuard:
+        """Guard for a training run: the spec's local paths, source-path components, and the original
+        identifiers in the workspace's pseudonym map (the local-only ``pseudonym,kind,original`` CSV)."""
+        originals = list(originals)
+        if pseudonym_map is not None and Path(pseudonym_map).is_file():
+            import csv
+
+            with Path(pseudonym_map).open(newline="") as fh:
+                originals += [r["original"] for r in csv.DictReader(fh) if r.get("original")]
+        root = Path(spec.root)
+        prefixes = {str(root), str(root.resolve()), str(spec.labels_csv), str(Path(spec.labels_csv).resolve())}
+        if spec.spec_path is not None and spec.split.pinned_test is not None:
+            prefixes.add(str(spec.resolve(spec.split.pinned_test)))
+        words: set[str] = set(originals)
+        for study in files:
+            for f in study:
+                p = Path(f)
+                try:
+                    rel = p.relative_to(root)
+                except ValueError:
+                    try:
+                        rel = p.resolve().relative_to(root.resolve())
+                    except ValueError:
+                        rel = Path(p.name)
+                words.update(rel.parts)
+                words.add(rel.stem)
+                if len(rel.parts) > 1:
+                    prefixes.add(str(rel))
+        safe = set(spec.classes) | {spec.name}
+        return cls(prefixes, words, safe)
+
+    def problem(self, value: str) -> str | None:
+        """Why `value` may not be logged, or None. The reason never contains the value itself."""
+        for p in self.prefixes:
+            if p in value:
+                return "it contains a local source path"
+        if self.words:
+            for w in _WORD_SPLIT.split(value):
+                if w and w.lower() in self.words:
+                    return "it contains a source folder/file name or an original identifier"
+        return None
+
+    def check(self, what: str, value: Any) -> str:
+        text = value if isinstance(value, str) else str(value)
+        why = self.problem(text)
+        if why:
+            raise PHIRefused(f"refusing to log {what} to MLflow: {why}. This is a bug or a spec/recipe value "
+                             "that names a source file; remove it and rerun")
+        return text
+
+    def check_tree(self, what: str, obj: Any) -> None:
+        """Check every string (and dict key) in a nested structure; tensors are skipped."""
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                self.check(f"{what} key", str(k))
+                self.check_tree(f"{what}.{k}", v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                self.check_tree(what, v)
+        elif isinstance(obj, str):
+            self.check(what, obj)
+
+
+# --- environment facts -----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts next to a local sqlite store (MLflow would otherwise write ./mlruns in the current folder)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
+    except Exception:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_unfinished_run(tracking_uri: str, experiment: str, role: str = "main",
+                        parent_run_id: str | None = None) -> str | None:
+    """The newest run of this experiment that started but did not finish (killed, crashed, interrupted)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    flt = f"tags.`{TAG_ROLE}` = '{role}' and tags.`{TAG_STATUS}` != 'finished'"
+    if parent_run_id is not None:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
+    return dict(_client(tracking_uri).get_run(run_id).data.tags)
+
+
+# --- a run -----------------------------------------------------------------------------------------------------------
+class Tracker:
+    """One MLflow run. With ``enabled=False`` (DDP ranks other than 0) every method is a no-op."""
+
+    def __init__(self, tracking_uri: str, experiment: str, guard: PHIGuard, enabled: bool = True,
+                 system_metrics: bool = True):
+        self.uri = tracking_uri
+        self.experiment = experiment
+        self.guard = guard
+        self.enabled = enabled
+        self.system_metrics = system_metrics and os.environ.get("MEDXFER_SYSTEM_METRICS", "1") != "0"
+        self.run_id: str | None = None
+        self._monitor = None
+        self._client = _client(tracking_uri) if enabled else None
+
+    def _tags(self, tags: Mapping[str, Any]):
+        from mlflow.entities import RunTag
+
+        return [RunTag(self.guard.check(f"tag key {k!r}", k), self.guard.check(f"tag {k!r}", v))
+                for k, v in tags.items()]
+
+    def start(self, run_name: str, tags: Mapping[str, Any], parent_run_id: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        exp_id = experiment_id(self.uri, self.experiment)
+        all_tags = {**tags, TAG_STATUS: "running", TAG_SPEC: self.experiment}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        self.guard.check("run name", run_name)
+        run = self._client.create_run(exp_id, run_name=run_name,
+                                      tags={t.key: t.value for t in self._tags(all_tags)})
+        self.run_id = run.info.run_id
+        self._start_monitor(resume=False)
+        return self.run_id
+
+    def resume(self, run_id: str) -> str | None:
+        """Continue an existing run: status back to RUNNING, system metrics continue their step count."""
+        if not self.enabled:
+            return None
+        self.run_id = run_id
+        self._client.update_run(run_id, status="RUNNING")
+        self.set_tags({TAG_STATUS: "running"})
+        self._start_monitor(resume=True)
+        return run_id
+
+    def _start_monitor(self, resume: bool) -> None:
+        if not self.system_metrics:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # psutil missing or similar: training must not fail for it
+            logging.getLogger(__name__).warning("system metrics disabled: %s", type(exc).__name__)
+            self._monitor = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(self.guard.check(f"param key {k!r}", k)[:250], self.guard.check(f"param {k!r}", v)[:6000])
+                 for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+            self._client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_CALL], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._client.log_batch(self.run_id, tags=self._tags(tags), synchronous=True)
+
+    def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
+        """All of one epoch's metrics in one log_batch call."""
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(self.guard.check("metric name", k), float(v), now, int(step)) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        self.guard.check(f"artifact {artifact_file}", text)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(text)
+            parent = str(Path(artifact_file).parent)
+            self._client.log_artifact(self.run_id, str(path), artifact_path=None if parent == "." else parent)
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        self.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+    def log_file(self, path: Path, artifact_path: str | None = None, text: bool = False) -> None:
+        """Log a file we wrote; text files are guarded here, binaries must be checked by the caller."""
+        if not self.enabled:
+            return
+        if text:
+            self.guard.check(f"artifact {Path(path).name}", Path(path).read_text(errors="replace"))
+        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "finished") -> None:
+        """status: finished | failed | interrupted (MLflow FINISHED | FAILED | KILLED)."""
+        if not self.enabled or self.run_id is None:
+            return
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[status]
+        try:
+            self.set_tags({TAG_STATUS: status})
+            self._client.set_terminated(self.run_id, status=mlflow_status)
+        except Exception:  # the store went away while we were failing anyway: keep the original error
+            if status == "finished":
+                raise
+
+
+def plot_learning_curves(history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path,
+                         select_metric: str) -> Path:
+    """Loss and validation metrics per epoch, with stage changes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_auroc"] for h in history], "o-", label="val AUROC")
+    ax2.plot(epochs, [h["val_balanced_accuracy"] for h in history], "o-", label="val balanced acc.")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="lower right")
+    for ax in (ax1, ax2):
+        for t in transitions:
+            ax.axvline(int(t["epoch"]) + 0.5, color="grey", ls="--", lw=0.8)
+    ax2.set_title(f"selection: {select_metric}; dashed: unfreezing stages", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- model registry ---
+# (appended by the registry/evaluation stage; keep above this line stable)
