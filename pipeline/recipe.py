@@ -19,15 +19,62 @@ from pipeline.spec import SpecError, format_validation_error
 _STRICT = ConfigDict(extra="forbid")
 
 
+# Augmentation keys per dims (interpreted by pipeline.transforms / pipeline.augment2d); anything else is
+# rejected so a typo never silently turns augmentation off.
+AUGMENT_KEYS: dict[int, dict[str, str]] = {
+    2: {"flip": "true: horizontal flip with p=0.5",
+        "rotate": "max degrees; angle uniform in [-rotate, rotate]",
+        "scale": "zoom fraction s; factor uniform in [1-s, 1+s]",
+        "brightness": "max additive brightness change, fraction of the [0, 1] range",
+        "contrast": "max contrast change, fraction (factor uniform in [1-c, 1+c])"},
+    3: {"flip": "true: left-right flip (RAS axis 0) with p=0.5; or a list of axes (0=L-R, 1=P-A, 2=I-S)",
+        "rotate": "max degrees about each axis",
+        "scale": "zoom fraction s per axis; factor uniform in [1-s, 1+s]",
+        "intensity_shift": "max additive intensity shift (images are in [0, 1])"},
+}
+_AUGMENT_LIMITS = {"rotate": 180.0, "scale": 0.9, "brightness": 1.0, "contrast": 1.0, "intensity_shift": 1.0}
+
+
+def augment_problems(cfg: dict[str, Any], dims: int | None = None) -> list[str]:
+    """What is wrong with a data.augment mapping; dims None checks against the keys of both."""
+    allowed = AUGMENT_KEYS[dims] if dims else {**AUGMENT_KEYS[2], **AUGMENT_KEYS[3]}
+    out = []
+    for key, value in cfg.items():
+        if key not in allowed:
+            where = f" for {dims}D" if dims else ""
+            out.append(f"unknown key {key!r}{where}; allowed: " + "; ".join(f"{k} ({v})" for k, v in allowed.items()))
+        elif key == "flip":
+            axes_ok = isinstance(value, list) and all(isinstance(a, int) and 0 <= a < 3 for a in value)
+            if not (isinstance(value, bool) or (axes_ok and dims != 2)):
+                out.append(f"flip must be true/false{'' if dims == 2 else ' or a list of axes 0-2'}, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _AUGMENT_LIMITS[key]:
+            out.append(f"{key} must be a number in [0, {_AUGMENT_LIMITS[key]:g}], got {value!r}")
+    return out
+
+
 class DataCfg(BaseModel):
     model_config = _STRICT
     size: list[int] | None = None  # per spatial dim; None: the spec's preprocess.size, else native
+    # How images reach `size`: resize (interpolate, aspect may change) or crop_pad (centre crop/zero pad, keeps
+    # the mm scale). auto: crop_pad when the spec resamples to a fixed spacing, else resize.
+    fit: Literal["auto", "resize", "crop_pad"] = "auto"
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
     loader: Literal["auto", "thread", "process"] = "auto"
     cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    # auto picks memory while the estimated cache fits this budget (None: 40% of the RAM available at start).
+    cache_memory_gb: float | None = Field(None, gt=0)
+    # More failed studies than this fraction stops the stage instead of training on a silently smaller set.
+    max_failed_fraction: float = Field(0.05, ge=0, le=1)
     balanced_sampling: bool = False
     augment: dict[str, Any] = Field(default_factory=dict)  # interpreted by pipeline.transforms
+
+    @model_validator(mode="after")
+    def _augment(self) -> DataCfg:
+        problems = augment_problems(self.augment)
+        if problems:
+            raise ValueError("augment: " + " | ".join(problems))
+        return self
 
 
 class FocalCfg(BaseModel):
@@ -171,9 +218,15 @@ def load_recipe(path: Path | None, dims: int, overrides: list[str] | None = None
     if weights is not None:
         tree["weights"] = str(weights)
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         raise SpecError(format_validation_error(source, exc, _HINTS)) from None
+    problems = augment_problems(recipe.data.augment, dims)
+    if problems:
+        raise SpecError(f"{source}: invalid data.augment for a {dims}D spec:\n  - " + "\n  - ".join(problems))
+    if recipe.data.size is not None and len(recipe.data.size) != dims:
+        raise SpecError(f"{source}: data.size needs {dims} values for a {dims}D spec, got {recipe.data.size}")
+    return recipe
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
