@@ -1,0 +1,94 @@
+"""Evaluation: the pure core on synthetic outputs, and end to end on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from evalfixtures import outputs
+from sklearn import metrics as skm
+
+from pipeline.calibration import softmax
+from pipeline.evaluate import HEADLINE, compute_evaluation, metrics_for_mlflow
+
+CLASSES = ["benign", "malignant"]
+
+
+def test_binary_core_contract() -> None:
+    val, test = outputs(80, 1), outputs(120, 2)
+    c = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=150, seed=3)
+    ev = c.evaluation
+    assert set(ev["test"]) == set(HEADLINE)
+    for name, m in ev["test"].items():
+        assert set(m) == {"value", "ci_low", "ci_high"}
+        assert m["ci_low"] <= m["value"] <= m["ci_high"], name
+    # Calibration helps on over-confident logits, and the probabilities are the calibrated ones.
+    assert ev["temperature"] > 1.2
+    assert ev["calibration"]["test"]["nll_after"] < ev["calibration"]["test"]["nll_before"]
+    np.testing.assert_allclose(c.prob_test, softmax(test.logits, ev["temperature"]))
+    # The threshold comes from validation and is applied to calibrated test probabilities.
+    p_val = softmax(val.logits, ev["temperature"])[:, 1]
+    fpr, tpr, _ = skm.roc_curve(val.y, p_val)
+    pv = ev["threshold_policy"]
+    assert pv["val_sensitivity"] + pv["val_specificity"] - 1 == pytest.approx((tpr - fpr).max())
+    dec = c.prob_test[:, 1] >= ev["threshold"]
+    assert ev["test"]["sensitivity"]["value"] == pytest.approx(dec[test.y == 1].mean())
+    margin = test.logits[:, 1] - test.logits[:, 0]
+    assert ev["test"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(test.y, margin))
+    assert np.asarray(ev["confusion_matrix"]["test"]).sum() == test.y.size
+    assert ev["bootstrap"]["n_resamples"] == 150 and ev["bootstrap"]["unit"] == "patient"
+    json.dumps(ev, allow_nan=False)  # strictly JSON (no NaN)
+    flat = metrics_for_mlflow(ev)
+    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "val_auroc", "threshold", "temperature",
+            "calibration_test_ece_after"} <= set(flat)
+
+
+def test_positive_class_first_is_respected() -> None:
+    """positive_class may be class index 0; scores and the threshold must follow it, not column 1."""
+    val, test = outputs(80, 1), outputs(120, 2)
+    c = compute_evaluation(val, test, ["pos", "neg"], "pos", "binary", n_bootstrap=50)
+    ev = c.evaluation
+    called = c.prob_test[:, 0] >= ev["threshold"]
+    assert ev["test"]["sensitivity"]["value"] == pytest.approx(called[test.y == 0].mean())
+    assert ev["test"]["specificity"]["value"] == pytest.approx((~called)[test.y == 1].mean())
+    assert ev["test"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(test.y == 0, c.prob_test[:, 0]))
+    assert ev["calibration"]["test"]["brier_after"] == pytest.approx(
+        skm.brier_score_loss(test.y == 0, c.prob_test[:, 0]))
+
+
+def test_sensitivity_target_policy() -> None:
+    val, test = outputs(200, 4, signal=1.0), outputs(200, 5, signal=1.0)
+    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", policy="sensitivity", target=0.95,
+                            n_bootstrap=50).evaluation
+    assert ev["threshold_policy"]["policy"] == "sensitivity"
+    assert ev["threshold_policy"]["val_sensitivity"] >= 0.95
+
+
+def test_multiclass_core() -> None:
+    val, test = outputs(90, 1, k=3), outputs(150, 2, k=3)
+    ev = compute_evaluation(val, test, ["a", "b", "c"], None, "multiclass", n_bootstrap=80).evaluation
+    assert ev["threshold"] is None and ev["threshold_policy"]["policy"] == "argmax"
+    assert set(ev["per_class"]["test"]) == {"a", "b", "c"}
+    p = softmax(test.logits, ev["temperature"])
+    assert ev["test"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(test.y, p, multi_class="ovr"))
+    assert ev["test"]["balanced_accuracy"]["value"] == pytest.approx(skm.balanced_accuracy_score(test.y, p.argmax(1)))
+
+
+def test_transfer_gain_and_negative_transfer_flag() -> None:
+    val, test = outputs(100, 1, signal=2.0), outputs(200, 2, signal=2.0)
+    # A weak control on the same studies (same labels, weaker signal): clear positive transfer.
+    weak_val, weak_test = outputs(100, 1, signal=0.3), outputs(200, 2, signal=0.3)
+    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=200, control_val=weak_val,
+                            control_test=weak_test, control_kind="scratch", control_run_id="c" * 32).evaluation
+    tr = ev["transfer"]
+    assert tr["gain"]["value"] == pytest.approx(tr["main"] - tr["control"])
+    assert tr["gain"]["ci_low"] > 0 and tr["verdict"] == "better" and tr["negative_transfer"] is False
+    # The same model as its own control: gain 0, which is "not better" -> flagged.
+    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=50, control_val=val,
+                            control_test=test).evaluation
+    assert ev["transfer"]["gain"]["value"] == 0 and ev["transfer"]["negative_transfer"] is True
+    # A control that scored only some of the studies: compared on the common ones, the gap reported.
+    part = test.subset(list(test.studies[:150]))
+    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=50, control_test=part).evaluation
+    assert ev["transfer"]["n_studies"] == 150 and ev["transfer"]["missing_in_control"] == 50
