@@ -367,3 +367,72 @@ def plot_learning_curves(history: list[dict[str, float]], transitions: list[dict
 
 # --- model registry ---
 # (appended by the registry/evaluation stage; keep above this line stable)
+
+
+# --- evaluation ---
+# (appended by the evaluation/export stage: reading a finished run back, logging evaluation results into it,
+# and fetching registered models for export)
+def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """A run's facts as plain values; a clear error when the id is unknown to this store."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise StageError(f"no MLflow run {run_id!r} in {tracking_uri}; check the id (`mlflow ui` lists runs) "
+                         "and --workspace / MLFLOW_TRACKING_URI") from None
+    exp = client.get_experiment(run.info.experiment_id)
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "experiment": exp.name,
+            "status": run.info.status, "run_name": run.info.run_name, "artifact_uri": run.info.artifact_uri,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+
+
+def download_run_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    """Download one artifact (file or folder) of a run into `dst`; None when the run has no such artifact."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        out = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+                                                  tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        return None
+    return Path(out) if Path(out).exists() else None
+
+
+def attach(tracking_uri: str, experiment: str, run_id: str, guard: PHIGuard) -> Tracker:
+    """A Tracker on an existing, finished run: logs more into it without changing its status."""
+    tracker = Tracker(tracking_uri, experiment, guard, system_metrics=False)
+    tracker.run_id = run_id
+    return tracker
+
+
+def resolve_model_version(tracking_uri: str, model_uri: str) -> dict[str, str]:
+    """models:/NAME@alias or models:/NAME/VERSION -> {name, version, run_id}."""
+    from mlflow.exceptions import MlflowException
+
+    ref = model_uri.removeprefix("models:/")
+    client = _client(tracking_uri)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = ref.rpartition("/")
+            mv = client.get_model_version(name, version)
+    except MlflowException:
+        raise StageError(f"{model_uri}: no such registered model version in {tracking_uri}") from None
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+def download_model(tracking_uri: str, model_uri: str, dst: Path) -> Path:
+    """Download a registered model's files (models:/NAME@alias or models:/NAME/VERSION) into `dst`."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    except MlflowException as exc:
+        raise StageError(f"{model_uri}: could not download from {tracking_uri} ({type(exc).__name__})") from None
