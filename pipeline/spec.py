@@ -42,6 +42,9 @@ class Source(BaseModel):
     model_config = _STRICT
     kind: Literal["dicom", "nifti"]
     root: Path
+    # NIfTI carries no modality tag; say what the volumes are (e.g. CT) so reports and model cards can.
+    # DICOM takes the Modality of each chosen series and ignores this.
+    modality: str | None = None
 
 
 class Labels(BaseModel):

@@ -49,6 +49,11 @@ class Workspace:
         return self.dir / ".scan_cache.parquet"
 
     @property
+    def series_selection(self) -> Path:
+        """Every DICOM series ingest saw, chosen or not, and why (pseudonymous keys only)."""
+        return self.dir / "series_selection.csv"
+
+    @property
     def pseudonym_map(self) -> Path:
         """Pseudonym -> original identifier. PHI: local only, never logged or tracked."""
         return self.dir / "pseudonym_map.csv"
