@@ -195,19 +195,25 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def find_unfinished_run(tracking_uri: str, experiment: str, role: str = "main",
-                        parent_run_id: str | None = None) -> str | None:
-    """The newest run of this experiment that started but did not finish (killed, crashed, interrupted)."""
+def find_unfinished_runs(tracking_uri: str, experiment: str, role: str = "main",
+                         parent_run_id: str | None = None, max_results: int = 20) -> list[str]:
+    """Runs of this experiment that started but did not finish (killed, crashed, interrupted), newest first."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return None
+        return []
     flt = f"tags.`{TAG_ROLE}` = '{role}' and tags.`{TAG_STATUS}` != 'finished'"
     if parent_run_id is not None:
         flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     runs = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0].info.run_id if runs else None
+                              max_results=max_results)
+    return [r.info.run_id for r in runs]
+
+
+def find_unfinished_run(tracking_uri: str, experiment: str, role: str = "main",
+                        parent_run_id: str | None = None) -> str | None:
+    runs = find_unfinished_runs(tracking_uri, experiment, role, parent_run_id, max_results=1)
+    return runs[0] if runs else None
 
 
 def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
