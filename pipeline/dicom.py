@@ -227,9 +227,21 @@ def _pixel_data_truncated(fh: Any, pos: int, size: int, little: bool, implicit: 
         else:
             length, header_len = int.from_bytes(head[6:8], order), 8
     if length == 0xFFFFFFFF:
-        # Encapsulated: a complete file ends with the sequence delimitation item.
-        fh.seek(max(size - 8, 0))
-        return fh.read(8) != _SEQ_DELIM
+        # Encapsulated: walk the fragment items (seeking, not reading them) up to the sequence
+        # delimiter; elements may follow pixel data, so "ends with the delimiter" is not a test.
+        at = pos + header_len
+        while True:
+            fh.seek(at)
+            item = fh.read(8)
+            if len(item) < 8:
+                return True
+            if item == _SEQ_DELIM:
+                return False
+            if item[:4] != b"\xfe\xff\x00\xe0":
+                return True
+            at += 8 + int.from_bytes(item[4:8], "little")
+            if at > size:
+                return True
     return pos + header_len + length > size
 
 
