@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+# nibabel logs header fix-ups to the terminal; ingest reports problems as reason codes instead.
+logging.getLogger("nibabel").setLevel(logging.ERROR)
 SUFFIXES = (".nii", ".nii.gz")
 REASONS = {
     "not_nifti": "not a readable NIfTI file",
