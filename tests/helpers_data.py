@@ -1,8 +1,8 @@
-"""Small DICOM/NIfTI studies plus the manifest and splits rows ingest would write, for data-path tests.
+"""Manifest and splits rows (as ingest and split write them) over small real DICOM/NIfTI files.
 
-Files are written through the project's own writers (pipeline.dicom / pipeline.nifti) and, for CT
-series with rescale and geometry, with pydicom directly. Manifest rows follow the contract in the
-ingest docs (study_key, label_index, files, shape, spacing, content_hash, ...).
+The files come from the shared builders in tests/helpers.py; the rows follow the manifest contract
+(study_key, label_index, source_kind, files, shape, spacing, content_hash, ...), so data-path tests
+do not depend on running ingest.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from helpers import write_image2d, write_nifti
 
-from pipeline.dicom import generate_uid, write_2d_image
-from pipeline.nifti import write_volume
 from pipeline.spec import DataSpec
 
 
@@ -34,48 +33,6 @@ def make_spec(dims: int, kind: str, **preprocess: Any) -> DataSpec:
     return DataSpec.model_validate({
         "name": f"t{dims}d", "task": "binary", "dims": dims, "source": {"kind": kind, "root": "."},
         "labels": labels, "classes": ["neg", "pos"], "positive_class": "pos", "preprocess": preprocess})
-
-
-def write_dicom_2d(path: Path, pixels: np.ndarray, spacing: tuple[float, float] = (0.5, 0.5)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_2d_image(path, pixels, {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
-                                  "Modality": "US", "PixelSpacing": list(spacing)})
-    return path
-
-
-def write_ct_series(folder: Path, hu: np.ndarray, spacing: tuple[float, float, float] = (2.0, 0.8, 0.8),
-                    slope: float = 1.0, intercept: float = -1024.0) -> list[str]:
-    """An axial CT series, one file per slice (hu: (slices, rows, cols)); returns files ordered by position."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    stored = np.round((hu - intercept) / slope).astype(np.uint16)
-    files = []
-    for k in range(hu.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-        path = folder / f"s{k:03d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality = "CT"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, float(k * spacing[0])]
-        ds.PixelSpacing = [spacing[1], spacing[2]]
-        ds.SliceThickness = spacing[0]
-        ds.InstanceNumber = k + 1
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = hu.shape[1:]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = stored[k].tobytes()
-        ds.save_as(str(path), enforce_file_format=True)
-        files.append(str(path))
-    return files
 
 
 def manifest_row(i: int, label: int, kind: str, files: list[str], arr: np.ndarray,
@@ -104,7 +61,7 @@ def dataset_2d(root: Path, n: int = 12, shape: tuple[int, int] = (24, 20), seed:
         px = rng.integers(0, 120, size=shape).astype(np.uint8)
         if label:
             px[4:10, 4:10] = 250
-        f = write_dicom_2d(root / f"img{i}.dcm", px)
+        f = write_image2d(root / f"img{i}.dcm", px, pixel_spacing=(0.5, 0.5))
         rows.append(manifest_row(i, label, "dicom", [str(f)], px.astype(np.float32), [0.5, 0.5]))
     split_of = split_of or [("train", "train", "val", "test")[i % 4] if n >= 8 else "train" for i in range(n)]
     manifest, splits = frames(rows, split_of)
@@ -117,7 +74,7 @@ def dataset_3d(root: Path, n: int = 8, shape: tuple[int, int, int] = (10, 12, 8)
     rows = []
     for i in range(n):
         vol = rng.normal(0, 1, size=shape).astype(np.float32)
-        f = write_volume(root / f"vol{i}.nii.gz", vol, spacing=(1.0, 1.0, 2.0))
+        f = write_nifti(root / f"vol{i}.nii.gz", vol, spacing=(1.0, 1.0, 2.0))
         rows.append(manifest_row(i, i % 2, "nifti", [str(f)], vol, [1.0, 1.0, 2.0]))
     split_of = split_of or ["train"] * (n - 2) + ["val", "test"]
     manifest, splits = frames(rows, split_of)
