@@ -1,0 +1,112 @@
+"""Export: ONNX matches eager in onnxruntime, SHA256SUMS verifies, the card is complete and PHI-free."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from evalfixtures import PHI
+from test_bundle import make_bundle
+
+from pipeline import export as E
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, E.ExportResult, torch.nn.Module]:
+    tmp = tmp_path_factory.mktemp("export")
+    bundle, model, _ = make_bundle(tmp)
+    res = E.export(str(bundle), tmp / "handoff", workspace=tmp / "ws")
+    return tmp / "handoff", res, model
+
+
+def test_handoff_folder_contents(exported) -> None:
+    out, res, _ = exported
+    names = {p.name for p in out.iterdir()}
+    assert names == {"weights.safetensors", "model.onnx", "preprocessing.json", "evaluation.json", "model_card.md",
+                     "model_card.json", "README.md", "SHA256SUMS"}
+    assert res.program["format"] == "onnx" and res.program["max_abs_diff"] < E.ONNX_ATOL
+    assert "random input" in res.program["verified_on"]  # no workspace data in this test
+    readme = (out / "README.md").read_text()
+    assert "Predictor.from_dir" in readme and "sha256sum -c SHA256SUMS" in readme
+    assert json.dumps(res.summary())
+
+
+def test_onnx_matches_eager_in_onnxruntime(exported) -> None:
+    import onnxruntime as ort
+
+    out, _, model = exported
+    x = torch.rand(4, 1, 32, 32)  # a batch size the export never saw: the batch axis is dynamic
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, atol=E.ONNX_ATOL, rtol=E.ONNX_RTOL)
+
+
+def test_sha256sums_verify_and_catch_tampering(exported, tmp_path: Path) -> None:
+    import shutil
+
+    out, res, _ = exported
+    assert E.verify_sums(out) == []
+    lines = (out / "SHA256SUMS").read_text().splitlines()
+    assert len(lines) == 7 and all(len(line.split("  ")[0]) == 64 for line in lines)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "model_card.md").write_text("edited")
+    assert E.verify_sums(copy) == ["model_card.md"]
+
+
+def test_card_in_handoff_has_sections_and_no_phi(exported) -> None:
+    out, _, _ = exported
+    md = (out / "model_card.md").read_text()
+    for section in ("## Intended use", "## Out-of-scope use", "## Data and de-identification", "## Split",
+                    "## Series selection and preprocessing", "## Performance (test split)",
+                    "## Calibration and threshold", "## Limitations", "### TRIPOD+AI (2024)", "### CLAIM (2020)"):
+        assert section in md
+    for f in out.iterdir():
+        blob = f.read_bytes().lower()
+        for needle in PHI + ["doe_jane"]:
+            assert needle.lower().encode() not in blob, (f.name, needle)
+
+
+def test_reexport_replaces_only_an_earlier_export(exported, tmp_path: Path) -> None:
+    import shutil
+
+    out, res, _ = exported
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out, earlier)
+    (earlier / "model.onnx").write_bytes(b"stale")
+    again = E.export(str(out), earlier, workspace=tmp_path)  # an export folder is a bundle too
+    assert again.files["model_card.md"] == res.files["model_card.md"] and E.verify_sums(earlier) == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(E.MedxferError, match="holds other files"):
+        E.export(str(out), foreign, workspace=tmp_path)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_unexportable_network_falls_back_to_torchscript(tmp_path: Path) -> None:
+    class FFTNet(torch.nn.Module):  # rfft has no ONNX export in the TorchScript-based exporter
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.fft.rfft(x.flatten(1)).abs()[:, :2]
+
+    x = torch.rand(1, 1, 8, 8)
+    ok, _, reason = E.export_onnx(FFTNet().eval(), x, tmp_path / "m.onnx")
+    assert not ok and "ONNX export failed" in reason and not (tmp_path / "m.onnx").exists()
+    ok, diff = E.export_torchscript(FFTNet().eval(), x, tmp_path / "m.pt")
+    assert ok and diff == 0.0
+
+
+def test_3d_encoder_exports(tmp_path: Path) -> None:
+    bundle, model, _ = make_bundle(tmp_path, encoder="efficientnet_lite0_i3d", dims=3, size=[16, 16, 16])
+    res = E.export(str(bundle), tmp_path / "h3d", workspace=tmp_path)
+    assert res.program["format"] == "onnx" and res.program["max_abs_diff"] < E.ONNX_ATOL
+
+
+def test_unknown_uri_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(E.MedxferError, match="expected models:/NAME@alias"):
+        E.export("s3://nope", tmp_path / "x", workspace=tmp_path)
