@@ -28,6 +28,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipeline import ui
+from pipeline.errors import MedxferError
 
 # pydicom reports odd values in warnings and log records that quote the value itself (a date, a
 # name); those must not reach a terminal or a CI log, so they are switched off here, once.
@@ -69,8 +70,8 @@ REASONS = {
 }
 
 
-class GeometryError(Exception):
-    """A series that cannot be read as a consistent image; ``code`` is a key of REASONS."""
+class GeometryError(MedxferError):
+    """A series that cannot be read as a consistent image; ``code`` is a key of REASONS. No PHI in the text."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -690,7 +691,10 @@ def _pixels(ds: Any) -> np.ndarray:
 
 
 def _read(path: str) -> Any:
-    return pydicom.dcmread(path)
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # pydicom and OSError messages quote the path: keep it out
+        raise GeometryError("unreadable", f"a file of the series could not be read ({type(exc).__name__})") from None
 
 
 def read_series(files: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pipeline.errors import MedxferError
+
 # nibabel logs header fix-ups to the terminal; ingest reports problems as reason codes instead.
 logging.getLogger("nibabel").setLevel(logging.ERROR)
 SUFFIXES = (".nii", ".nii.gz")
@@ -35,7 +37,9 @@ REASONS = {
 _QS_TOL_MM = 1e-3
 
 
-class NiftiError(Exception):
+class NiftiError(MedxferError):
+    """An unusable volume; ``code`` is a key of REASONS. No PHI (no path) in the text."""
+
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
