@@ -1,0 +1,58 @@
+"""Classifier = encoder (normalisation + backbone + pooling) -> dropout -> linear head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.base import Encoder, LayerGroup
+from models.heads import init_head_bias, make_head
+from models.weights import WeightReport
+
+
+class Classifier(nn.Module):
+    """What every stage gets from `create_classifier`.
+
+    Input: intensity scaled to about [0, 1], (B, C, H, W) or (B, C, D, H, W); the
+    encoder normalises it. forward -> logits (B, num_classes); forward_features ->
+    pooled features (B, feature_dim). `cam_target_layer` names the module whose output
+    is the last spatial feature map, for monai.visualize.GradCAM(target_layers=...).
+    """
+
+    def __init__(self, encoder: Encoder, num_classes: int, encoder_name: str, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+        self.encoder = encoder
+        self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.head = make_head(encoder.feature_dim, num_classes)
+        self.encoder_name = encoder_name
+        self.spatial_dims = encoder.spatial_dims
+        self.in_chans = encoder.in_chans
+        self.num_classes = num_classes
+        self.feature_dim = encoder.feature_dim
+        self.weight_report = WeightReport(source="none", num_classes=num_classes)
+
+    @property
+    def cam_target_layer(self) -> str:
+        return f"encoder.{self.encoder.cam_target}"
+
+    @property
+    def layer_groups(self) -> list[LayerGroup]:
+        return [*self.encoder.layer_groups(), LayerGroup("head", [self.head])]
+
+    @property
+    def normalization(self) -> str:
+        return self.encoder.normalization.describe()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder(x)))
+
+    def init_head_bias(self, priors: Sequence[float] | torch.Tensor) -> None:
+        """Set the head bias to the log class priors (counts or probabilities)."""
+        init_head_bias(self.head, priors)
