@@ -1,0 +1,138 @@
+"""``medxfer run SPEC``: ingest -> split -> train -> evaluate -> register, by calling each stage function.
+
+Nothing here re-implements a stage; it passes one stage's result to the next and
+collects a summary. Each stage prints its own closing table (on stderr) as it
+finishes, so a long run shows where it is; the final table repeats the numbers a
+user came for and the exact ``mlflow ui`` command to look at them.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import ui
+from pipeline.spec import DataSpec
+from pipeline.workspace import Workspace
+
+# The metrics section 8 of the results contract promises, in display order.
+TEST_METRICS = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "ece", "brier")
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The command that opens this store in the MLflow UI (a server URI is already browsable)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+
+
+def _fmt_metric(m: dict[str, Any] | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    lo, hi = m.get("ci_low"), m.get("ci_high")
+    ci = f"  (95% CI {lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
+    return f"{m['value']:.3f}{ci}"
+
+
+@dataclass
+class RunAllResult:
+    spec_name: str
+    run_id: str
+    model_name: str
+    model_version: str
+    test: dict[str, dict[str, float | None]]
+    threshold: float | None
+    tracking_uri: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ui_command(self) -> str:
+        return mlflow_ui_command(self.tracking_uri)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec_name,
+            "run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_uri": f"models:/{self.model_name}/{self.model_version}",
+            "test": self.test,
+            "threshold": self.threshold,
+            "tracking_uri": self.tracking_uri,
+            "mlflow_ui": self.ui_command,
+            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "stages": self.stages,
+        }
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        rows = [("run id", self.run_id),
+                ("model", f"models:/{self.model_name}/{self.model_version}  (alias candidate)")]
+        rows += [(f"test {k}", _fmt_metric(self.test.get(k))) for k in TEST_METRICS if k in self.test]
+        if self.threshold is not None:
+            rows.append(("threshold", f"{self.threshold:.3f}"))
+        total = sum(self.seconds.values())
+        rows.append(("time", f"{total / 60:.1f} min (" +
+                     ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()) + ")"))
+        rows.append(("review", self.ui_command))
+        return f"medxfer run: {self.spec_name}", rows
+
+
+def _stage(name: str, fn, seconds: dict[str, float]):
+    ui.info(f"[bold]== {name} ==[/bold]")
+    t0 = time.perf_counter()
+    result = fn()
+    seconds[name] = time.perf_counter() - t0
+    title, rows = result.table()
+    ui.render_table(title, rows)
+    return result
+
+
+def _test_metrics(eval_summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    test = eval_summary.get("test") or {}
+    return {k: v for k, v in test.items() if isinstance(v, dict)}
+
+
+def run_all(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides: list[str] | None = None,
+            name: str | None = None) -> RunAllResult:
+    # Imported here so `medxfer --help` and this module's import stay light.
+    from pipeline.evaluate import evaluate
+    from pipeline.ingest import ingest
+    from pipeline.recipe import load_recipe
+    from pipeline.registry import register
+    from pipeline.split import split
+    from pipeline.train import train
+
+    overrides = list(overrides or [])
+    # Validate the recipe before spending minutes on ingest: a typo in --set should fail in a second.
+    resolved = load_recipe(recipe, spec.dims, overrides)
+    seconds: dict[str, float] = {}
+    stages: dict[str, dict[str, Any]] = {}
+
+    stages["ingest"] = _stage("ingest", lambda: ingest(spec, workspace), seconds).summary()
+    stages["split"] = _stage("split", lambda: split(spec, workspace), seconds).summary()
+    trained = _stage("train", lambda: train(spec, workspace, recipe=recipe, overrides=overrides, weights=None,
+                                            resume=False, control=None, device=None), seconds)
+    stages["train"] = trained.summary()
+    run_id = stages["train"]["run_id"]
+    evaluated = _stage("evaluate", lambda: evaluate(run_id, workspace, n_bootstrap=resolved.evaluation.bootstrap),
+                       seconds)
+    stages["evaluate"] = evaluated.summary()
+    model_name = name or spec.name
+    registered = _stage("register", lambda: register(run_id, model_name, workspace), seconds)
+    stages["register"] = registered.summary()
+
+    return RunAllResult(
+        spec_name=spec.name,
+        run_id=run_id,
+        model_name=model_name,
+        model_version=str(stages["register"]["model_version"]),
+        test=_test_metrics(stages["evaluate"]),
+        threshold=stages["evaluate"].get("threshold"),
+        tracking_uri=Workspace.for_spec(workspace, spec.name).tracking_uri,
+        stages=stages,
+        seconds=seconds,
+    )
