@@ -17,7 +17,8 @@ What it does, in order:
    i.e. when the gain's point estimate <= 0 or its 95% CI lower bound <= 0.
 5. Logs everything to the **same** MLflow run as training (not a nested run): one place shows the
    learning curves and the final test numbers, and registration reads metrics from that run.
-   Metrics ``test_<m>``, ``test_<m>_ci_low``, ``test_<m>_ci_high``, ``val_<m>``, ``calibration_*``,
+   Metrics ``test_<m>``, ``test_<m>_ci_low``, ``test_<m>_ci_high``, ``eval_val_<m>`` (not ``val_<m>``:
+   training logs those per epoch), ``threshold``, ``temperature``, ``calibration_{val,test}_*``,
    ``transfer_gain*``; tag ``medxfer.evaluated=true``; artifacts under ``evaluation/``
    (``evaluation.json``, ``predictions.csv`` keyed by pseudonyms only, and the PNG plots).
    Re-evaluating overwrites these values (MLflow keeps the metric history).
@@ -37,7 +38,9 @@ What it does, in order:
     bootstrap {n_resamples, n_skipped, n_patients, seed, unit, method, level},
     transfer (null or {control_run_id, control_kind, metric, main, control, gain {value, ci_low, ci_high},
               p_not_better, negative_transfer, verdict, rule, n_resamples, n_skipped, n_studies}),
-    checkpoint {epoch, best_metric}, hashes, artifacts [file names]
+    warnings [plain-language caveats: small splits, separable validation, skipped resamples, ...],
+    evaluated {val, test: studies scored}, failed_studies (null or {val, test}: unreadable now),
+    checkpoint {epoch, best_metric, select_metric}, hashes, artifacts [file names]
 """
 
 from __future__ import annotations
@@ -185,10 +188,39 @@ def compute_evaluation(val: SplitOutputs, test: SplitOutputs, classes: Sequence[
     if not binary:
         evaluation["per_class"] = {"val": M.multiclass_metrics(val.y, p_val, classes)["per_class"],
                                    "test": M.multiclass_metrics(test.y, p_test, classes)["per_class"]}
+    evaluation["warnings"] = _warnings(val, test, evaluation, fit.temperature)
     if control_test is not None:
         evaluation["transfer"] = _transfer(test, p_test, control_val, control_test, pos, n_bootstrap, seed,
                                            control_kind, control_run_id)
     return Computed(_clean(evaluation), p_test_raw, p_test, p_val, decision)
+
+
+def _warnings(val: SplitOutputs, test: SplitOutputs, ev: dict[str, Any], temperature: float) -> list[str]:
+    """Plain-language caveats about this evaluation; shown in the terminal, the JSON and the model card."""
+    out = []
+    k = len(ev["classes"])
+    for name, s in (("validation", val), ("test", test)):
+        per_class = np.bincount(s.y, minlength=k)
+        if s.y.size < 30 or per_class.min() < 10:
+            out.append(f"{name} has {s.y.size} studies (fewest per class: {per_class.min()}): "
+                       + ("the threshold and the temperature fitted on it are noisy" if name == "validation"
+                          else "expect wide confidence intervals"))
+    separated = ev["val"]["auroc"]["value"] == 1.0 if ev["positive_class"] else bool(
+        (val.logits.argmax(1) == val.y).all())
+    if separated and temperature < 1.0:
+        out.append("validation is perfectly separated, so temperature scaling is ill-posed (its NLL keeps "
+                   f"falling as T -> 0); T = {temperature:.3g} sharpens probabilities, check the reliability plot")
+    cal = ev["calibration"]["val"]
+    if cal["ece_after"] is not None and cal["ece_before"] is not None and cal["ece_after"] > cal["ece_before"]:
+        out.append(f"temperature scaling lowered validation NLL but raised validation ECE "
+                   f"({cal['ece_before']:.3f} -> {cal['ece_after']:.3f})")
+    b = ev["bootstrap"]
+    if b["n_skipped"] > 0.1 * max(b["n_resamples"], 1):
+        out.append(f"{b['n_skipped']} of {b['n_resamples']} bootstrap resamples lacked a class and were skipped")
+    if ev["threshold_policy"].get("target_achieved") is False:
+        out.append(f"no validation threshold reaches {ev['threshold_policy']['policy']} "
+                   f"{ev['threshold_policy']['target']}; the strictest observed one is used")
+    return out
 
 
 def _transfer(test: SplitOutputs, p_test: np.ndarray, control_val: SplitOutputs | None, control_test: SplitOutputs,
@@ -267,11 +299,13 @@ def predictions_table(split: str, out: SplitOutputs, prob: np.ndarray, classes: 
 def metrics_for_mlflow(ev: dict[str, Any]) -> dict[str, float]:
     """Flat metric names logged to the training run."""
     out: dict[str, float] = {}
-    for split in ("test", "val"):
+    # Validation metrics get an "eval_" prefix: training already logs val_auroc etc. per epoch, and a
+    # value at step 0 would land inside those learning curves.
+    for split, prefix in (("test", "test"), ("val", "eval_val")):
         for k, m in (ev.get(split) or {}).items():
             for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
                 if m.get(part) is not None:
-                    out[f"{split}_{k}{suffix}"] = float(m[part])
+                    out[f"{prefix}_{k}{suffix}"] = float(m[part])
     if ev.get("threshold") is not None:
         out["threshold"] = float(ev["threshold"])
     out["temperature"] = float(ev["temperature"])
@@ -298,3 +332,261 @@ def dump_json(obj: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------- the stage
+
+@dataclass
+class EvalResult:
+    run_id: str
+    evaluation: dict[str, Any]
+    path: Path
+    tracking_uri: str
+    logged: bool
+
+    def summary(self) -> dict[str, Any]:
+        ev = self.evaluation
+        cal = ev["calibration"]
+        return {"run_id": self.run_id, "task": ev["task"], "classes": ev["classes"],
+                "positive_class": ev["positive_class"], "test": ev["test"], "threshold": ev["threshold"],
+                "threshold_policy": ev["threshold_policy"], "temperature": ev["temperature"],
+                "calibration": {"test": cal["test"], "val": cal["val"]}, "val": ev["val"],
+                "counts": ev.get("counts"), "bootstrap": ev["bootstrap"], "transfer": ev.get("transfer"),
+                "failed_studies": ev.get("failed_studies"), "evaluation_json": str(self.path),
+                "logged_to_mlflow": self.logged}
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        ev = self.evaluation
+        rows = [("run", self.run_id), ("test studies", _count_text(ev, "test"))]
+        for k in HEADLINE:
+            m, v = ev["test"][k], ev["val"][k]["value"]
+            ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else ""
+            rows.append((f"test {k}", (f"{m['value']:.3f}" if m["value"] is not None else "n/a") + ci
+                         + (f"   (val {v:.3f})" if v is not None else "")))
+        if ev["threshold"] is not None:
+            tp = ev["threshold_policy"]
+            rows.append(("threshold", f"{ev['threshold']:.4f} ({tp['policy']}"
+                         + (f" {tp['target']}" if tp.get("target") else "") + ", from validation)"))
+        else:
+            rows.append(("decision", "argmax"))
+        c = ev["calibration"]["test"]
+        rows.append(("calibration", f"T={ev['temperature']:.3f}; ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
+                     f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}"))
+        tr = ev.get("transfer")
+        if tr:
+            g = tr["gain"]
+            rows.append((f"transfer vs {tr['control_kind'] or 'control'}",
+                         f"AUROC gain {g['value']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]; "
+                         + (f"NEGATIVE-TRANSFER FLAG ({tr['verdict']})" if tr["negative_transfer"]
+                            else "pretrained better")))
+        b = ev["bootstrap"]
+        rows.append(("CIs", f"patient bootstrap, {b['n_resamples']} resamples, {b['n_skipped']} skipped"))
+        if ev.get("failed_studies"):
+            rows.append(("unreadable", json.dumps(ev["failed_studies"])))
+        rows.append(("written", str(self.path)))
+        return f"evaluate: {self.run_id[:12]}", rows
+
+
+def _count_text(ev: dict[str, Any], split: str) -> str:
+    counts = (ev.get("counts") or {}).get(split) or {}
+    pts = (ev.get("patients") or {}).get(split)
+    inner = ", ".join(f"{c} {n}" for c, n in counts.items())
+    return f"{sum(counts.values())} ({inner})" + (f", {pts} patients" if pts is not None else "")
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def infer_split(model: Any, rows: Any, spec: Any, recipe: Any, device: str, description: str,
+                batch_size: int = 16) -> tuple[SplitOutputs, int]:
+    """Deterministic preprocessing + forward pass for the studies in `rows` (manifest rows with split info).
+
+    Returns the outputs of the studies that loaded and the number that failed: a study that ingest
+    accepted but that cannot be read now (moved, changed) is counted and reported, not silently lost.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from pipeline import ui
+    from pipeline.transforms import load_inference_tensor
+
+    records = rows.to_dict("records")
+
+    def load(r: dict[str, Any]):
+        try:
+            return load_inference_tensor(list(r["files"]), r["source_kind"], spec, recipe)
+        except Exception:  # reported as a count; the exception text may name a source path
+            return None
+
+    logits: list[np.ndarray] = []
+    keep: list[int] = []
+    batch: list[Any] = []
+    idx: list[int] = []
+    failed = 0
+
+    def flush() -> None:
+        if batch:
+            with torch.inference_mode():
+                out = model(torch.stack(batch).to(device, dtype=torch.float32))
+            logits.append(out.float().cpu().numpy())
+            keep.extend(idx)
+            batch.clear()
+            idx.clear()
+
+    def loaded():
+        # A bounded window of loads in flight: volumes are large, never hold a whole split in memory.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            window = 2 * batch_size
+            for start in range(0, len(records), window):
+                yield from pool.map(load, records[start:start + window])
+
+    for i, x in enumerate(ui.progress(loaded(), total=len(records), description=description)):
+        if x is None:
+            failed += 1
+            continue
+        if batch and tuple(x.shape) != tuple(batch[0].shape):
+            flush()
+        batch.append(x)
+        idx.append(i)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    k = int(getattr(model, "num_classes", 0)) or (logits[0].shape[1] if logits else 1)
+    z = np.concatenate(logits) if logits else np.zeros((0, k))
+    sel = [records[i] for i in keep]
+    return SplitOutputs(z, np.array([int(r["label_index"]) for r in sel], dtype=int),
+                        np.array([str(r["patient_key"]) for r in sel]),
+                        np.array([str(r["study_key"]) for r in sel])), failed
+
+
+def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
+    from pipeline import tracking
+    from pipeline.errors import StageError
+
+    local = ws.run_dir(run_id) / "best.pt"
+    if local.is_file():
+        return local
+    got = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", tmp / run_id)
+    if got is None:
+        raise StageError(f"run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the "
+                         "workspace nor the checkpoints/best.pt artifact); did training finish?")
+    return got
+
+
+def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
+    import pandas as pd
+
+    from pipeline.errors import StageError
+
+    if not ws.manifest.is_file() or not ws.splits.is_file():
+        raise StageError(f"the workspace has no manifest/split for '{spec.name}'; evaluate needs the workspace the "
+                         "run was trained in (--workspace)")
+    report = json.loads(ws.split_report.read_text()) if ws.split_report.is_file() else {}
+    trained_on = (ckpt.get("hashes") or {}).get("split")
+    if trained_on and report.get("split_hash") and report["split_hash"] != trained_on:
+        # A re-split can move training studies into test: numbers would be optimistic without warning.
+        raise StageError("the split changed since this run was trained (split hash differs); evaluating would "
+                         "mix training studies into the test set. Retrain, or restore the original split")
+    manifest = pd.read_parquet(ws.manifest)
+    splits = pd.read_csv(ws.splits)
+    rows = manifest.merge(splits[["study_key", "split"]], on="study_key", how="inner")
+    counts: dict[str, dict[str, int]] = {}
+    patients: dict[str, int] = {}
+    for s in ("train", "val", "test"):
+        g = rows[rows["split"] == s]
+        counts[s] = {c: int((g["label_index"] == i).sum()) for i, c in enumerate(spec.classes)}
+        patients[s] = int(g["patient_key"].nunique())
+    return rows, counts, patients
+
+
+def evaluate(run_id: str, workspace: Path, n_bootstrap: int = 1000, device: str | None = None) -> EvalResult:
+    """Evaluate a training run end to end; see the module docstring for what is computed and where it goes."""
+    import tempfile
+
+    import pandas as pd
+
+    from pipeline import checkpoint as ckpt_io
+    from pipeline import tracking, ui
+    from pipeline.errors import StageError
+    from pipeline.recipe import recipe_from_dict
+    from pipeline.spec import DataSpec
+    from pipeline.workspace import Workspace
+
+    uri = Workspace.for_spec(workspace, "_").tracking_uri
+    run = tracking.get_run(uri, run_id)
+    spec_name = run["tags"].get(tracking.TAG_SPEC) or run["experiment"]
+    ws = Workspace.for_spec(workspace, spec_name)
+    dev = _device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, ckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, run_id, Path(tmp)), dev)
+        spec_dict = {k: v for k, v in ckpt["spec"].items() if k != "spec_path"}
+        spec = DataSpec.model_validate(spec_dict)
+        recipe = recipe_from_dict(ckpt["recipe"])
+        rows, counts, patients = _split_rows(ws, spec, ckpt)
+        val_rows, test_rows = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
+        if val_rows.empty or test_rows.empty:
+            raise StageError(f"the split has {len(val_rows)} val and {len(test_rows)} test studies; evaluate needs "
+                             "both (k-fold splits without a test fraction cannot be evaluated here)")
+        ui.info(f"evaluating run {run_id[:12]} on {len(val_rows)} val + {len(test_rows)} test studies ({dev})")
+        val, val_failed = infer_split(model, val_rows, spec, recipe, dev, "val")
+        test, test_failed = infer_split(model, test_rows, spec, recipe, dev, "test")
+        control_kw: dict[str, Any] = {}
+        control_id = run["tags"].get(tracking.TAG_CONTROL_RUN)
+        if control_id:
+            cmodel, cckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, control_id, Path(tmp)), dev)
+            ui.info(f"control arm {control_id[:12]} ({cckpt.get('control') or 'control'}): same val/test studies")
+            cval, _ = infer_split(cmodel, val_rows, spec, recipe_from_dict(cckpt["recipe"]), dev, "control val")
+            ctest, _ = infer_split(cmodel, test_rows, spec, recipe_from_dict(cckpt["recipe"]), dev, "control test")
+            control_kw = {"control_val": cval, "control_test": ctest, "control_run_id": control_id,
+                          "control_kind": cckpt.get("control") or run["tags"].get(tracking.TAG_CONTROL)}
+    if val.y.size == 0 or test.y.size == 0:
+        raise StageError("no val or test study could be read; check that the source files are still in place")
+    computed = compute_evaluation(val, test, spec.classes, spec.positive_class, spec.task,
+                                  policy=recipe.evaluation.threshold, target=recipe.evaluation.target,
+                                  n_bootstrap=n_bootstrap, seed=recipe.seed, **control_kw)
+    ev = computed.evaluation
+    best = ckpt.get("best") or {}
+    ev = {"run_id": run_id, **ev, "counts": counts, "patients": patients,
+          "evaluated": {"val": int(val.y.size), "test": int(test.y.size)},
+          "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
+          "checkpoint": {"epoch": best.get("epoch", ckpt.get("epoch")), "best_metric": ckpt.get("best_metric"),
+                         "select_metric": recipe.select_metric},
+          "hashes": ckpt.get("hashes")}
+    if val_failed or test_failed:
+        ev["warnings"].append(f"{val_failed} val and {test_failed} test studies could not be read and are not "
+                              "in the metrics")
+    for w in ev["warnings"]:
+        ui.warn(w)
+
+    run_dir = ws.run_dir(run_id)
+    out_dir = run_dir / "evaluation"
+    plots = write_plots(out_dir, computed, test)
+    preds = predictions_table("test", test, computed.prob_test, spec.classes, computed.decision_test)
+    preds = pd.concat([predictions_table("val", val, computed.prob_val, spec.classes), preds], ignore_index=True)
+    preds.to_csv(out_dir / "predictions.csv", index=False)
+    ev["artifacts"] = sorted([p.name for p in plots] + ["predictions.csv", "evaluation.json"])
+    path = dump_json(ev, run_dir / "evaluation.json")
+    dump_json(ev, out_dir / "evaluation.json")
+    logged = _log_to_run(uri, run, spec, ws, ev, out_dir, rows)
+    return EvalResult(run_id, json.loads(path.read_text()), path, uri, logged)
+
+
+def _log_to_run(uri: str, run: dict[str, Any], spec: Any, ws: Any, ev: dict[str, Any], out_dir: Path,
+                rows: Any) -> bool:
+    """Everything into the training run itself (see the module docstring for names)."""
+    from pipeline import tracking
+
+    guard = tracking.PHIGuard.for_training(spec, list(rows["files"]), pseudonym_map=ws.pseudonym_map)
+    t = tracking.attach(uri, run["experiment"], run["run_id"], guard)
+    t.log_epoch(0, metrics_for_mlflow(ev))
+    tags = {"medxfer.evaluated": "true"}
+    if ev.get("transfer"):
+        tags["medxfer.negative_transfer"] = str(bool(ev["transfer"]["negative_transfer"])).lower()
+    t.set_tags(tags)
+    for f in sorted(out_dir.iterdir()):
+        t.log_file(f, "evaluation", text=f.suffix in (".json", ".csv"))
+    return True

@@ -233,10 +233,7 @@ def _limitations(run: dict[str, Any], ev: dict[str, Any]) -> list[str]:
     if skipped:
         out.append(f"{skipped} of {_get(ev, 'bootstrap', 'n_resamples')} bootstrap resamples lacked a class and were "
                    "skipped; CIs rest on the remaining ones.")
-    thr = ev.get("threshold_policy") or {}
-    if thr.get("target_achieved") is False:
-        out.append(f"The threshold policy '{thr.get('policy')}' did not reach its target {thr.get('target')} on "
-                   "validation; the strictest observed threshold was used.")
+    out += [w[0].upper() + w[1:] + "." for w in ev.get("warnings") or [] if "bootstrap" not in w]
     out.append("The threshold and the temperature were fitted on the validation split; a site with different "
                "prevalence or scanners should re-check both on local data.")
     out.append("Internal validation only (held-out patients from the same data source); no external validation.")

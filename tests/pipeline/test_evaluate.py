@@ -40,7 +40,7 @@ def test_binary_core_contract() -> None:
     assert ev["bootstrap"]["n_resamples"] == 150 and ev["bootstrap"]["unit"] == "patient"
     json.dumps(ev, allow_nan=False)  # strictly JSON (no NaN)
     flat = metrics_for_mlflow(ev)
-    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "val_auroc", "threshold", "temperature",
+    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "eval_val_auroc", "threshold", "temperature",
             "calibration_test_ece_after"} <= set(flat)
 
 
@@ -92,3 +92,71 @@ def test_transfer_gain_and_negative_transfer_flag() -> None:
     part = test.subset(list(test.studies[:150]))
     ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=50, control_test=part).evaluation
     assert ev["transfer"]["n_studies"] == 150 and ev["transfer"]["missing_in_control"] == 50
+
+
+# ---------------------------------------------------------------------------- end to end on a tiny trained run
+
+@pytest.mark.slow
+def test_evaluate_end_to_end(evaluated_run) -> None:
+    res = evaluated_run.result
+    ev = json.loads(res.path.read_text())
+    assert res.path == evaluated_run.workspace / "tiny-dicom2d" / "runs" / evaluated_run.run_id / "evaluation.json"
+    assert ev["run_id"] == evaluated_run.run_id and ev["classes"] == ["neg", "pos"] and ev["positive_class"] == "pos"
+    assert ev["counts"]["test"] == {"neg": 4, "pos": 4} and ev["evaluated"] == {"val": 8, "test": 8}
+    assert ev["bootstrap"]["n_resamples"] == 200 and ev["bootstrap"]["unit"] == "patient"
+    assert ev["threshold_policy"]["policy"] == "youden" and 0 <= ev["threshold"] <= 1
+    assert any("test has 8 studies" in w for w in ev["warnings"])
+    # The control arm was evaluated on the same 8 test studies.
+    tr = ev["transfer"]
+    assert tr["control_run_id"] == evaluated_run.control_run_id and tr["control_kind"] == "scratch"
+    assert tr["n_studies"] == 8 and tr["negative_transfer"] == (tr["gain"]["value"] <= 0 or tr["gain"]["ci_low"] <= 0)
+    # --json contract (issue section 8).
+    s = res.summary()
+    assert s["run_id"] == evaluated_run.run_id and "threshold" in s
+    assert set(s["test"]) == {"auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+                              "ece", "brier"}
+    assert all(set(m) == {"value", "ci_low", "ci_high"} for m in s["test"].values())
+    json.dumps(s, allow_nan=False)
+    title, rows = res.table()
+    assert any(k == "test auroc" for k, _ in rows)
+    # Predictions are keyed by pseudonyms only.
+    preds = (res.path.parent / "evaluation" / "predictions.csv").read_text()
+    assert preds.splitlines()[0].startswith("study_key,patient_key,split,label,prob_neg,prob_pos")
+
+
+@pytest.mark.slow
+def test_evaluation_is_logged_to_the_training_run(evaluated_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(evaluated_run.tracking_uri)
+    run = client.get_run(evaluated_run.run_id)
+    m = run.data.metrics
+    ev = evaluated_run.result.evaluation
+    assert m["test_auroc"] == pytest.approx(ev["test"]["auroc"]["value"])
+    assert m["test_auroc_ci_low"] == pytest.approx(ev["test"]["auroc"]["ci_low"])
+    assert m["temperature"] == pytest.approx(ev["temperature"]) and "transfer_gain_ci_low" in m
+    # Validation results do not land inside training's per-epoch val_* curves.
+    assert len(client.get_metric_history(evaluated_run.run_id, "val_auroc")) == 1
+    assert "eval_val_auroc" in m
+    assert run.data.tags["medxfer.evaluated"] == "true" and run.info.status == "FINISHED"
+    arts = {a.path for a in client.list_artifacts(evaluated_run.run_id, "evaluation")}
+    assert {"evaluation/evaluation.json", "evaluation/roc.png", "evaluation/pr.png", "evaluation/reliability.png",
+            "evaluation/confusion_matrix.png", "evaluation/predictions.csv"} <= arts
+
+
+@pytest.mark.slow
+def test_no_phi_in_evaluation_outputs(evaluated_run) -> None:
+    from pipeline.phi import scan_for_phi
+
+    run_dir = evaluated_run.result.path.parent
+    hits = scan_for_phi([run_dir / "evaluation.json", run_dir / "evaluation"], evaluated_run.dataset.phi)
+    assert hits == []
+    assert "dicom" not in (run_dir / "evaluation.json").read_text().lower()  # no source paths
+
+
+def test_unknown_run_is_a_clear_error(tmp_path) -> None:
+    from pipeline.errors import MedxferError
+    from pipeline.evaluate import evaluate
+
+    with pytest.raises(MedxferError, match="no MLflow run"):
+        evaluate("0" * 32, tmp_path, n_bootstrap=10)

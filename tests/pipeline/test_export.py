@@ -110,3 +110,28 @@ def test_3d_encoder_exports(tmp_path: Path) -> None:
 def test_unknown_uri_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(E.MedxferError, match="expected models:/NAME@alias"):
         E.export("s3://nope", tmp_path / "x", workspace=tmp_path)
+
+
+@pytest.mark.slow
+def test_export_of_a_trained_run_verifies_on_a_real_study(evaluated_run, tmp_path: Path) -> None:
+    from pipeline.phi import scan_for_phi
+
+    res = E.export(f"runs:/{evaluated_run.run_id}", tmp_path / "handoff", workspace=evaluated_run.workspace)
+    assert res.run_id == evaluated_run.run_id
+    assert res.program["format"] == "onnx" and res.program["verified_on"] == "a preprocessed test-split study"
+    assert res.program["max_abs_diff"] < E.ONNX_ATOL
+    assert E.verify_sums(tmp_path / "handoff") == []
+    card = json.loads((tmp_path / "handoff" / "model_card.json").read_text())
+    assert card["transfer"]["control_kind"] == "scratch"
+    assert card["split"]["counts"]["test"] == {"neg": 4, "pos": 4}
+    assert scan_for_phi(tmp_path / "handoff", evaluated_run.dataset.phi) == []
+    # The hand-off predicts on DICOM studies without MLflow, with the evaluated temperature and threshold.
+    from pipeline.bundle import Predictor
+
+    p = Predictor.from_dir(tmp_path / "handoff")
+    ev = evaluated_run.result.evaluation
+    assert p.temperature == ev["temperature"] and p.threshold == ev["threshold"]
+    df = p.predict([evaluated_run.dataset.root])
+    assert len(df) == 40 and df["error"].isna().all()
+    assert set(df["decision"]) <= {"neg", "pos"}
+    np.testing.assert_allclose(df["prob_neg"] + df["prob_pos"], 1.0, rtol=1e-6)
