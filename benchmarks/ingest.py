@@ -126,9 +126,8 @@ def naive_read(files: list[Path]) -> int:
 
 def pipeline_ingest(spec_path: Path, workspace: Path) -> tuple[float, dict[str, Any]]:
     ingest_mod = common.require("pipeline.ingest", "pipeline.ingest")
-    from pipeline.spec import load_spec
-
     from pipeline.errors import StageError
+    from pipeline.spec import load_spec
 
     spec = load_spec(spec_path)
     t0 = time.perf_counter()
