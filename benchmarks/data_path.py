@@ -29,7 +29,7 @@ NAME = "data_path"
 TARGET = 10.0
 
 # (demo studies per MedMNIST split, epochs) per size
-_PLAN = {"tiny": (24, 2), "quick": (250, 3), "full": (None, 3)}
+_PLAN = {"tiny": (24, 2), "quick": (100, 3), "full": (None, 3)}
 _SETS = (
     # label, dataset, dims, recipe overrides
     ("3D AdrenalMNIST3D-64 nii.gz", "adrenal64", 3, ["data.size=[64,64,64]"]),
