@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Full, Queue
 from typing import Any
 
 import numpy as np
@@ -169,12 +170,15 @@ class _Guarded(Transform):
             return {"error": failure_reason(exc)}
 
 
+def _item_key_bytes(item: dict[str, Any]) -> bytes:
+    return item["cache_key"].encode()
+
+
 class WorkspacePersistentDataset(PersistentDataset):
     """PersistentDataset keyed by our item keys, with temp files inside the cache folder (not /tmp)."""
 
     def __init__(self, data: Sequence[dict[str, Any]], transform: Compose, cache_dir: Path):
-        super().__init__(data, transform=transform, cache_dir=cache_dir,
-                         hash_func=lambda item: item["cache_key"].encode())
+        super().__init__(data, transform=transform, cache_dir=cache_dir, hash_func=_item_key_bytes)
 
     def cache_path(self, item: dict[str, Any]) -> Path:
         return self.cache_dir / f"{item['cache_key']}.pt"
@@ -298,8 +302,14 @@ def _rows(manifest_df: pd.DataFrame, splits_df: pd.DataFrame, split: str) -> lis
     return rows
 
 
-def _prepare(split: str, base: torch.utils.data.Dataset, keys: list[str], workers: int) -> dict[str, str]:
-    """Run the deterministic part of every study once (fills the cache); returns {study_key: reason} failures."""
+def _prepare(split: str, base: torch.utils.data.Dataset, keys: list[str], workers: int,
+             shard: tuple[int, int] = (0, 1)) -> dict[str, str]:
+    """Run the deterministic part once per study (fills the cache); returns {study_key: reason} failures.
+
+    ``shard=(rank, world)`` prepares every world-th study only (disk cache under DDP: the ranks split the
+    decoding, then share their failures so every rank indexes the same studies).
+    """
+    rank, world = shard
     failed: dict[str, str] = {}
 
     def one(i: int) -> str | None:
@@ -309,12 +319,18 @@ def _prepare(split: str, base: torch.utils.data.Dataset, keys: list[str], worker
             return failure_reason(exc)
         return item.get("error")
 
+    mine = range(rank, len(keys), world)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        results = ex.map(one, range(len(keys)))
-        for i, reason in enumerate(ui.progress(results, total=len(keys), description=f"preparing {split} images")):
+        results = ex.map(one, mine)
+        for i, reason in zip(mine, ui.progress(results, total=len(mine), description=f"preparing {split} images"),
+                             strict=True):
             if reason is not None:
                 failed[keys[i]] = reason
                 ui.warn(f"{split}: study {keys[i]} could not be loaded ({reason}); skipped")
+    if world > 1:
+        gathered: list[dict[str, str] | None] = [None] * world
+        torch.distributed.all_gather_object(gathered, failed)  # also the barrier: every shard is on disk now
+        failed = {k: v for part in gathered for k, v in (part or {}).items()}
     return failed
 
 
@@ -330,7 +346,8 @@ def _build_one(split: str, rows: list[dict[str, Any]], mode: str, det: Compose, 
         failed = _prepare(split, base, keys, workers)
     elif mode == "disk":
         base = WorkspacePersistentDataset(items, transform=det, cache_dir=cache_dir)
-        failed = _prepare(split, base, keys, workers)
+        dist = _dist()
+        failed = _prepare(split, base, keys, workers, shard=(dist[1], dist[0]) if dist else (0, 1))
     else:
         base = MonaiDataset(items, transform=det)
     _check_failures(split, len(rows), failed, recipe.data.max_failed_fraction)
@@ -508,6 +525,62 @@ class StudyLoader:
                 yield batch
 
 
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
+def _prefetch(iterable: Any, size: int) -> Iterator[Any]:
+    """Produce batches in a background thread; an exception there is re-raised here, not swallowed.
+
+    (MONAI's ThreadBuffer ends the iteration quietly when its thread dies: a silently short epoch.)
+    """
+    q: Queue = Queue(maxsize=max(1, size))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=produce, name="medxfer-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _ThreadLoader(ThreadDataLoader):
+    """MONAI's ThreadDataLoader (thread workers, no IPC) with a background buffer that propagates errors."""
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from _prefetch(DataLoader.__iter__(self), self.buffer_size)
+
+
 def _loader_kind(ds: StudyDataset, recipe: Recipe) -> str:
     """``auto``: a background thread over cached tensors (no IPC, no pickling of the cache: the per-sample
     work is a few numpy/torch calls, mostly GIL-free); worker processes only when each item still costs
@@ -541,8 +614,8 @@ def make_loader(ds: StudyDataset, recipe: Recipe, train: bool, sampler: Sampler 
     )
     workers = recipe.data.num_workers
     if kind == "thread":
-        loader: DataLoader = ThreadDataLoader(ds, num_workers=workers, use_thread_workers=workers > 0,
-                                              buffer_size=2, **kwargs)
+        loader: DataLoader = _ThreadLoader(ds, num_workers=workers, use_thread_workers=workers > 0,
+                                           buffer_size=2, **kwargs)
     else:
         loader = DataLoader(ds, num_workers=max(1, workers), persistent_workers=False, **kwargs)
     return StudyLoader(loader, ds, kind)

@@ -126,6 +126,13 @@ class Augment2Dd(MapTransform, Randomizable):
         self.aug = build_augment2d(cfg)
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # picklable for spawned loader workers
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Augment2Dd:
         super().set_random_state(seed, state)
         # Seeding albumentations once per (epoch, worker), not per sample: per-sample reseeding cost ~1/3 of a call.

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers_data import dataset_2d, dataset_3d
+from helpers_data import dataset_2d, dataset_3d, make_spec
 
 from pipeline.data import (
     DistributedWeightedSampler,
@@ -203,3 +204,69 @@ def test_make_sampler_choices(tmp_path: Path) -> None:
     assert type(make_sampler(ds, recipe, train=True)).__name__ == "DistributedSampler"
     balanced = _recipe(2, "data.balanced_sampling=true")
     assert isinstance(make_sampler(ds, balanced, train=True), DistributedWeightedSampler)
+
+
+def test_an_error_in_the_loader_thread_surfaces_instead_of_a_short_epoch(tmp_path: Path) -> None:
+    spec, manifest, splits = dataset_2d(tmp_path / "src", n=8, split_of=["train"] * 8)
+    recipe = _recipe(2, "data.cache=memory", "data.batch_size=2")
+    ds = build_datasets(spec, recipe, tmp_path / "ws", manifest, splits, splits=("train",))["train"]
+
+    class Broken(torch.utils.data.Sampler):
+        def __iter__(self):
+            yield from range(3)
+            raise OSError("sampler broke")
+
+        def __len__(self) -> int:
+            return 8
+
+    loader = make_loader(ds, recipe, train=False, sampler=Broken())
+    assert loader.kind == "thread"
+    with pytest.raises(OSError, match="sampler broke"):
+        list(loader)
+
+
+def test_datasets_pickle_for_spawned_workers(tmp_path: Path) -> None:
+    spec, manifest, splits = dataset_2d(tmp_path / "src", n=8, split_of=["train"] * 8)
+    for mode in ("memory", "disk"):
+        recipe = _recipe(2, f"data.cache={mode}")
+        ds = build_datasets(spec, recipe, tmp_path / "ws", manifest, splits, splits=("train",))["train"]
+        clone = pickle.loads(pickle.dumps(ds))
+        clone.set_epoch(1)
+        ds.set_epoch(1)
+        assert torch.equal(clone[0]["image"], ds[0]["image"])
+
+
+def _ddp_rank(rank: int, init: str, src: str, ws: str, out: str) -> None:
+    import pandas as pd
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        spec = make_spec(2, "dicom")
+        manifest, splits = pd.read_pickle(Path(src) / "manifest.pkl"), pd.read_pickle(Path(src) / "splits.pkl")
+        bundle = build_datasets(spec, _recipe(2, "data.cache=disk"), ws, manifest, splits, splits=("train",))
+        Path(out, f"rank{rank}.txt").write_text(",".join(bundle["train"].failed_keys) + f"|{len(bundle['train'])}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_share_the_disk_cache_build_and_agree_on_failures(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    spec, manifest, splits = dataset_2d(tmp_path / "src", n=12, split_of=["train"] * 12)
+    bad = manifest.iloc[1]  # prepared by rank 1 (odd index)
+    _garble(bad["files"][0])
+    manifest.to_pickle(tmp_path / "src" / "manifest.pkl")
+    splits.to_pickle(tmp_path / "src" / "splits.pkl")
+    ctx = mp.get_context("fork")  # as DataLoader workers do; spawn would re-import torch per rank
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_ddp_rank, args=(r, init, str(tmp_path / "src"), str(tmp_path / "ws"), str(tmp_path)))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert results == {f"{bad['study_key']}|11"}
+    folder = tmp_path / "ws" / spec.name / "cache"
+    assert len(list(next(folder.iterdir()).glob("*.pt"))) == 11
