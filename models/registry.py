@@ -25,6 +25,11 @@ from pipeline.errors import MedxferError
 
 # Per-dims defaults when a recipe names no encoder; both load offline from an installed package.
 DEFAULT_ENCODERS = {2: "efficientnet_lite0", 3: "efficientnet_lite0_i3d"}
+TRANSFER_NOTE = (
+    "default I3D inflation (efficientnet_lite0_i3d): a volume of one repeated image gives exactly the 2D "
+    "network's output, so the ImageNet function is intact when fine-tuning starts; ACS convolutions "
+    "(efficientnet_lite0_acs, resnet18_acs) keep the 2D parameters as they are but not that behaviour"
+)
 
 
 @dataclass(frozen=True)
@@ -82,14 +87,19 @@ def default_encoder(spatial_dims: int) -> str:
     return DEFAULT_ENCODERS[spatial_dims]
 
 
-def build_encoder(name: str, in_chans: int = 1, spatial_dims: int | None = None, **kw: Any) -> Any:
-    entry = get_entry(name)
+def _check_dims(entry: EncoderEntry, spatial_dims: int | None) -> None:
     if spatial_dims is not None and spatial_dims != entry.spatial_dims:
         others = ", ".join(list_encoders(spatial_dims))
         raise MedxferError(
-            f"encoder {name!r} is {entry.spatial_dims}D but the data is {spatial_dims}D; "
+            f"encoder {entry.name!r} is {entry.spatial_dims}D but the data is {spatial_dims}D; "
             f"choose a {spatial_dims}D encoder: {others}"
         )
+
+
+def build_encoder(name: str, in_chans: int = 1, spatial_dims: int | None = None, **kw: Any) -> Any:
+    """The encoder alone, randomly initialised."""
+    entry = get_entry(name)
+    _check_dims(entry, spatial_dims)
     if in_chans < 1:
         raise MedxferError("in_chans must be at least 1")
     try:
@@ -115,8 +125,9 @@ def create_classifier(name: str, num_classes: int, in_chans: int = 1, spatial_di
     from models.weights import WeightReport, load_encoder_weights, resolve_weights
 
     entry = get_entry(name)
+    _check_dims(entry, spatial_dims)
+    resolved = resolve_weights(name, entry.weights, weights)  # first: an offline hub-only choice fails at once
     encoder = build_encoder(name, in_chans=in_chans, spatial_dims=spatial_dims, **kw)
-    resolved = resolve_weights(name, entry.weights, weights)
     model = Classifier(encoder, num_classes, encoder_name=name, drop_rate=drop_rate)
     if resolved is None:
         model.weight_report = WeightReport(source="none", num_classes=num_classes,
@@ -152,28 +163,28 @@ class ModelsResult:
 
     def summary(self) -> dict[str, Any]:
         return {"online": self.online, "defaults": {f"{k}d": v for k, v in DEFAULT_ENCODERS.items()},
-                "encoders": self.encoders}
+                "transfer_2d_to_3d": TRANSFER_NOTE, "encoders": self.encoders}
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         rows = []
         for e in self.encoders:
             srcs = []
-            for w in e["weights"]:
-                if w["kind"] == "file":
-                    continue
-                state = "offline" if w["offline"] else ("online" if w["available"] else "unavailable")
-                srcs.append(f"{w['kind']} {w['location']} [{state}]")
-            groups = " > ".join(f"{g['name']}" for g in e["layer_groups"])
-            default = " (default)" if e["default"] else ""
+            for w in e["weights"][1:]:  # [0] is "file", always possible
+                state = ("ready offline" if w["offline"] else "downloadable" if w["available"]
+                         else "not installed" if w["kind"] == "package" else "needs network")
+                srcs.append(f"{w['kind']} {state}")
+            groups = " > ".join(g["name"] for g in e["layer_groups"])
+            default = " *" if e["default"] else ""
             rows.append((
                 f"{e['name']}{default}",
-                f"{e['spatial_dims']}D, {e['parameters'] / 1e6:.1f}M params, {e['feature_dim']} features; "
-                f"{e['pretraining']}\n  weights: file (weights: PATH)"
-                + "".join(f" | {s}" for s in srcs)
-                + f"\n  groups: {groups}\n  input: {e['normalization']}",
+                f"{e['spatial_dims']}D, {e['parameters'] / 1e6:.1f}M params, {e['feature_dim']} features, "
+                f"{e['pretraining']}\nweights: file" + "".join(f"; {s}" for s in srcs)
+                + f"\ngroups: {groups}\ninput: {e['normalization'].split(':')[0]}",
             ))
+        rows.append(("* defaults", ", ".join(f"{k}D {v}" for k, v in DEFAULT_ENCODERS.items())))
+        rows.append(("2D->3D", TRANSFER_NOTE))
         state = "online" if self.online else "offline"
-        return f"Encoders ({state}; weights order: file > package > hub)", rows
+        return f"Encoders ({state}; weights: file > package > hub; details: --json)", rows
 
 
 def models_command() -> ModelsResult:
