@@ -13,8 +13,8 @@ Contents::
     SHA256SUMS            sha256 of every other file, `sha256sum -c SHA256SUMS` format
 
 MODEL_URI: ``models:/NAME@alias``, ``models:/NAME/VERSION`` (the registered pyfunc's bundle folder is
-downloaded), ``runs:/RUN_ID`` (the bundle is built from the run's best checkpoint and its
-evaluation.json), or a bundle folder.
+downloaded), ``runs:/RUN_ID`` of an evaluated run (the bundle is built from its best checkpoint and
+evaluation.json), or a bundle folder (e.g. an earlier export) -- resolved as ``medxfer predict`` does.
 
 The exported network outputs raw logits: the temperature and threshold are applied outside it
 (preprocessing.json), exactly as ``pipeline.bundle.Predictor`` does, so one set of weights serves
@@ -23,7 +23,6 @@ calibrated and uncalibrated use.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import warnings
@@ -71,61 +70,27 @@ class ExportResult:
 
 # ---------------------------------------------------------------------------- resolving the source
 
-def _bundle_from_run(run_id: str, workspace: Path, dst: Path, model_name: str | None = None,
-                     model_version: str | None = None) -> Path:
-    from pipeline import checkpoint as ckpt_io
-    from pipeline import tracking
-    from pipeline.modelcard import run_info_from_checkpoint
-    from pipeline.workspace import Workspace
-
-    uri = Workspace.for_spec(workspace, "_").tracking_uri
-    run = tracking.get_run(uri, run_id)
-    ws = Workspace.for_spec(workspace, run["tags"].get(tracking.TAG_SPEC) or run["experiment"])
-    ckpt_path = ws.run_dir(run_id) / ckpt_io.BEST
-    if not ckpt_path.is_file():
-        ckpt_path = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", dst / "ckpt")
-        if ckpt_path is None:
-            raise StageError(f"run {run_id}: no best checkpoint in the workspace or the run's artifacts")
-    ev_path = ws.run_dir(run_id) / B.EVALUATION
-    if not ev_path.is_file():
-        ev_path = tracking.download_run_artifact(uri, run_id, "evaluation/evaluation.json", dst / "ev")
-        if ev_path is None:
-            raise StageError(f"run {run_id} has not been evaluated: run `medxfer evaluate {run_id}` first "
-                             "(the export needs its temperature and threshold)")
-    ckpt = ckpt_io.load(ckpt_path)
-    info = run_info_from_checkpoint(ckpt, run["tags"], {"model_name": model_name, "model_version": model_version,
-                                                        "run_name": run.get("run_name")})
-    return B.write_bundle(ckpt, json.loads(ev_path.read_text()), dst / "bundle", run_info=info)
-
-
 def resolve_bundle(model_uri: str, workspace: Path, dst: Path) -> tuple[Path, dict[str, str | None]]:
-    """A bundle folder for `model_uri` (under `dst`), plus {run_id, model_name, model_version}."""
-    from pipeline import tracking
-    from pipeline.workspace import Workspace
+    """The bundle folder behind `model_uri` (under `dst`) and {run_id, model_name, model_version}.
 
-    meta: dict[str, str | None] = {"run_id": None, "model_name": None, "model_version": None}
+    The same resolution as ``medxfer predict`` (pipeline.predict.resolve_model), except that a run
+    must have been evaluated: a hand-off without its temperature and threshold would mislead.
+    """
+    from pipeline.predict import resolve_model
+
     if model_uri.startswith("runs:/"):
+        from pipeline.registry import load_run, write_run_bundle
+
         run_id = model_uri.removeprefix("runs:/").strip("/").split("/")[0]
-        meta["run_id"] = run_id
-        return _bundle_from_run(run_id, workspace, dst), meta
-    if model_uri.startswith("models:/"):
-        uri = Workspace.for_spec(workspace, "_").tracking_uri
-        mv = tracking.resolve_model_version(uri, model_uri)
-        meta.update(run_id=mv["run_id"] or None, model_name=mv["name"], model_version=mv["version"])
-        found = B.find_bundle(tracking.download_model(uri, model_uri, dst / "model"))
-        if found is not None:
-            return found, meta
-        if mv["run_id"]:  # a registered model without a bundle inside: rebuild it from its run
-            return _bundle_from_run(mv["run_id"], workspace, dst, mv["name"], mv["version"]), meta
-        raise StageError(f"{model_uri}: the registered model holds no medxfer bundle and names no run")
-    path = Path(model_uri)
-    found = B.find_bundle(path) if path.is_dir() else None
-    if found is None:
-        raise MedxferError(f"{model_uri!r}: expected models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID or a "
-                           "bundle folder (with preprocessing.json and weights.safetensors)")
-    cfg = B.load_config(found)
-    meta["run_id"] = cfg.get("run_id")
-    return found, meta
+        ra = load_run(run_id, workspace, dst, require_evaluation=True)
+        return write_run_bundle(ra, dst / "bundle"), {"run_id": run_id, "model_name": None, "model_version": None}
+    src = resolve_model(model_uri, workspace, dst)
+    if not (src.bundle / B.EVALUATION).is_file():
+        raise StageError(f"{model_uri}: the bundle has no evaluation.json (its model was never evaluated); "
+                         "evaluate the training run and export runs:/RUN_ID or a model registered after that")
+    cfg = B.load_config(src.bundle)
+    return src.bundle, {"run_id": cfg.get("run_id"), "model_name": src.name if src.kind == "registered" else None,
+                        "model_version": src.version}
 
 
 # ---------------------------------------------------------------------------- example input
@@ -289,8 +254,6 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
         for name in BUNDLE_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
-        if meta.get("model_name") and (staging / B.CARD_JSON).is_file():
-            _stamp_card(staging, meta)
         predictor = B.Predictor.from_dir(staging, device="cpu")
         model = predictor.model
         x, verified_on = example_input(predictor, Path(workspace))
@@ -315,14 +278,3 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
         shutil.copytree(staging, out)
     return ExportResult(out.resolve(), model_uri, meta.get("run_id"), meta.get("model_name"),
                         meta.get("model_version"), program, files)
-
-
-def _stamp_card(folder: Path, meta: dict[str, str | None]) -> None:
-    """Put the registered name and version on a card built before registration."""
-    from pipeline.modelcard import render_markdown
-
-    card = json.loads((folder / B.CARD_JSON).read_text())
-    card["model"]["name"] = meta["model_name"]
-    card["model"]["version"] = meta["model_version"]
-    (folder / B.CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
-    (folder / B.CARD_MD).write_text(render_markdown(card))

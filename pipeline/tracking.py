@@ -609,15 +609,3 @@ def resolve_model_version(tracking_uri: str, model_uri: str) -> dict[str, str]:
     except MlflowException:
         raise StageError(f"{model_uri}: no such registered model version in {tracking_uri}") from None
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
-
-
-def download_model(tracking_uri: str, model_uri: str, dst: Path) -> Path:
-    """Download a registered model's files (models:/NAME@alias or models:/NAME/VERSION) into `dst`."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri))
-    except MlflowException as exc:
-        raise StageError(f"{model_uri}: could not download from {tracking_uri} ({type(exc).__name__})") from None

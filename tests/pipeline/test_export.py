@@ -131,7 +131,28 @@ def test_export_of_a_trained_run_verifies_on_a_real_study(evaluated_run, tmp_pat
     p = Predictor.from_dir(tmp_path / "handoff")
     ev = evaluated_run.result.evaluation
     assert p.temperature == ev["temperature"] and p.threshold == ev["threshold"]
-    df = p.predict([evaluated_run.dataset.root])
-    assert len(df) == 40 and df["error"].isna().all()
-    assert set(df["decision"]) <= {"neg", "pos"}
-    np.testing.assert_allclose(df["prob_neg"] + df["prob_pos"], 1.0, rtol=1e-6)
+    studies = sorted(evaluated_run.dataset.root.glob("PAT*/ST*"))[:4]
+    df = p.predict([*studies, evaluated_run.dataset.root / "no-such-study"])
+    assert len(df) == 5 and df["error"][:4].isna().all() and df["error"][4].startswith("not_found")
+    assert set(df["decision"][:4]) <= {"neg", "pos"} and df["decision"].isna()[4]
+    np.testing.assert_allclose((df["prob_neg"] + df["prob_pos"])[:4], 1.0, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_of_a_registered_model(evaluated_run, tmp_path: Path) -> None:
+    from pipeline.registry import register
+
+    reg = register(evaluated_run.run_id, "tiny-export", evaluated_run.workspace).summary()
+    res = E.export("models:/tiny-export@candidate", tmp_path / "handoff", workspace=evaluated_run.workspace)
+    assert (res.model_name, res.model_version) == ("tiny-export", str(reg["model_version"]))
+    assert res.run_id == evaluated_run.run_id and E.verify_sums(tmp_path / "handoff") == []
+    card = json.loads((tmp_path / "handoff" / "model_card.json").read_text())
+    assert card["model"]["name"] == "tiny-export" and card["model"]["version"] == str(reg["model_version"])
+    assert "tiny-export v" in (tmp_path / "handoff" / "README.md").read_text()
+
+
+def test_unevaluated_run_is_refused(evaluated_run, tmp_path: Path) -> None:
+    from pipeline.errors import StageError
+
+    with pytest.raises(StageError, match="evaluate"):
+        E.export(f"runs:/{evaluated_run.control_run_id}", tmp_path / "x", workspace=evaluated_run.workspace)
