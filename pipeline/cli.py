@@ -121,7 +121,8 @@ def train(
 def evaluate(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
     workspace: Workspace = DEFAULT_WORKSPACE,
-    bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples.")] = 1000,
+    bootstrap: Annotated[int | None, typer.Option(
+        help="Patient-level bootstrap resamples (default: the run's recipe, evaluation.bootstrap).")] = None,
     json: Json = False,
 ) -> None:
     """Test metrics with patient-bootstrap CIs, validation threshold, temperature calibration, plots."""

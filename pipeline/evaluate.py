@@ -503,8 +503,11 @@ def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
     return rows, counts, patients
 
 
-def evaluate(run_id: str, workspace: Path, n_bootstrap: int = 1000, device: str | None = None) -> EvalResult:
-    """Evaluate a training run end to end; see the module docstring for what is computed and where it goes."""
+def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, device: str | None = None) -> EvalResult:
+    """Evaluate a training run end to end; see the module docstring for what is computed and where it goes.
+
+    n_bootstrap: patient-level resamples; None takes the run's ``recipe.evaluation.bootstrap`` (1000 by default).
+    """
     import tempfile
 
     import pandas as pd
@@ -547,7 +550,8 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int = 1000, device: str 
         raise StageError("no val or test study could be read; check that the source files are still in place")
     computed = compute_evaluation(val, test, spec.classes, spec.positive_class, spec.task,
                                   policy=recipe.evaluation.threshold, target=recipe.evaluation.target,
-                                  n_bootstrap=n_bootstrap, seed=recipe.seed, **control_kw)
+                                  n_bootstrap=recipe.evaluation.bootstrap if n_bootstrap is None else n_bootstrap,
+                                  seed=recipe.seed, **control_kw)
     ev = computed.evaluation
     best = ckpt.get("best") or {}
     ev = {"run_id": run_id, **ev, "counts": counts, "patients": patients,

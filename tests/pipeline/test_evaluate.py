@@ -160,3 +160,18 @@ def test_unknown_run_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(MedxferError, match="no MLflow run"):
         evaluate("0" * 32, tmp_path, n_bootstrap=10)
+
+
+@pytest.mark.slow
+def test_cli_json_is_one_object_on_stdout(evaluated_run) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", evaluated_run.run_id, "--workspace", str(evaluated_run.workspace),
+                                   "--bootstrap", "50", "--json"], terminal_width=200)
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)  # exactly one JSON document, nothing else on stdout
+    assert out["run_id"] == evaluated_run.run_id and out["bootstrap"]["n_resamples"] == 50
+    assert set(out["test"]["auroc"]) == {"value", "ci_low", "ci_high"} and "threshold" in out
+    assert "test auroc" in res.stderr  # the human table goes to stderr
