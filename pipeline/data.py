@@ -30,6 +30,7 @@ and every rank of a DDP job draws the same balanced permutation before taking it
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -254,6 +255,12 @@ class StudyDataset(torch.utils.data.Dataset):
         """Seed the random part from (seed, epoch, worker); worker 0 is the main process or thread."""
         if self.random_part is not None:
             self.random_part.set_random_state(seed=_mix_seed(self.seed, self.epoch, worker) % (2**32 - 1))
+
+    def without_augmentation(self) -> StudyDataset:
+        """The same studies and cache, deterministic part only (e.g. to score the training set)."""
+        view = copy.copy(self)
+        view.random_part = None
+        return view
 
     def set_random_state(self, seed: int | None = None, state: Any = None) -> StudyDataset:
         # MONAI's DataLoader seeds datasets it is given; ours is seeded per epoch instead (see reseed).
@@ -598,8 +605,11 @@ def make_loader(ds: StudyDataset, recipe: Recipe, train: bool, sampler: Sampler 
     """A loader over ``ds``: batch size, workers and loader kind from ``recipe.data`` (see ``_loader_kind``).
 
     Training draws from ``make_sampler`` unless a sampler is given, and drops a last batch smaller than
-    the batch size (a batch of one breaks BatchNorm). ``pin_memory`` defaults to CUDA being available.
+    the batch size (a batch of one breaks BatchNorm). ``train=False`` never augments, even over the
+    training split. ``pin_memory`` defaults to CUDA being available.
     """
+    if not train and ds.random_part is not None:
+        ds = ds.without_augmentation()
     if sampler is None:
         sampler = make_sampler(ds, recipe, train)
     kind = _loader_kind(ds, recipe)

@@ -143,6 +143,8 @@ def test_augmentation_and_order_depend_only_on_seed_and_epoch(tmp_path: Path) ->
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(ea, eb, strict=True))
     e4 = _epoch(a, 4)
     assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(ea, e4, strict=True))
+    plain = [list(make_loader(bundle["train"], recipe, train=False)) for _ in range(2)]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(*plain, strict=True))  # eval never augments
 
 
 def test_process_workers_and_3d_batches(tmp_path: Path) -> None:
