@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from pipeline import tracking
 
 
 def _paths(model_input: Any) -> list[str]:
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         if "path" not in model_input.columns:
             raise ValueError(f"input needs a 'path' column; got columns {list(model_input.columns)[:20]}")
@@ -41,8 +41,7 @@ def _paths(model_input: Any) -> list[str]:
 
 
 class MedxferModel(tracking.python_model_base()):
-    # No type hints on these two: MLflow would try to derive a schema from them instead of the signature.
-    def load_context(self, context):
+    def load_context(self, context) -> None:
         from pipeline.predict import load_predictor
 
         cfg = dict(context.model_config or {})
@@ -50,7 +49,8 @@ class MedxferModel(tracking.python_model_base()):
         self.model_version = None if cfg.get("model_version") is None else str(cfg["model_version"])
         self.predictor = load_predictor(context.artifacts["bundle"], device=cfg.get("device"))
 
-    def predict(self, context, model_input, params=None):
+    # pd.DataFrame: a hint MLflow accepts without deriving a schema from it (the logged signature is the contract).
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.predictor.predict(_paths(model_input), model_name=self.model_name,
                                       model_version=self.model_version)
 
