@@ -170,7 +170,15 @@ def git_commit() -> str | None:
 # ---------------------------------------------------------------------------------------------- measuring
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process so far (Linux reports KiB)."""
+    """Peak resident set of this process so far.
+
+    VmHWM first: Linux carries ``ru_maxrss`` over from the parent into a forked-and-exec'd child, so
+    in an isolated arm it would report at least the launcher's RSS.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / 1024 if sys.platform != "darwin" else kib / 2**20, 1)
 
