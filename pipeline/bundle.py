@@ -183,22 +183,10 @@ def write_bundle(ckpt: dict[str, Any] | Path | str, evaluation: dict[str, Any] |
     return out
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+    from pipeline.evaluate import json_safe
+
+    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------- loading and predicting

@@ -49,7 +49,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -96,19 +96,20 @@ class Computed:
     prob_test: np.ndarray
     prob_val: np.ndarray
     decision_test: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: nan/inf -> None, numpy -> python."""
+def json_safe(obj: Any) -> Any:
+    """JSON-safe: nan/inf -> None, numpy -> python, Paths -> str."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -192,7 +193,7 @@ def compute_evaluation(val: SplitOutputs, test: SplitOutputs, classes: Sequence[
     if control_test is not None:
         evaluation["transfer"] = _transfer(test, p_test, control_val, control_test, pos, n_bootstrap, seed,
                                            control_kind, control_run_id)
-    return Computed(_clean(evaluation), p_test_raw, p_test, p_val, decision)
+    return Computed(json_safe(evaluation), p_test_raw, p_test, p_val, decision)
 
 
 def _warnings(val: SplitOutputs, test: SplitOutputs, ev: dict[str, Any], temperature: float) -> list[str]:
@@ -330,7 +331,7 @@ def metrics_for_mlflow(ev: dict[str, Any]) -> dict[str, float]:
 
 def dump_json(obj: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
     return path
 
 

@@ -151,6 +151,7 @@ def test_export_of_a_registered_model(evaluated_run, tmp_path: Path) -> None:
     assert "tiny-export v" in (tmp_path / "handoff" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_unevaluated_run_is_refused(evaluated_run, tmp_path: Path) -> None:
     from pipeline.errors import StageError
 
