@@ -64,7 +64,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def plain(obj: Any) -> Any:
     """Make a value safe for weights_only loading: numpy scalars/arrays, Paths and tuples to plain types."""
     if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
+        # int keys stay ints: optimizer state is keyed by parameter index
+        return {(k if isinstance(k, int | str) else str(k)): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [plain(v) for v in obj]
     if isinstance(obj, torch.Tensor | str | int | float | bool) or obj is None:

@@ -44,6 +44,18 @@ def test_plain_refuses_what_weights_only_cannot_load() -> None:
         C.plain({"x": object()})
 
 
+def test_optimizer_state_survives_a_checkpoint_round_trip(tmp_path) -> None:
+    ck = _ckpt()
+    C.save_epoch(tmp_path, C.plain(ck), is_best=False)
+    got = C.load(tmp_path / "last.pt")["optimizer"]
+    assert set(got["state"]) == set(ck["optimizer"]["state"]) == {0, 1}  # int keys, or Adam state is lost
+    model = TinyNet()
+    unf = Unfreezer(model, [StageCfg(epoch=0, groups=0)], OptimCfg(), epochs=2, steps_per_epoch=1)
+    unf.load_state_dict(C.load(tmp_path / "last.pt")["scheduler"])
+    unf.optimizer.load_state_dict(got)
+    assert torch.equal(unf.optimizer.state[model.head.weight]["exp_avg"], ck["optimizer"]["state"][0]["exp_avg"])
+
+
 def test_rng_state_round_trip() -> None:
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     np.random.normal()  # leaves a cached gaussian in numpy's state
