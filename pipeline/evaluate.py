@@ -504,6 +504,17 @@ def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
     return rows, counts, patients
 
 
+def spec_from_checkpoint(ckpt: dict[str, Any]):
+    """The run's DataSpec; relative source paths resolve against the spec file, as in training, so the PHI
+    guard knows the real data root (a copy from MLflow has its paths masked, which is fine too)."""
+    from pipeline.spec import DataSpec
+
+    spec = DataSpec.model_validate({k: v for k, v in ckpt["spec"].items() if k != "spec_path"})
+    if ckpt["spec"].get("spec_path") not in (None, "<local path>"):
+        spec.spec_path = Path(ckpt["spec"]["spec_path"])
+    return spec
+
+
 def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, device: str | None = None) -> EvalResult:
     """Evaluate a training run end to end; see the module docstring for what is computed and where it goes.
 
@@ -517,7 +528,6 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     from pipeline import tracking, ui
     from pipeline.errors import StageError
     from pipeline.recipe import recipe_from_dict
-    from pipeline.spec import DataSpec
     from pipeline.workspace import Workspace
 
     uri = Workspace.for_spec(workspace, "_").tracking_uri
@@ -527,8 +537,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     dev = _device(device)
     with tempfile.TemporaryDirectory() as tmp:
         model, ckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, run_id, Path(tmp)), dev)
-        spec_dict = {k: v for k, v in ckpt["spec"].items() if k != "spec_path"}
-        spec = DataSpec.model_validate(spec_dict)
+        spec = spec_from_checkpoint(ckpt)
         recipe = recipe_from_dict(ckpt["recipe"])
         rows, counts, patients = _split_rows(ws, spec, ckpt)
         val_rows, test_rows = rows[rows["split"] == "val"], rows[rows["split"] == "test"]

@@ -175,3 +175,19 @@ def test_cli_json_is_one_object_on_stdout(evaluated_run) -> None:
     assert out["run_id"] == evaluated_run.run_id and out["bootstrap"]["n_resamples"] == 50
     assert set(out["test"]["auroc"]) == {"value", "ci_low", "ci_high"} and "threshold" in out
     assert "test auroc" in res.stderr  # the human table goes to stderr
+
+
+@pytest.mark.slow
+def test_phi_guard_knows_the_real_data_root(evaluated_run) -> None:
+    """The spec in a checkpoint has a relative source root: the guard must resolve it like training did."""
+    import pandas as pd
+
+    from pipeline.checkpoint import load
+    from pipeline.evaluate import spec_from_checkpoint
+    from pipeline.tracking import PHIGuard
+
+    ws = evaluated_run.workspace / "tiny-dicom2d"
+    spec = spec_from_checkpoint(load(ws / "runs" / evaluated_run.run_id / "best.pt"))
+    guard = PHIGuard.for_training(spec, list(pd.read_parquet(ws / "manifest.parquet")["files"]))
+    assert guard.problem("PLANTEDNAME_HELGA")  # a patient-named source folder
+    assert guard.problem(str(evaluated_run.dataset.root / "x"))
