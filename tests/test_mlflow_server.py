@@ -1,0 +1,163 @@
+"""A real `mlflow server` on 127.0.0.1: the pipeline logs to it over HTTP, and its REST API (what the UI reads)
+shows the run's metrics, plots and model card, the registered version, its tags and its alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import PHI, make_dicom2d_dataset, write_image2d
+
+# One epoch is enough here: this test is about what reaches the server, not about accuracy.
+SERVER_RECIPE = ["epochs=1", "data.size=[64,64]", "data.batch_size=8", "optim.warmup_epochs=0",
+                 "stages=[{epoch: 0, groups: all}]", "data.augment={}", "evaluation.bootstrap=50"]
+STARTUP_S = 120  # ~20 s on an idle 2-core machine; generous for a loaded CI runner
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_bytes(url: str, endpoint: str, **params: Any) -> bytes:
+    q = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"{url}{endpoint}{q}", timeout=30) as r:
+        return r.read()
+
+
+def _get(url: str, endpoint: str, **params: Any) -> dict[str, Any]:
+    return json.loads(_get_bytes(url, endpoint, **params))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp / 'store.db'}",
+           "--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    log = (tmp / "server.log").open("w")
+    # Own session: the server spawns a uvicorn worker; stopping the group stops both.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            try:
+                _get(url, "/api/2.0/mlflow/experiments/search", max_results=1)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server not up after {STARTUP_S} s:\n"
+                                f"{(tmp / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, tmp
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)  # a throwaway store: no need to wait out the job runner's shutdown
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server_run(mlflow_server: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from pipeline.runall import run_all
+
+    url, _ = mlflow_server
+    ds = make_dicom2d_dataset(tmp_path_factory.mktemp("server-data") / "d2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", url)
+        mp.delenv("MEDXFER_PSEUDONYM_KEY", raising=False)
+        mp.setenv("MEDXFER_SYSTEM_METRICS", "0")
+        result = run_all(ds.spec, ds.workspace, overrides=SERVER_RECIPE, name="server-us")
+    return {"result": result, "dataset": ds, "summary": result.summary()}
+
+
+def test_run_metrics_and_artifacts_are_served(mlflow_server, server_run) -> None:
+    url, _ = mlflow_server
+    run_id = server_run["summary"]["run_id"]
+    assert server_run["summary"]["tracking_uri"] == url
+    run = _get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"train_loss", "val_loss", "val_auroc", "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high",
+            "test_ece", "threshold", "temperature"} <= metrics
+    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss")
+    assert len(history["metrics"]) == 1  # one epoch
+
+    def listing(path: str) -> set[str]:
+        files = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path=path).get("files", [])
+        return {Path(f["path"]).name for f in files}
+
+    assert {"roc.png", "pr.png", "reliability.png", "confusion_matrix.png", "evaluation.json"} <= listing("evaluation")
+    assert {"model_card.md", "model_card.json"} <= listing("model_card")
+    assert any(n.endswith(".png") for n in listing("plots"))  # learning curves
+    # What the UI's artifact viewer fetches:
+    png = _get_bytes(url, "/get-artifact", path="evaluation/reliability.png", run_uuid=run_id)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    card = _get_bytes(url, "/get-artifact", path="model_card/model_card.md", run_uuid=run_id).decode()
+    assert "server-us" in card and "AUROC" in card
+
+
+def test_registered_version_alias_and_logged_model_are_served(mlflow_server, server_run) -> None:
+    url, _ = mlflow_server
+    s = server_run["summary"]
+    rm = _get(url, "/api/2.0/mlflow/registered-models/get", name="server-us")["registered_model"]
+    assert {"alias": "candidate", "version": s["model_version"]} in rm["aliases"]
+    mv = _get(url, "/api/2.0/mlflow/model-versions/get", name="server-us", version=s["model_version"])
+    mv = mv["model_version"]
+    tags = {t["key"]: t["value"] for t in mv["tags"]}
+    assert mv["run_id"] == s["run_id"] and mv["status"] == "READY"
+    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "spec_hash", "manifest_hash", "split_hash",
+            "git_commit", "weight_source"} <= set(tags)
+    assert mv["description"].startswith("efficientnet_lite0")
+    by_alias = _get(url, "/api/2.0/mlflow/registered-models/alias", name="server-us", alias="candidate")
+    assert by_alias["model_version"]["version"] == s["model_version"]
+    # The version's source is an MLflow 3 logged model linked to the training run.
+    model_id = mv["source"].removeprefix("models:/")
+    lm = _get(url, f"/api/2.0/mlflow/logged-models/{model_id}")["model"]
+    assert lm["info"]["status"] == "LOGGED_MODEL_READY" and lm["info"]["source_run_id"] == s["run_id"]
+
+
+def test_predict_downloads_the_model_over_http(mlflow_server, server_run, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    from pipeline.predict import predict
+
+    url, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    study = write_image2d(tmp_path / "s" / "IM1")
+    res = predict("models:/server-us@candidate", [study, tmp_path / "nope"], tmp_path / "p.csv",
+                  workspace=server_run["dataset"].workspace)
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert res.model_version == server_run["summary"]["model_version"] and len(df) == 2
+    assert df["error"].isna().tolist() == [True, False]
+
+
+def test_no_phi_reaches_the_server(mlflow_server, server_run) -> None:
+    from pipeline.phi import scan_for_phi
+
+    _, tmp = mlflow_server
+    assert scan_for_phi([tmp / "store.db", tmp / "artifacts"], PHI.values()) == []
