@@ -1,0 +1,194 @@
+"""The train stage end to end on tiny real DICOM/NIfTI data: ingest -> split -> train, MLflow on sqlite.
+
+One module-scoped dataset (40 US studies with planted PHI) is ingested and split once; the runs below
+share its workspace and MLflow store. Training is made deterministic on CPU, so a run killed with
+SIGKILL and resumed must end where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PHI, make_dicom2d_dataset, make_nifti3d_dataset
+
+from pipeline import checkpoint as C
+from pipeline import tracking as T
+from pipeline.errors import MedxferError
+from pipeline.phi import scan_for_phi
+from pipeline.train import STOP_ENV, train
+from pipeline.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = "stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: 2}, {epoch: 2, groups: all}]"
+# random init: ImageNet EfficientNet-Lite0 pools to all-zero features at 32 px, which would make the
+# validation metrics constant and the resume comparison meaningless
+BASE = ["epochs=3", STAGES, "data.size=[32, 32]", "data.batch_size=8", "weights=none", "data.cache=memory"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from pipeline.ingest import ingest
+    from pipeline.split import split
+
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MEDXFER_PSEUDONYM_KEY", raising=False)
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    ds = make_dicom2d_dataset(tmp_path_factory.mktemp("train") / "d2")
+    ingest(ds.spec, ds.workspace)
+    split(ds.spec, ds.workspace)
+    yield ds
+    mp.undo()
+
+
+def _client(ds):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(Workspace.for_spec(ds.workspace, ds.spec.name).tracking_uri)
+
+
+def _cli(ds, *args: str, env: dict[str, str] | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline", "train", str(ds.spec_path), "--workspace", str(ds.workspace),
+           "--json", *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "pipeline", *cmd[3:]]
+    full_env = {**os.environ, "MEDXFER_SYSTEM_METRICS": "0", **(env or {})}
+    full_env.pop("MEDXFER_PSEUDONYM_KEY", None)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_train_needs_ingest_and_split_first(tmp_path) -> None:
+    ds = make_dicom2d_dataset(tmp_path / "d", n_studies=4)
+    with pytest.raises(MedxferError, match="medxfer ingest"):
+        train(ds.spec, ds.workspace, overrides=BASE)
+
+
+def test_end_to_end_logs_everything_and_leaks_no_phi(prepared) -> None:
+    ds = prepared
+    res = train(ds.spec, ds.workspace, overrides=[o for o in BASE if o != "weights=none"])  # ImageNet weights
+    s = res.summary()
+    assert s["run_id"] and s["best_epoch"] in (1, 2, 3) and set(s["val"]) == {"loss", "auroc", "balanced_accuracy"}
+    assert s["mlflow_ui"] == f"mlflow ui --backend-store-uri sqlite:///{ds.workspace.resolve() / 'mlflow.db'}"
+    rows = dict(res.table()[1])
+    assert rows["run id"] == s["run_id"] and "mlflow ui" in rows["open the UI"]
+
+    client = _client(ds)
+    run = client.get_run(res.run_id)
+    p, tags = run.data.params, run.data.tags
+    assert run.info.status == "FINISHED" and tags[T.TAG_STATUS] == "finished" and tags[T.TAG_ROLE] == "main"
+    assert p["optim.lr"] == "0.001" and p["focal.gamma"] == "2.0" and p["model.encoder"] == "efficientnet_lite0"
+    assert p["model.weights.source"] == "package" and len(p["model.weights.sha256"]) == 64
+    assert {"hash.spec", "hash.manifest", "hash.split", "git.commit", "version.torch", "version.mlflow"} <= set(p)
+    assert p["loss.class_weight.pos"] and p["schedule.0"].startswith("stage 0")
+    assert "spec.source.root" not in p and "spec.labels.csv" not in p
+    hist = {k: [m.value for m in client.get_metric_history(res.run_id, k)]
+            for k in ("train_loss", "val_auroc", "unfrozen_groups", "lr/head", "lr/stem", "samples_per_s")}
+    assert len(hist["train_loss"]) == 3 and hist["unfrozen_groups"] == [1.0, 3.0, 6.0]
+    assert len(hist["lr/head"]) == 3 and len(hist["lr/stem"]) == 1  # a group's LR is logged once it trains
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics are on
+    arts = {a.path for d in ("", "reports", "plots", "checkpoints") for a in client.list_artifacts(res.run_id, d)}
+    assert {"recipe.yaml", "unfreeze_schedule.txt", "history.json", "reports/split_counts.json",
+            "reports/ingest_report.json", "plots/learning_curve.png", "checkpoints/best.pt"} <= arts
+
+    # the local checkpoints load safely and rebuild the model
+    run_dir = Workspace.for_spec(ds.workspace, ds.spec.name).run_dir(res.run_id)
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["stage"] == 2 and len(last["param_groups"]) == 6
+    model, ck = C.load_for_inference(run_dir / "best.pt")
+    assert "optimizer" not in ck and not model.training
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+
+    # PHI planted in headers, folder names and dates reaches neither the database nor the artifacts
+    store = [ds.workspace / "mlflow.db", ds.workspace / "mlartifacts"]
+    needles = [*PHI.values(), str(ds.root), str(ds.labels_csv), PHI["name"].replace("^", "_")]
+    assert scan_for_phi(store, needles) == []
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(prepared) -> None:
+    ds = prepared
+    ws = Workspace.for_spec(ds.workspace, ds.spec.name)
+    full = train(ds.spec, ds.workspace, overrides=BASE)
+
+    killed = _cli(ds, *_sets(BASE), env={STOP_ENV: "2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_id = T.find_unfinished_run(ws.tracking_uri, ds.spec.name)
+    assert run_id and run_id != full.run_id
+    at_kill = C.load(ws.run_dir(run_id) / "last.pt")
+    assert at_kill["epoch"] == 1 and at_kill["stage"] == 1
+    assert [g["name"] for g in at_kill["param_groups"]] == ["head", "stage4", "stage3"]
+
+    resumed = train(ds.spec, ds.workspace, resume=True)
+    assert resumed.run_id == run_id and resumed.main.resumed_from_epoch == 2
+    client = _client(ds)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # one value per epoch in the continued run: nothing logged twice, nothing missing
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0, 1, 2]
+
+    a = [h for h in full.main.history]
+    b = [h for h in resumed.main.history]
+    for ha, hb in zip(a, b, strict=True):
+        for k in ("train_loss", "val_loss", "val_auroc", "val_balanced_accuracy", "stage", "unfrozen_groups"):
+            assert hb[k] == pytest.approx(ha[k], abs=1e-6), (ha["epoch"], k)
+    end_a = C.load(ws.run_dir(full.run_id) / "last.pt")
+    end_b = C.load(ws.run_dir(run_id) / "last.pt")
+    assert end_b["param_groups"] == end_a["param_groups"]
+    diff = max((end_a["model"][k].float() - end_b["model"][k].float()).abs().max().item() for k in end_a["model"])
+    assert diff < 1e-5
+
+    with pytest.raises(MedxferError, match="no unfinished training run"):
+        train(ds.spec, ds.workspace, resume=True)
+
+
+def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
+    ds = prepared
+    res = train(ds.spec, ds.workspace, overrides=["epochs=2", *BASE[1:]], control="probe")
+    client = _client(ds)
+    parent = client.get_run(res.run_id)
+    child_id = parent.data.tags[T.TAG_CONTROL_RUN]
+    assert res.control is not None and res.control.run_id == child_id and res.summary()["control_run_id"] == child_id
+    child = client.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == res.run_id and child.data.tags[T.TAG_ROLE] == "control"
+    assert child.data.tags[T.TAG_CONTROL] == "probe" and child.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(child_id, "unfrozen_groups")] == [1.0, 1.0]
+    assert child.data.params["data.n_train"] == parent.data.params["data.n_train"]
+    assert child.data.params["epochs"] == parent.data.params["epochs"] == "2"
+
+
+def test_ddp_two_cpu_processes_under_torchrun(prepared) -> None:
+    ds = prepared
+    out = _cli(ds, *_sets(["epochs=2", *BASE[1:]]), torchrun=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2
+    client = _client(ds)
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["run.world_size"] == "2" and run.info.status == "FINISHED"
+    # rank 0 alone logs: one value per epoch, one run for the job
+    assert len(client.get_metric_history(summary["run_id"], "train_loss")) == 2
+    runs = client.search_runs([run.info.experiment_id], filter_string="params.`run.world_size` = '2'")
+    assert len(runs) == 1
+
+
+def test_3d_smoke_on_tiny_nifti(tmp_path) -> None:
+    from pipeline.ingest import ingest
+    from pipeline.split import split
+
+    ds = make_nifti3d_dataset(tmp_path / "n3")
+    ingest(ds.spec, ds.workspace)
+    split(ds.spec, ds.workspace)
+    res = train(ds.spec, ds.workspace, overrides=["epochs=2", "stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: all}]",
+                                                   "data.size=[16, 16, 16]", "data.batch_size=8", "weights=none"])
+    assert res.main.epochs == 2 and len(res.main.history) == 2
+    ck = torch.load(res.main.checkpoint, weights_only=True)
+    assert ck["model_args"]["spatial_dims"] == 3
