@@ -107,14 +107,19 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the last unfinished run of this spec.")] = False,
     control: Annotated[str | None, typer.Option(help="Also train a control arm: scratch or probe.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Validation fold when the spec splits into k folds.")] = None,
     json: Json = False,
 ) -> None:
     """Train a classifier with progressive unfreezing and focal loss; log everything to MLflow."""
     from pipeline.spec import load_spec
     from pipeline.train import train as run_train
 
-    _run(lambda: run_train(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], weights=weights,
-                           resume=resume, control=control, device=device), json)
+    def go():
+        res = run_train(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], weights=weights,
+                        resume=resume, control=control, device=device, fold=fold)
+        return res if res.rank == 0 else None  # under torchrun, rank 0 alone prints the summary
+
+    _run(go, json)
 
 
 @app.command(epilog="Example: `medxfer evaluate 3f2a... --workspace medxfer-work --json`")

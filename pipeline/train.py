@@ -80,6 +80,7 @@ class TrainResult:
     main: ArmResult
     control: ArmResult | None = None
     control_kind: str | None = None
+    rank: int = 0
 
     @property
     def run_id(self) -> str | None:
@@ -761,7 +762,7 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
         if started_group and dist.is_initialized():
             dist.destroy_process_group()
     return TrainResult(spec=spec.name, experiment=spec.name, tracking_uri=uri, device=str(d.device),
-                       world_size=d.world, main=main, control=ctl, control_kind=control)
+                       world_size=d.world, main=main, control=ctl, control_kind=control, rank=d.rank)
 
 
 def _run_control(spec: DataSpec, ws: Workspace, main_arm: Arm, kind: str, tables: Tables, loaders: Loaders,
