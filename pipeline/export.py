@@ -190,8 +190,9 @@ def verify_sums(folder: Path) -> list[str]:
     return bad
 
 
-def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | None]) -> str:
+def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | None], folder: str) -> str:
     classes = cfg["classes"]
+    example = "study_folder/" if cfg["spec"]["source"]["kind"] == "dicom" else "scan.nii.gz"
     onnx = program["file"] == "model.onnx"
     title = f"{meta.get('model_name') or cfg['spec']['name']}" + (f" v{meta['model_version']}"
                                                                    if meta.get("model_version") else "")
@@ -199,11 +200,11 @@ def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | 
                 if cfg.get("threshold") is not None and cfg.get("positive_class") else "argmax")
     run_program = (
         "import onnxruntime as ort\n"
-        "sess = ort.InferenceSession(\"handoff/model.onnx\")\n"
+        f"sess = ort.InferenceSession(\"{folder}/model.onnx\")\n"
         "logits = sess.run([\"logits\"], {\"input\": x.numpy()})[0]"
         if onnx else
         "import torch\n"
-        "prog = torch.jit.load(\"handoff/model.torchscript.pt\")\n"
+        f"prog = torch.jit.load(\"{folder}/model.torchscript.pt\")\n"
         "logits = prog(x).detach().numpy()")
     return f"""# {title}: medxfer hand-off
 
@@ -215,9 +216,9 @@ Check the files first: `sha256sum -c SHA256SUMS`.
 ```python
 from pipeline.bundle import Predictor
 
-p = Predictor.from_dir("handoff/")        # checks weights.safetensors against its SHA-256
-df = p.predict(["study_folder/", "scan.nii.gz"])
-print(df)  # input, {', '.join('prob_' + c for c in classes)}, decision, error
+p = Predictor.from_dir("{folder}/")  # checks weights.safetensors against its SHA-256
+df = p.predict(["{example}"])  # DICOM series folders or files, NIfTI files, or a CSV with a path column
+print(df)  # input, {', '.join('prob_' + c for c in classes)}, decision, model_name, model_version, error
 ```
 
 ## The exported program ({program['file']})
@@ -229,7 +230,7 @@ Input: float32 `{['batch', *(cfg['input']['shape'] or ['C', '...'])]}`, preproce
 ```python
 import numpy as np
 from pipeline.bundle import Predictor
-x = Predictor.from_dir("handoff/").preprocess("scan.nii.gz")[None]   # (1, C, *spatial)
+x = Predictor.from_dir("{folder}/").preprocess("{example}")[None]   # (1, C, *spatial)
 {run_program}
 z = logits / {cfg['temperature']:.6f}
 prob = np.exp(z - z.max(1, keepdims=True)); prob /= prob.sum(1, keepdims=True)
@@ -270,7 +271,7 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
         program.update(max_abs_diff=diff, atol=ONNX_ATOL, rtol=ONNX_RTOL, verified_on=verified_on,
                        check_text=f"max |logit difference| {diff:.2e} vs eager PyTorch (tolerance atol "
                                   f"{ONNX_ATOL:g} + rtol {ONNX_RTOL:g}) on {verified_on}")
-        (staging / "README.md").write_text(_readme(predictor.config, program, meta))
+        (staging / "README.md").write_text(_readme(predictor.config, program, meta, out.name))
         files = write_sums(staging)
         if out.exists():
             shutil.rmtree(out)
