@@ -291,6 +291,16 @@ class Arm:
     on_start: Callable[[str], None] | None = None  # called with the new run's id (rank 0)
 
 
+def sampled_counts(counts: list[int], balanced: bool) -> list[int]:
+    """Class counts as the model sees them: a balanced sampler already evens them out, so auto alpha and
+    the prior bias must not correct the imbalance a second time."""
+    if not balanced:
+        return list(counts)
+    present = [c for c in counts if c > 0]
+    mean = round(sum(present) / len(present)) if present else 0
+    return [mean if c > 0 else 0 for c in counts]
+
+
 def control_recipe(recipe: Recipe, kind: str) -> Recipe:
     """Same data, split, epochs and optimiser; only what the control varies differs."""
     tree = recipe.model_dump(mode="json")
@@ -323,9 +333,9 @@ class _EpochBar:
             self.task = self.bar.add_task(self.description, total=self.total, stats="")
         return self
 
-    def advance(self, stats: str) -> None:
-        if self.enabled:
-            self.bar.update(self.task, advance=1, stats=stats)
+    def advance(self, loss_sum: torch.Tensor, seen: int) -> None:
+        if self.enabled:  # reading the loss back syncs the device: only when someone looks
+            self.bar.update(self.task, advance=1, stats=f"loss {loss_sum.item() / max(seen, 1):.4f}")
 
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
@@ -347,30 +357,39 @@ def _train_epoch(net: nn.Module, unfreezer: Unfreezer, loader: Iterable[Any], lo
     """One pass over this rank's shard. Returns (mean loss over all ranks, samples over all ranks, skipped)."""
     net.train()
     unfreezer.set_train_mode()
-    total, seen, skipped = torch.zeros((), dtype=torch.float64), 0, 0
+    total = torch.zeros((), dtype=torch.float64, device=d.device)  # on the device: no sync per step
+    seen = skipped = 0
     for batch in loader:
         x, y = _unpack(batch, d.device, fmt)
         unfreezer.step_lr()
         with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_fn(net(x), y)
         unfreezer.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            skipped += 1  # one bad batch must not poison the weights; many stop the stage below
+        if not _all_finite(loss, d):
+            skipped += 1  # one bad batch must not poison the weights; all bad stops the stage below
             continue
         scaler.scale(loss).backward()
         scaler.step(unfreezer.optimizer)
         scaler.update()
-        total += loss.detach().double().cpu() * len(y)
+        total += loss.detach().double() * len(y)
         seen += len(y)
-        bar.advance(f"loss {total.item() / max(seen, 1):.4f}")
-    stats = torch.tensor([total.item(), seen, skipped], dtype=torch.float64)
+        bar.advance(total, seen)
+    stats = torch.tensor([total.item(), seen, skipped], dtype=torch.float64, device=d.device)
     if d.active:
         dist.all_reduce(stats)
     total_loss, seen_all, skipped_all = stats.tolist()
     if seen_all == 0:
         raise StageError("every training batch gave a non-finite loss; lower optim.lr (e.g. --set optim.lr=1e-4) "
                          "or set amp: off")
-    return total_loss / seen_all, int(seen_all), int(skipped_all)
+    return total_loss / seen_all, int(seen_all), int(skipped_all / max(d.world, 1))
+
+
+def _all_finite(loss: torch.Tensor, d: Dist) -> bool:
+    """Under DDP every rank must skip the same step, or the gradient all-reduce waits forever."""
+    ok = torch.isfinite(loss.detach()).to(torch.int32)
+    if d.active:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 @torch.no_grad()
@@ -463,8 +482,9 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     report = getattr(model, "weight_report", None)
     weight_info = arm.resume["weight_report"] if arm.resume is not None else (
         report.as_dict() if report is not None and hasattr(report, "as_dict") else {})
-    loss_fn, class_weights = build_loss(recipe.loss, recipe.focal.gamma, recipe.focal.alpha, loaders.counts)
-    priors = init_head_bias(model, loaders.counts)
+    seen_counts = sampled_counts(loaders.counts, recipe.data.balanced_sampling)
+    loss_fn, class_weights = build_loss(recipe.loss, recipe.focal.gamma, recipe.focal.alpha, seen_counts)
+    priors = init_head_bias(model, seen_counts)
     amp = _amp(recipe, d.device)
     fmt = _memory_format(spec.dims) if d.device.type == "cuda" and recipe.channels_last else None
     model.to(d.device)

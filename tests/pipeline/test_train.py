@@ -192,3 +192,35 @@ def test_3d_smoke_on_tiny_nifti(tmp_path) -> None:
     assert res.main.epochs == 2 and len(res.main.history) == 2
     ck = torch.load(res.main.checkpoint, weights_only=True)
     assert ck["model_args"]["spatial_dims"] == 3
+
+
+def test_val_metrics_binary_positive_column_and_multiclass() -> None:
+    import numpy as np
+
+    from pipeline.train import val_metrics
+
+    y = np.array([0, 0, 1, 1])
+    prob = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    m = val_metrics(prob, y, positive_index=1)
+    assert m["auroc"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+    assert val_metrics(prob, y, positive_index=0)["auroc"] == pytest.approx(0.75)  # same ranking, flipped class
+    y3 = np.array([0, 1, 2, 2])
+    p3 = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
+    assert val_metrics(p3, y3, positive_index=2) == {"auroc": pytest.approx(1.0), "balanced_accuracy": 1.0}
+
+
+def test_control_recipes_change_only_what_the_control_varies() -> None:
+    from pipeline.recipe import load_recipe
+    from pipeline.train import control_recipe, sampled_counts
+
+    base = load_recipe(None, 2)
+    scratch, probe = control_recipe(base, "scratch"), control_recipe(base, "probe")
+    assert scratch.weights == "none" and [s.groups for s in scratch.stages] == ["all"] and scratch.optim.lr_decay == 1
+    assert probe.weights == base.weights and [s.groups for s in probe.stages] == [0]
+    for r in (scratch, probe):
+        assert (r.epochs, r.data, r.optim.lr, r.focal, r.seed) == (base.epochs, base.data, base.optim.lr, base.focal,
+                                                                   base.seed)
+    with pytest.raises(MedxferError, match="scratch or probe|one of"):
+        control_recipe(base, "imagenet")
+    assert sampled_counts([90, 10], balanced=False) == [90, 10]
+    assert sampled_counts([90, 10], balanced=True) == [50, 50]
