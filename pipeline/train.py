@@ -64,7 +64,7 @@ class ArmResult:
 
     def summary(self) -> dict[str, Any]:
         return {"role": self.role, "run_id": self.run_id, "best_epoch": self.best_epoch + 1,
-                "select_metric": self.select_metric, "val": self.val, "epochs": self.epochs,
+                "select_metric": self.select_metric, "val": _finite(self.val), "epochs": self.epochs,
                 "wall_s": round(self.wall_s, 2), "checkpoint": self.checkpoint,
                 "epoch_s_mean": round(self.epoch_s, 3), "samples_per_s": round(self.samples_per_s, 2),
                 "resumed_from_epoch": self.resumed_from_epoch}
@@ -89,7 +89,7 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         out = {"stage": "train", "spec": self.spec, "run_id": self.main.run_id, "experiment": self.experiment,
                "best_epoch": self.main.best_epoch + 1, "select_metric": self.main.select_metric,
-               "val": self.main.val, "wall_s": round(self.main.wall_s, 2), "checkpoint": self.main.checkpoint,
+               "val": _finite(self.main.val), "wall_s": round(self.main.wall_s, 2), "checkpoint": self.main.checkpoint,
                "device": self.device, "world_size": self.world_size, "tracking_uri": self.tracking_uri,
                "mlflow_ui": tracking.ui_command(self.tracking_uri), "main": self.main.summary()}
         if self.control is not None:
@@ -101,7 +101,8 @@ class TrainResult:
         m = self.main
         rows = [("run id", str(m.run_id)), ("best epoch", f"{m.best_epoch + 1} of {m.epochs} ({m.select_metric})")]
         rows += [(f"val {k}", f"{v:.4f}") for k, v in m.val.items()]
-        rows += [("wall time", _fmt_s(m.wall_s)),
+        resumed = f" (this session, resumed at epoch {m.resumed_from_epoch + 1})" if m.resumed_from_epoch else ""
+        rows += [("wall time", _fmt_s(m.wall_s) + resumed),
                  ("throughput", f"{m.samples_per_s:.1f} samples/s, {m.epoch_s:.1f} s/epoch on {self.device}"
                                 + (f" x{self.world_size}" if self.world_size > 1 else "")),
                  ("checkpoint", str(m.checkpoint))]
@@ -111,6 +112,11 @@ class TrainResult:
                          f"run {c.run_id}; best val {c.select_metric} {c.val.get(c.select_metric, float('nan')):.4f}"))
         rows.append(("open the UI", tracking.ui_command(self.tracking_uri)))
         return "train", rows
+
+
+def _finite(d: dict[str, float]) -> dict[str, float | None]:
+    """NaN (e.g. AUROC of a single-class validation set) is not JSON: report it as null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
 
 def _fmt_s(s: float) -> str:
