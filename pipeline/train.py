@@ -228,7 +228,6 @@ def _read_tables(spec: DataSpec, ws: Workspace, fold: int | None = None) -> Tabl
             raise MedxferError(f"fold {fold} does not exist; the split has folds {folds[0]}..{folds[-1]}")
         splits = splits.copy()
         splits.loc[(splits["split"] == "train") & (splits["fold"] == fold), "split"] = "val"
-        split_hash = f"{split_hash}-fold{fold}"
     elif fold not in (None, 0):
         raise MedxferError(f"fold {fold}: this split has no folds (set split.folds in the spec and rerun split)")
     else:
@@ -622,6 +621,7 @@ def _state(spec: DataSpec, recipe: Recipe, arm: Arm, model: nn.Module, unfreezer
         "model_args": {"name": recipe.encoder, "num_classes": len(spec.classes), "in_chans": 1,
                        "spatial_dims": spec.dims},
         "hashes": dict(tables.hashes),
+        "fold": tables.fold,
         "run_id": run_id,
         "role": arm.role,
         "control": arm.control,
@@ -688,8 +688,7 @@ def _read_result(ws: Workspace, run_id: str | None) -> ArmResult | None:
     return ArmResult(**json.loads(path.read_text())) if path is not None and path.is_file() else None
 
 
-def _resume_ckpt(ws: Workspace, uri: str, experiment: str, tables: Tables, role: str,
-                 parent_run_id: str | None = None) -> str | None:
+def _resume_ckpt(ws: Workspace, uri: str, experiment: str, role: str, parent_run_id: str | None = None) -> str | None:
     """The newest unfinished run (of `role`) that has a checkpoint or a finished result to continue from."""
     for run_id in tracking.find_unfinished_runs(uri, experiment, role=role, parent_run_id=parent_run_id):
         run_dir = ws.run_dir(run_id)
@@ -702,8 +701,9 @@ def _arm_to_resume(ws: Workspace, run_id: str, role: str, tables: Tables, d: Dis
                    control: str | None = None, parent: str | None = None) -> Arm:
     """An Arm continuing `run_id` from its newest readable checkpoint (every rank reads it from disk)."""
     ckpt, _ = ckpt_io.load_resume(ws.run_dir(run_id), warn=ui.warn if d.main else None)
-    if ckpt["hashes"] != tables.hashes:
+    if ckpt["hashes"] != tables.hashes or ckpt.get("fold") != tables.fold:
         changed = [k for k in tables.hashes if ckpt["hashes"].get(k) != tables.hashes[k]]
+        changed += ["validation fold"] if ckpt.get("fold") != tables.fold else []
         raise MedxferError(f"cannot resume run {run_id}: the {', '.join(changed)} changed since it started; "
                            "start a new run without --resume")
     return Arm(role, recipe_from_dict(ckpt["recipe"]), control=control, run_id=run_id, resume=ckpt,
@@ -753,13 +753,15 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
     if resume:
         if recipe is not None or overrides or weights is not None:
             ui.warn("--resume continues with the run's own recipe; --recipe, --set and --weights are ignored")
-        run_id = _resume_ckpt(ws, uri, spec.name, tables, "main") if d.main else None
+        run_id = _resume_ckpt(ws, uri, spec.name, "main") if d.main else None
         run_id = _broadcast(run_id, d)
         if run_id is None:
             raise MedxferError(f"no unfinished training run of spec '{spec.name}' with a checkpoint to resume; "
                                "start one with `medxfer train SPEC`")
         tags = tracking.run_tags(uri, run_id) if d.main else {}
         control = _broadcast(control or tags.get(tracking.TAG_CONTROL), d)
+        if fold is None and tables.fold is not None:  # k-fold: continue on the run's own fold
+            tables = _read_tables(spec, ws, ckpt_io.load_resume(ws.run_dir(run_id))[0].get("fold"))
         main_arm = _arm_to_resume(ws, run_id, "main", tables, d)
     else:
         main_arm = Arm("main", load_recipe(recipe, spec.dims, overrides or [], weights=weights),
@@ -797,7 +799,7 @@ def _run_control(spec: DataSpec, ws: Workspace, main_arm: Arm, kind: str, tables
     parent_id = str(main_arm.run_id)
     child = None
     if resume and d.main:
-        child = _resume_ckpt(ws, uri, spec.name, tables, "control", parent_run_id=parent_id)
+        child = _resume_ckpt(ws, uri, spec.name, "control", parent_run_id=parent_id)
     child = _broadcast(child, d)
     if child is not None:
         arm = _arm_to_resume(ws, child, "control", tables, d, control=kind, parent=parent_id)

@@ -224,3 +224,30 @@ def test_control_recipes_change_only_what_the_control_varies() -> None:
         control_recipe(base, "imagenet")
     assert sampled_counts([90, 10], balanced=False) == [90, 10]
     assert sampled_counts([90, 10], balanced=True) == [50, 50]
+
+
+def test_k_fold_split_uses_the_chosen_fold_as_validation(tmp_path) -> None:
+    import pandas as pd
+    import yaml
+
+    from pipeline.ingest import ingest
+    from pipeline.spec import load_spec
+    from pipeline.split import split
+    from pipeline.train import _read_tables
+
+    ds = make_dicom2d_dataset(tmp_path / "d")
+    raw = yaml.safe_load(ds.spec_path.read_text())
+    raw["split"] = {"folds": 3, "fractions": {"train": 0.8, "val": 0.0, "test": 0.2}, "seed": 0}
+    ds.spec_path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(ds.spec_path)
+    ingest(spec, ds.workspace)
+    split(spec, ds.workspace)
+    ws = Workspace.for_spec(ds.workspace, spec.name)
+    folds = pd.read_csv(ws.splits)
+    t1 = _read_tables(spec, ws, fold=1)
+    assert t1.fold == 1 and set(t1.val["study_key"]) == set(folds.loc[folds["fold"] == 1, "study_key"])
+    assert not set(t1.train["study_key"]) & set(t1.val["study_key"])
+    assert t1.hashes["split"] == json.loads(ws.split_report.read_text())["split_hash"]  # evaluate checks it
+    assert _read_tables(spec, ws).fold == 0
+    with pytest.raises(MedxferError, match="fold 7 does not exist"):
+        _read_tables(spec, ws, fold=7)
