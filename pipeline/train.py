@@ -149,8 +149,9 @@ def _setup_device(device: str | None) -> Dist:
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise MedxferError(f"--device {want}: CUDA is not available here; use --device cpu")
     if want.startswith("cuda"):
-        dev = torch.device(f"cuda:{local}") if world > 1 else torch.device(want)
+        dev = torch.device("cuda", local if world > 1 else (torch.device(want).index or 0))
         torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
