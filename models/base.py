@@ -13,7 +13,6 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -228,9 +227,6 @@ class Encoder(nn.Module):
         return state
 
     registry_name: str = ""
-
-    def describe(self) -> dict[str, Any]:
-        return {"normalization": self.normalization.describe()}
 
 
 def adapt_stem_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

@@ -26,9 +26,13 @@ weights are turned into a 3D network in one of two ways.
   ones (no inflation), but 2/3 of the channels see a repeated image as 1D profiles, so
   the 2D behaviour on such a volume is not kept (cosine of features ~0.2-0.3 measured).
 
-Why I3D is the default: it is the only one of the two that keeps the 2D weights' behaviour
-where it can be checked, and it measured faster on CPU (one conv per layer instead of three
-plus a concatenation). ACS stays registered for users who want MedMNIST's recipe.
+Why I3D is the default: it keeps the 2D weights' behaviour where that can be checked, and
+its features transfer better. Measured on AdrenalMNIST3D at 64^3 (frozen encoder, logistic
+regression on pooled features, 500 training volumes, C=0.01, test AUROC): I3D 0.857, random
+init 0.791, ACS 0.687. Speed is comparable (one CPU thread, batch 1: 28^3 I3D 10 ms, ACS 15 ms;
+64^3 I3D 91 ms, ACS 50 ms). ACS stays registered for users who want MedMNIST's recipe. At 28^3 the
+ImageNet BN statistics leave the last stage's features all zero in eval mode (2D at 28-32 px
+too), so frozen-encoder phases need inputs of >= 48 px per side.
 """
 
 from __future__ import annotations
