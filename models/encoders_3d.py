@@ -134,7 +134,9 @@ class InflatedConv3d(nn.Conv3d):
 def inflate_kernel(w: torch.Tensor) -> torch.Tensor:
     """(O, I, k, k) -> (O, I, k, k, k), repeated along depth and divided by k."""
     k = w.shape[-2]
-    return w.unsqueeze(2).repeat(1, 1, k, 1, 1) / k
+    if k == 1:
+        return w.unsqueeze(2).clone()
+    return (w / k).unsqueeze(2).expand(-1, -1, k, -1, -1).contiguous()
 
 
 class BatchNormAct3d(BatchNormAct2d):

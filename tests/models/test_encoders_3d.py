@@ -151,9 +151,14 @@ def lite2d():
 I3D_TOLERANCE = 1e-4  # max |f3d - f2d| / max |f2d| on a repeated-image volume (measured ~2e-6)
 
 
+@pytest.fixture(scope="module")
+def lite_i3d():
+    return create_classifier("efficientnet_lite0_i3d", 1000, pretrained_head=True).eval()
+
+
 @pytest.mark.parametrize("photo", ["chelsea", "coffee"])
-def test_i3d_keeps_the_2d_function_on_a_repeated_image(lite2d, photo):
-    m3 = create_classifier("efficientnet_lite0_i3d", 1000, pretrained_head=True).eval()
+def test_i3d_keeps_the_2d_function_on_a_repeated_image(lite2d, lite_i3d, photo):
+    m3 = lite_i3d
     x = grey(getattr(skdata, photo)(), 64)
     volume = x.unsqueeze(2).repeat(1, 1, 64, 1, 1)  # the same slice 64 times: (1, 1, 64, 64, 64)
     with torch.no_grad():
