@@ -12,9 +12,10 @@ container, not a property of the model. Each input that yields no usable study g
 reason code in ``error``; the batch never fails for one bad input.
 
 ``--saliency DIR`` writes a Grad-CAM map (``monai.visualize.GradCAM`` on the model's
-``cam_target_layer``) per predicted study, for the predicted class, mapped back through the
-preprocessing onto the source image grid: a PNG overlay for 2D, a NIfTI with the source affine for
-3D. Files are named by row number (``0001.png``), never by anything derived from the input.
+``cam_target_layer``) per predicted study, for the positive class (binary) or the predicted class
+(multiclass), mapped back through the preprocessing onto the source image grid: a PNG overlay for 2D,
+a NIfTI with the source affine for 3D. Files are named by row number (``0001.png``), never by anything
+derived from the input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,12 @@ def _folder_identity(bundle: Path) -> tuple[str | None, str | None]:
 
 # --------------------------------------------------------------------------- saliency
 
-def _target_class(row: dict[str, Any], classes: list[str]) -> int:
+def _target_class(predictor: Predictor, row: dict[str, Any]) -> int:
+    """Binary: the positive class, whatever the decision ("what pushed towards malignant"); a map for the
+    negative class mostly shows the absence of evidence. Multiclass: the predicted class."""
+    if predictor.positive_index is not None:
+        return int(predictor.positive_index)
+    classes = predictor.classes
     return classes.index(row["decision"]) if row.get("decision") in classes else 0
 
 
@@ -187,6 +193,7 @@ def _resize(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def write_overlay_png(path: Path, image: np.ndarray, cam: np.ndarray, title: str) -> Path:
+    """The image as stored (left) and with the map over it (right): a reader needs both to judge the map."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,12 +202,14 @@ def write_overlay_png(path: Path, image: np.ndarray, cam: np.ndarray, title: str
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
     shown = np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
     h, w = image.shape
-    scale = max(1.0, 4.0 / max(h, w) * 128)  # tiny images (28 px) still get a readable figure
-    fig, ax = plt.subplots(figsize=(max(3.0, w * scale / 100), max(3.0, h * scale / 100) + 0.4), dpi=100)
-    ax.imshow(shown, cmap="gray", interpolation="nearest")
-    ax.imshow(cam, cmap="jet", alpha=0.6 * cam, vmin=0, vmax=1, interpolation="bilinear")
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
+    side = 3.2 * max(1.0, w / h)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(2 * side, 3.2 * max(1.0, h / w) + 0.5), dpi=100)
+    for ax in (ax0, ax1):
+        ax.imshow(shown, cmap="gray", interpolation="nearest")
+        ax.axis("off")
+    # Transparency follows the map: weak evidence stays see-through, strong evidence is opaque.
+    ax1.imshow(cam, cmap="jet", alpha=0.6 * cam, vmin=0, vmax=1, interpolation="bilinear")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -212,11 +221,11 @@ def write_saliency(out_dir: Path, index: int, predictor: Predictor, item: Any, r
     from pipeline import nifti
 
     classes = predictor.classes
-    k = _target_class(row, classes)
+    k = _target_class(predictor, row)
     cam, src, affine = saliency_map(predictor, item.files, item.source_kind, k)
     p = row.get(f"prob_{classes[k]}")
-    title = f"#{index:04d}  Grad-CAM for '{classes[k]}'" + (f"  (p={p:.3f})" if p is not None and not
-                                                            math.isnan(p) else "")
+    title = (f"#{index:04d}  Grad-CAM for '{classes[k]}'"
+             + (f"  (p={p:.3f}; decision: {row.get('decision')})" if p is not None and not math.isnan(p) else ""))
     if src.ndim == 2:
         name = f"{index:04d}.png"
         write_overlay_png(out_dir / name, src, cam, title)
@@ -242,7 +251,6 @@ class PredictResult:
     n_saliency: int = 0
     saliency_failed: int = 0
     threshold: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"model_uri": self.model_uri, "model_name": self.model_name, "model_version": self.model_version,
