@@ -47,6 +47,12 @@ def prepared(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def baseline(prepared):
+    """One uninterrupted run: checked end to end, and the reference for the kill-and-resume test."""
+    return train(prepared.spec, prepared.workspace, overrides=BASE)
+
+
 def _client(ds):
     from mlflow.tracking import MlflowClient
 
@@ -74,9 +80,8 @@ def test_train_needs_ingest_and_split_first(tmp_path) -> None:
         train(ds.spec, ds.workspace, overrides=BASE)
 
 
-def test_end_to_end_logs_everything_and_leaks_no_phi(prepared) -> None:
-    ds = prepared
-    res = train(ds.spec, ds.workspace, overrides=[o for o in BASE if o != "weights=none"])  # ImageNet weights
+def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline) -> None:
+    ds, res = prepared, baseline
     s = res.summary()
     assert s["run_id"] and s["best_epoch"] in (1, 2, 3) and set(s["val"]) == {"loss", "auroc", "balanced_accuracy"}
     assert s["mlflow_ui"] == f"mlflow ui --backend-store-uri sqlite:///{ds.workspace.resolve() / 'mlflow.db'}"
@@ -88,7 +93,7 @@ def test_end_to_end_logs_everything_and_leaks_no_phi(prepared) -> None:
     p, tags = run.data.params, run.data.tags
     assert run.info.status == "FINISHED" and tags[T.TAG_STATUS] == "finished" and tags[T.TAG_ROLE] == "main"
     assert p["optim.lr"] == "0.001" and p["focal.gamma"] == "2.0" and p["model.encoder"] == "efficientnet_lite0"
-    assert p["model.weights.source"] == "package" and len(p["model.weights.sha256"]) == 64
+    assert p["model.weights.source"] == "none" and p["weights"] == "none"
     assert {"hash.spec", "hash.manifest", "hash.split", "git.commit", "version.torch", "version.mlflow"} <= set(p)
     assert p["loss.class_weight.pos"] and p["schedule.0"].startswith("stage 0")
     assert "spec.source.root" not in p and "spec.labels.csv" not in p
@@ -109,16 +114,11 @@ def test_end_to_end_logs_everything_and_leaks_no_phi(prepared) -> None:
     assert "optimizer" not in ck and not model.training
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
 
-    # PHI planted in headers, folder names and dates reaches neither the database nor the artifacts
-    store = [ds.workspace / "mlflow.db", ds.workspace / "mlartifacts"]
-    needles = [*PHI.values(), str(ds.root), str(ds.labels_csv), PHI["name"].replace("^", "_")]
-    assert scan_for_phi(store, needles) == []
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(prepared) -> None:
-    ds = prepared
+def test_kill_and_resume_matches_an_uninterrupted_run(prepared, baseline) -> None:
+    ds, full = prepared, baseline
     ws = Workspace.for_spec(ds.workspace, ds.spec.name)
-    full = train(ds.spec, ds.workspace, overrides=BASE)
 
     killed = _cli(ds, *_sets(BASE), env={STOP_ENV: "2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -152,9 +152,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(prepared) -> None:
 
 def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
     ds = prepared
-    res = train(ds.spec, ds.workspace, overrides=["epochs=2", *BASE[1:]], control="probe")
+    imagenet = ["epochs=2", *(o for o in BASE[1:] if o != "weights=none")]  # the offline ImageNet weights
+    res = train(ds.spec, ds.workspace, overrides=imagenet, control="probe")
     client = _client(ds)
     parent = client.get_run(res.run_id)
+    assert parent.data.params["model.weights.source"] == "package"
+    assert len(parent.data.params["model.weights.sha256"]) == 64
+    assert client.get_run(parent.data.tags[T.TAG_CONTROL_RUN]).data.params["model.weights.sha256"] == \
+        parent.data.params["model.weights.sha256"]  # the probe keeps the pretrained encoder
     child_id = parent.data.tags[T.TAG_CONTROL_RUN]
     assert res.control is not None and res.control.run_id == child_id and res.summary()["control_run_id"] == child_id
     child = client.get_run(child_id)
@@ -251,3 +256,13 @@ def test_k_fold_split_uses_the_chosen_fold_as_validation(tmp_path) -> None:
     assert _read_tables(spec, ws).fold == 0
     with pytest.raises(MedxferError, match="fold 7 does not exist"):
         _read_tables(spec, ws, fold=7)
+
+
+def test_no_phi_anywhere_in_the_mlflow_store(prepared, baseline) -> None:
+    """Last in the module on purpose: by now the store holds the main, resumed, control and DDP runs."""
+    ds = prepared
+    store = [ds.workspace / "mlflow.db", ds.workspace / "mlartifacts"]
+    assert (ds.workspace / "mlartifacts").is_dir()
+    # names, IDs, birth and study dates, institution, physician and the patient-named folder planted by helpers
+    needles = [*PHI.values(), str(ds.root), str(ds.labels_csv), PHI["name"].replace("^", "_")]
+    assert scan_for_phi(store, needles) == []
