@@ -14,13 +14,14 @@ millimetres (DICOM's LPS with x and y negated), the convention nibabel and MONAI
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -114,7 +115,9 @@ class Header:
     transfer_syntax: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: the scan cache serialises it right away, and dataclasses.asdict's deep copy cost more
+        # per file than reading the header.
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Header:
@@ -136,6 +139,47 @@ def _get(ds: Any, keyword: str, default: Any = None) -> Any:
     except Exception:
         return default
     return default if v is None or v == "" else v
+
+
+# Plain-ASCII elements ingest reads from every file, decoded straight from the raw bytes: pydicom's
+# per-element conversion (hooks, value classes, keyword lookup) cost more than parsing the header.
+# Text whose meaning depends on SpecificCharacterSet (PatientID, AccessionNumber, SeriesDescription)
+# still goes through pydicom. Keyword -> (tag, VR, multi-valued).
+_RAW = {
+    "SOPClassUID": (0x00080016, "UI", False), "StudyInstanceUID": (0x0020000D, "UI", False),
+    "SeriesInstanceUID": (0x0020000E, "UI", False), "FrameOfReferenceUID": (0x00200052, "UI", False),
+    "Modality": (0x00080060, "CS", False), "ImageType": (0x00080008, "CS", True),
+    "SeriesNumber": (0x00200011, "IS", False), "InstanceNumber": (0x00200013, "IS", False),
+    "NumberOfFrames": (0x00280008, "IS", False), "Rows": (0x00280010, "US", False),
+    "Columns": (0x00280011, "US", False), "SamplesPerPixel": (0x00280002, "US", False),
+    "PixelSpacing": (0x00280030, "DS", True), "ImagerPixelSpacing": (0x00181164, "DS", True),
+    "ImageOrientationPatient": (0x00200037, "DS", True), "ImagePositionPatient": (0x00200032, "DS", True),
+}
+
+
+def _raw(ds: Any, keyword: str) -> Any:
+    """Value of a top-level _RAW element without pydicom's conversion; same results as ``_get`` for valid data.
+
+    Multi-valued keywords give a list of strings (so a single "5" is never iterated as characters);
+    anything unusual (already converted, an unexpected VR, odd length) falls back to ``_get``.
+    """
+    tag, vr, multi = _RAW[keyword]
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return None
+    value, elem_vr = getattr(elem, "value", None), getattr(elem, "VR", None)
+    if not isinstance(value, bytes) or elem_vr not in (None, vr) or not hasattr(elem, "is_little_endian"):
+        return _get(ds, keyword)
+    if vr == "US":
+        if len(value) != 2:
+            return _get(ds, keyword)
+        return int.from_bytes(value, "little" if elem.is_little_endian else "big")
+    text = value.decode("latin-1").strip(" \0")
+    if not text:
+        return None
+    if multi:
+        return [x.strip(" \0") for x in text.split("\\")]
+    return text
 
 
 def _floats(v: Any, n: int) -> list[float] | None:
@@ -171,7 +215,7 @@ def _fg(ds: Any, seq: str, frame: int | None = None) -> Any:
 
 
 def _pixel_spacing(ds: Any) -> list[float] | None:
-    ps = _floats(_get(ds, "PixelSpacing"), 2) or _floats(_get(ds, "ImagerPixelSpacing"), 2)
+    ps = _floats(_raw(ds, "PixelSpacing"), 2) or _floats(_raw(ds, "ImagerPixelSpacing"), 2)
     if ps is None:
         pm = _fg(ds, "PixelMeasuresSequence", 0)
         ps = _floats(_get(pm, "PixelSpacing"), 2) if pm is not None else None
@@ -246,6 +290,17 @@ def _pixel_data_truncated(fh: Any, pos: int, size: int, little: bool, implicit: 
     return pos + header_len + length > size
 
 
+# The only elements ingest looks at. pydicom skips every other value by seeking (nested sequences of
+# defined length included) and never converts it, which is most of the cost of reading a header.
+HEADER_TAGS = (
+    "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "AccessionNumber", "PatientID",
+    "Modality", "SeriesDescription", "ImageType", "SeriesNumber", "InstanceNumber", "Rows", "Columns",
+    "NumberOfFrames", "SamplesPerPixel", "PixelSpacing", "ImagerPixelSpacing", "SequenceOfUltrasoundRegions",
+    "ImageOrientationPatient", "ImagePositionPatient", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+)
+
+
 def read_header(path: str, pseudo: _Pseudo) -> Header:
     """Header of one file, or a Header with ``error`` set to a reason code. Never raises."""
     try:
@@ -261,14 +316,14 @@ def read_header(path: str, pseudo: _Pseudo) -> Header:
             if st.st_size == 0:
                 return _fail(h, "not_dicom", "empty file")
             try:
-                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_magic)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_magic, specific_tags=list(HEADER_TAGS))
             except InvalidDicomError:
                 return _fail(h, "not_dicom", "not a DICOM file")
             except Exception:
                 if has_magic:
                     return _fail(h, "truncated", "DICOM header is cut short or corrupt")
                 return _fail(h, "not_dicom", "not a DICOM file")
-            if not has_magic and not (_get(ds, "SOPClassUID") and _get(ds, "StudyInstanceUID")):
+            if not has_magic and not (_raw(ds, "SOPClassUID") and _raw(ds, "StudyInstanceUID")):
                 return _fail(h, "not_dicom", "not a DICOM file")
             pos = fh.tell()
             tsyntax = str(_get(getattr(ds, "file_meta", {}), "TransferSyntaxUID", "") or "")
@@ -290,10 +345,10 @@ def _fail(h: Header, code: str, message: str) -> Header:
 def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo: _Pseudo) -> Header:
     if truncated is True:
         return _fail(h, "truncated", "pixel data is cut short (file ends early)")
-    rows, cols = _int(_get(ds, "Rows")), _int(_get(ds, "Columns"))
+    rows, cols = _int(_raw(ds, "Rows")), _int(_raw(ds, "Columns"))
     if truncated is None:
         return _fail(h, "no_pixel_data", "DICOM object without pixel data (e.g. DICOMDIR, report)")
-    study_uid, series_uid = _get(ds, "StudyInstanceUID"), _get(ds, "SeriesInstanceUID")
+    study_uid, series_uid = _raw(ds, "StudyInstanceUID"), _raw(ds, "SeriesInstanceUID")
     if not study_uid or not series_uid or not rows or not cols:
         missing = [k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                                   ("Rows", rows), ("Columns", cols)) if not v]
@@ -305,38 +360,102 @@ def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo
     pid = _get(ds, "PatientID")
     h.patient = pseudo.patient_key(str(pid)) if pid else None
     h.series = pseudo.series_key(str(series_uid))
-    frame_of_ref = _get(ds, "FrameOfReferenceUID")
+    frame_of_ref = _raw(ds, "FrameOfReferenceUID")
     h.frame_of_ref = pseudo.series_key("for:" + str(frame_of_ref)) if frame_of_ref else None
-    h.modality = str(_get(ds, "Modality", "") or "").upper()
+    h.modality = str(_raw(ds, "Modality") or "").upper()
     h.description = str(_get(ds, "SeriesDescription", "") or "")
-    it = _get(ds, "ImageType") or []
+    it = _raw(ds, "ImageType") or []
     h.image_type = [str(x).upper() for x in (it if isinstance(it, list | tuple | pydicom.multival.MultiValue)
                                                else [it])]
-    h.series_number = _int(_get(ds, "SeriesNumber"))
-    h.instance_number = _int(_get(ds, "InstanceNumber"))
+    h.series_number = _int(_raw(ds, "SeriesNumber"))
+    h.instance_number = _int(_raw(ds, "InstanceNumber"))
     h.rows, h.cols = rows, cols
-    h.n_frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
-    h.samples = _int(_get(ds, "SamplesPerPixel")) or 1
+    h.n_frames = max(_int(_raw(ds, "NumberOfFrames")) or 1, 1)
+    h.samples = _int(_raw(ds, "SamplesPerPixel")) or 1
     h.pixel_spacing = _pixel_spacing(ds)
-    if h.n_frames > 1 or _get(ds, "PerFrameFunctionalGroupsSequence"):
+    if h.n_frames > 1 or (0x52009230 in ds and _get(ds, "PerFrameFunctionalGroupsSequence")):
         h.orientation, h.frame_positions = _frame_geometry(ds, h.n_frames)
         if h.frame_positions and h.n_frames == 1:
             h.position, h.frame_positions = h.frame_positions[0], None
     else:
-        h.orientation = _floats(_get(ds, "ImageOrientationPatient"), 6)
-        h.position = _floats(_get(ds, "ImagePositionPatient"), 3)
+        h.orientation = _floats(_raw(ds, "ImageOrientationPatient"), 6)
+        h.position = _floats(_raw(ds, "ImagePositionPatient"), 3)
     return h
+
+
+class _Recorder:
+    """Pseudonymises like the real one and remembers what it was asked, so a worker process's map entries
+    can be replayed into the parent's Pseudonymizer (the originals stay in memory and in the pipe)."""
+
+    def __init__(self, inner: _Pseudo):
+        self.inner, self.calls = inner, []
+
+    def study_key(self, original: str) -> str:
+        self.calls.append(("study_key", original))
+        return self.inner.study_key(original)
+
+    def patient_key(self, original: str) -> str:
+        self.calls.append(("patient_key", original))
+        return self.inner.patient_key(original)
+
+    def series_key(self, original: str) -> str:
+        self.calls.append(("series_key", original))
+        return self.inner.series_key(original)
+
+
+_FORKED_PSEUDO: _Pseudo | None = None  # set in the parent just before forking the header workers
+
+
+def _scan_chunk(paths: list[str]) -> tuple[list[Header], list[tuple[str, str]]]:
+    assert _FORKED_PSEUDO is not None
+    rec = _Recorder(_FORKED_PSEUDO)
+    return [read_header(p, rec) for p in paths], rec.calls
+
+
+# Below this many files a process pool's start-up costs more than it saves.
+_PROCESS_MIN_FILES = 400
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def scan_headers(paths: list[str], pseudo: _Pseudo, workers: int | None = None,
                  description: str = "reading DICOM headers") -> list[Header]:
-    """Headers of many files, in parallel threads (file I/O dominates), with a progress bar."""
+    """Headers of many files, with a progress bar.
+
+    Parsing a header is CPU-bound Python (pydicom walks every element), so threads only overlap file
+    I/O; large trees are read by forked worker processes, one per CPU, where fork is available.
+    """
     if not paths:
         return []
-    workers = max(1, workers or min(32, (os.cpu_count() or 1) * 4))
-    with ThreadPoolExecutor(max_workers=workers) as ex:
+    cpus = min(_cpus(), workers or _cpus())
+    if cpus > 1 and len(paths) >= _PROCESS_MIN_FILES and "fork" in mp.get_all_start_methods():
+        return _scan_processes(paths, pseudo, cpus, description)
+    threads = max(1, workers or min(32, (os.cpu_count() or 1) * 4))
+    with ThreadPoolExecutor(max_workers=threads) as ex:
         it = ex.map(lambda p: read_header(p, pseudo), paths)
         return list(ui.progress(it, total=len(paths), description=description))
+
+
+def _scan_processes(paths: list[str], pseudo: _Pseudo, cpus: int, description: str) -> list[Header]:
+    global _FORKED_PSEUDO
+    size = max(16, -(-len(paths) // (cpus * 8)))
+    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    _FORKED_PSEUDO = pseudo
+    try:
+        with ProcessPoolExecutor(max_workers=cpus, mp_context=mp.get_context("fork")) as ex:
+            def flat() -> Iterable[Header]:
+                for headers, calls in ex.map(_scan_chunk, chunks):
+                    for method, original in calls:  # the parent's map must know every pseudonym
+                        getattr(pseudo, method)(original)
+                    yield from headers
+            return list(ui.progress(flat(), total=len(paths), description=description))
+    finally:
+        _FORKED_PSEUDO = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,6 +857,26 @@ def read_series(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
             raise GeometryError("missing_tags", "slices of the series differ in size")
         vol[k] = sl[0]
     return vol, _affine_3d(orient, pos[order[0]], step, _pixel_spacing(ds0) or [1.0, 1.0])
+
+
+def sample_indices(n: int) -> list[int]:
+    """Which slices of an n-slice series ingest decodes: first, middle and last."""
+    return sorted({0, n // 2, max(n - 1, 0)})
+
+
+def sample_pixels(files: list[str]) -> np.ndarray:
+    """Decoded pixels (float32, (k, rows, cols)) of the first, middle and last file of an ordered series.
+
+    Decoding a few slices finds decoder gaps (the transfer syntax is the same across a series) and gives a
+    representative intensity range without reading every slice twice at ingest; a single file (2D image or
+    multi-frame object) is decoded whole. Raises GeometryError like read_series.
+    """
+    if not files:
+        raise GeometryError("missing_tags", "no files")
+    arrs = [_pixels(_read(files[i])) for i in sample_indices(len(files))]
+    if any(a.shape[1:] != arrs[0].shape[1:] for a in arrs):
+        raise GeometryError("missing_tags", "slices of the series differ in size")
+    return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
 
 
 def decode_check(files: list[str]) -> None:

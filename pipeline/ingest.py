@@ -12,6 +12,15 @@ intensity_max, content_hash, series_key. ``shape``/``spacing`` follow the axis
 order of the array that ``read_series``/``read_volume`` return; ``orientation``
 gives the RAS+ direction letter of each of those axes ("unknown" for 2D images
 without patient geometry).
+
+DICOM pixels at ingest: headers of every file are read (only the tags ingest uses), but pixels
+are decoded only for the first, middle and last slice of each chosen series (a single file -
+2D image or multi-frame object - is decoded whole). That is enough to catch a decoder gap (one
+transfer syntax per series) without reading the series twice. So for DICOM stacks
+``intensity_min``/``intensity_max`` are the range of those sampled slices (representative, not
+exact), and ``content_hash`` is sha256 over the full shape, the slice count and the decoded
+float32 pixels of the sampled slices: byte-identical studies still share a hash, which is what
+split's duplicate grouping needs. NIfTI rows hash and range the whole volume.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -48,7 +58,7 @@ LABEL_REASONS = {
     "duplicate_study_key": "two studies share one label key (e.g. one AccessionNumber)",
     "mixed_patients": "one study's files carry different PatientIDs",
 }
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: DICOM content hash over sampled slices
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +103,15 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 def _walk(root: Path, exclude: set[Path]) -> tuple[list[str], int]:
     """All regular files under root, sorted; dot-files/folders skipped and counted."""
+    # Excluded files (labels CSV, spec) are matched by inode: resolving every path costs an lstat per
+    # path component, more than reading a small DICOM header.
+    skip = set()
+    for e in exclude:
+        try:
+            st = os.stat(e)
+        except OSError:
+            continue
+        skip.add((st.st_dev, st.st_ino))
     out: list[str] = []
     hidden = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -103,10 +122,27 @@ def _walk(root: Path, exclude: set[Path]) -> tuple[list[str], int]:
                 hidden += 1
                 continue
             p = os.path.join(dirpath, f)
-            if Path(p).resolve() in exclude or not os.path.isfile(p):
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in skip:
                 continue
             out.append(p)
     return out, hidden
+
+
+def _resolve_all(files: list[str]) -> list[str]:
+    """``str(Path(f).resolve())`` for many files, resolving each folder once (only symlinked files again)."""
+    dirs: dict[str, str] = {}
+    out = []
+    for f in files:
+        d, name = os.path.split(f)
+        if d not in dirs:
+            dirs[d] = str(Path(d).resolve())
+        p = os.path.join(dirs[d], name)
+        out.append(str(Path(p).resolve()) if os.path.islink(p) else p)
+    return out
 
 
 def _common_input(paths: list[str]) -> str:
@@ -218,7 +254,10 @@ def _stat(path: str) -> tuple[int, int]:
 
 def _discover_dicom(files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None,
                     workers: int | None, decode: str) -> Discovery:
-    """Headers -> studies -> chosen series -> geometry -> pixels. ``decode``: "full" (ingest) or "check"."""
+    """Headers -> studies -> chosen series -> geometry -> pixels.
+
+    ``decode``: "full" (ingest: sampled slices decoded, hashed and ranged) or "check" (predict: one slice).
+    """
     from pipeline import dicom
 
     headers: list[dicom.Header] = []
@@ -324,18 +363,21 @@ def _decode_study(st: Study, decode: str) -> dict[str, Any]:
         if decode == "check":
             dicom.decode_check(st.files)
             return {}
-        arr, _ = dicom.read_series(st.files)
+        arr = dicom.sample_pixels(st.files)
     except dicom.GeometryError as exc:
         return {"reason_code": exc.code, "message": exc.message}
     except Exception as exc:  # a file changed or vanished between the scan and now
         return {"reason_code": "undecodable", "message": f"pixel data could not be read ({type(exc).__name__})"}
-    h = hashlib.sha256(repr(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    finite = np.isfinite(arr)
-    if not finite.all():
+    shape = [int(s) for s in st.shape]
+    if list(arr.shape[-2:]) != shape[-2:]:
+        return {"reason_code": "undecodable",
+                "message": f"decoded slices are {arr.shape[-2]}x{arr.shape[-1]}, the header says "
+                           f"{shape[-2]}x{shape[-1]}"}
+    if not np.isfinite(arr).all():
         return {"reason_code": "undecodable", "message": "decoded pixels contain NaN/Inf"}
-    return {"content_hash": h.hexdigest(), "min": float(arr.min()), "max": float(arr.max()),
-            "shape": [int(s) for s in arr.shape]}
+    h = hashlib.sha256(f"{shape}|{st.n_slices}|{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return {"content_hash": h.hexdigest(), "min": float(arr.min()), "max": float(arr.max()), "shape": shape}
 
 
 def _discover_nifti(files: list[str], root: Path, spec: DataSpec, pseudo: Pseudonymizer,
@@ -477,7 +519,7 @@ def _join(disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: P
         manifest.append({
             "study_key": key, "patient_key": patient, "label": row.label,
             "label_index": spec.classes.index(row.label), "modality": st.modality, "source_kind": st.source_kind,
-            "files": [str(Path(f).resolve()) for f in st.files], "n_slices": int(st.n_slices),
+            "files": _resolve_all(st.files), "n_slices": int(st.n_slices),
             "shape": [int(s) for s in st.shape], "spacing": [float(s) for s in st.spacing],
             "orientation": st.orientation, "intensity_min": float(st.intensity_min),
             "intensity_max": float(st.intensity_max), "content_hash": st.content_hash, "series_key": st.series_key,

@@ -287,3 +287,56 @@ def test_real_kits_ct_duplicate_positions(shared_data):
     with pytest.raises(dicom.GeometryError) as exc:
         dicom.check_geometry(pick, 3, 0.1)
     assert exc.value.code == "duplicate_position"
+
+
+# -- fast header reads --------------------------------------------------------------------------
+
+
+def _norm(v):
+    """Header values compared as ingest uses them: numbers as floats, text stripped, one value unwrapped."""
+    if v is None:
+        return None
+    vals = list(v) if isinstance(v, list | tuple | pydicom.multival.MultiValue) else [v]
+    out = []
+    for x in vals:
+        try:
+            out.append(float(x))
+        except (TypeError, ValueError):
+            out.append(str(x).strip())
+    return out
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm",
+                                  "ExplVR_BigEnd.dcm", "rtdose.dcm", "liver_1frame.dcm",
+                                  "SC_rgb_small_odd_big_endian.dcm", "image_dfl.dcm"])
+def test_raw_header_values_match_pydicom(name):
+    ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    ref = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    for kw in dicom._RAW:
+        assert _norm(dicom._raw(ds, kw)) == _norm(dicom._get(ref, kw)), kw
+
+
+def test_header_scan_in_processes_matches_threads(tmp_path, monkeypatch):
+    paths = [str(p) for p in write_series(tmp_path / "a", n=5) + write_series(tmp_path / "b", n=4, modality="MR")]
+    paths.append(str(tmp_path / "junk"))
+    (tmp_path / "junk").write_bytes(b"not dicom at all")
+    threads = Pseudonymizer(b"k" * 32)
+    want = dicom.scan_headers(paths, threads, workers=1)
+    monkeypatch.setattr(dicom, "_PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr(dicom, "_cpus", lambda: 2)
+    procs = Pseudonymizer(b"k" * 32)
+    got = dicom.scan_headers(paths, procs)
+    assert [h.to_dict() for h in got] == [h.to_dict() for h in want]
+    assert got[-1].error == "not_dicom"
+    # The parent's pseudonym map learned every key the workers handed out.
+    threads.write_map(tmp_path / "t.csv")
+    procs.write_map(tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_text() == (tmp_path / "t.csv").read_text()
+
+
+def test_sample_pixels_first_middle_last(tmp_path):
+    paths = write_series(tmp_path / "s", n=7)
+    geom = chosen_geometry(paths)
+    full, _ = dicom.read_series(geom.files)
+    assert dicom.sample_indices(7) == [0, 3, 6] and dicom.sample_indices(1) == [0]
+    assert np.array_equal(dicom.sample_pixels(geom.files), full[[0, 3, 6]])
