@@ -731,12 +731,31 @@ def _ended(tracker: tracking.Tracker, status: str) -> None:
         tracker.end(status)
 
 
+class _Untracked(tracking.Tracker):
+    """``train(track=False)``: nothing reaches MLflow; the run id ("local-...") only names the run folder."""
+
+    def __init__(self, tracking_uri: str, experiment: str, guard: tracking.PHIGuard):
+        super().__init__(tracking_uri, experiment, guard, enabled=False)
+
+    def start(self, run_name: str, tags: Any, parent_run_id: str | None = None) -> str:
+        import uuid
+
+        self.run_id = "local-" + uuid.uuid4().hex
+        return self.run_id
+
+
+def _tracker(uri: str, spec: DataSpec, guard: tracking.PHIGuard, d: Dist, track: bool) -> tracking.Tracker:
+    return tracking.Tracker(uri, spec.name, guard, enabled=d.main) if track else _Untracked(uri, spec.name, guard)
+
+
 def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides: list[str] | None = None,
           weights: Path | None = None, resume: bool = False, control: str | None = None,
-          device: str | None = None, fold: int | None = None) -> TrainResult:
+          device: str | None = None, fold: int | None = None, track: bool = True) -> TrainResult:
     """Train (or continue) a classifier for `spec`; returns run ids, best epoch and validation metrics.
 
-    `fold` picks the validation fold when the spec splits into k folds (default 0).
+    `fold` picks the validation fold when the spec splits into k folds (default 0). `track=False`
+    logs nothing to MLflow (checkpoints and the run folder are still written; evaluate/register need a
+    tracked run): for measuring the tracking overhead and for throw-away experiments.
     """
     if control is not None and control not in CONTROLS:
         raise MedxferError(f"--control {control!r}: use one of {', '.join(CONTROLS)}")
@@ -772,14 +791,15 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
         ui.info(f"train {spec.name}: {len(tables.train)} train / {len(tables.val)} val studies, {rec.encoder}, "
                 f"{rec.epochs} epochs on {d.device}" + (f" x{d.world}" if d.active else ""))
 
-    main_tracker = tracking.Tracker(uri, spec.name, guard, enabled=d.main)
+    main_tracker = _tracker(uri, spec, guard, d, track)
     status = "failed"
     try:
         loaders = _make_loaders(spec, rec, ws, tables, d)
         main = _run_arm(spec, ws, main_arm, tables, loaders, d, main_tracker)
         ctl = None
         if control is not None:
-            ctl = _run_control(spec, ws, main_arm, control, tables, loaders, d, uri, guard, main_tracker, resume)
+            ctl = _run_control(spec, ws, main_arm, control, tables, loaders, d, uri, guard, main_tracker, resume,
+                               track)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -795,7 +815,8 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
 
 
 def _run_control(spec: DataSpec, ws: Workspace, main_arm: Arm, kind: str, tables: Tables, loaders: Loaders,
-                 d: Dist, uri: str, guard: tracking.PHIGuard, parent: tracking.Tracker, resume: bool) -> ArmResult:
+                 d: Dist, uri: str, guard: tracking.PHIGuard, parent: tracking.Tracker, resume: bool,
+                 track: bool = True) -> ArmResult:
     """The control arm as a nested run; its id is tagged on the parent as soon as it exists."""
     parent_id = str(main_arm.run_id)
     child = None
@@ -810,7 +831,7 @@ def _run_control(spec: DataSpec, ws: Workspace, main_arm: Arm, kind: str, tables
                   on_start=lambda run_id: parent.set_tags({tracking.TAG_CONTROL_RUN: run_id}))
     if d.main:
         ui.info(f"control arm ({kind}): " + ("continuing" if child else "starting") + " a nested run")
-    tracker = tracking.Tracker(uri, spec.name, guard, enabled=d.main)
+    tracker = _tracker(uri, spec, guard, d, track)
     status = "failed"
     try:
         res = _run_arm(spec, ws, arm, tables, loaders, d, tracker)
