@@ -117,8 +117,14 @@ def card_run_info(ra: RunArtifacts, model_name: str | None = None, model_version
     if ra.ws.split_report.is_file():
         extra["split_report"] = json.loads(ra.ws.split_report.read_text())
     info = run_info_from_checkpoint(ra.ckpt, tags=ra.run["tags"], extra=extra)
-    info["git_commit"] = info.get("git_commit") or tracking.git_commit()
+    info["git_commit"] = training_commit(ra)
     return info
+
+
+def training_commit(ra: RunArtifacts) -> str | None:
+    """The commit the model was *trained* at (train logs it as a param); registration time is the fallback."""
+    return (ra.run["params"].get("git.commit") or ra.run["tags"].get("medxfer.git_commit")
+            or ra.run["tags"].get("mlflow.source.git.commit") or tracking.git_commit())
 
 
 def write_run_bundle(ra: RunArtifacts, out: Path, model_name: str | None = None,
@@ -165,8 +171,7 @@ def version_tags(ra: RunArtifacts, bundle_cfg: dict[str, Any]) -> dict[str, str]
         tags["negative_transfer"] = str(bool(ev["transfer"]["negative_transfer"])).lower()
     for k, v in (ra.ckpt.get("hashes") or {}).items():
         tags[f"{k}_hash"] = str(v)
-    tags["git_commit"] = (ra.run["tags"].get("medxfer.git_commit") or ra.run["tags"].get("mlflow.source.git.commit")
-                          or tracking.git_commit() or "unknown")
+    tags["git_commit"] = training_commit(ra) or "unknown"
     wr = ra.ckpt.get("weight_report") or {}
     tags["weight_source"] = str(wr.get("source") or "unknown")
     if wr.get("sha256"):

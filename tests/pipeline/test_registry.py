@@ -30,14 +30,22 @@ def test_version_has_alias_tags_and_description(registered) -> None:
     mv = tracking.get_model_version(registered.tracking_uri, registered.model_name, registered.model_version)
     assert "candidate" in mv["aliases"] and mv["run_id"] == registered.run_id
     tags = mv["tags"]
+    ev = json.loads((registered.workspace / "tiny-dicom2d" / "runs" / registered.run_id / "evaluation.json")
+                    .read_text())
+    # Every defined value and CI bound is a tag; an undefined one (e.g. NPV with no predicted negatives) is not.
     for m in TEST_METRICS:
-        assert {f"test_{m}", f"test_{m}_ci_low", f"test_{m}_ci_high"} <= set(tags), m
-    assert float(tags["test_auroc_ci_low"]) <= float(tags["test_auroc"]) <= float(tags["test_auroc_ci_high"])
+        for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            v = ev["test"][m][part]
+            assert (f"test_{m}{suffix}" in tags) == (v is not None), (m, part)
+            if v is not None:
+                assert float(tags[f"test_{m}{suffix}"]) == pytest.approx(v, rel=1e-5, abs=1e-9)
+    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"} <= set(tags)
     assert {"spec_hash", "manifest_hash", "split_hash", "git_commit", "weight_source", "threshold", "temperature",
             "floor.min_auroc_ci_low", "weights_sha256"} <= set(tags)
     assert tags["weight_source"] == "package" and tags["run_id"] == registered.run_id
-    ev = json.loads((registered.workspace / "tiny-dicom2d" / "runs" / registered.run_id / "evaluation.json")
-                    .read_text())
+    run = tracking.get_run(registered.tracking_uri, registered.run_id)
+    assert tags["git_commit"] == run["params"]["git.commit"]  # the commit it was trained at
+    assert tags["split_hash"] == run["params"]["hash.split"]
     assert float(tags["threshold"]) == pytest.approx(ev["threshold"], rel=1e-5)
 
 
