@@ -100,3 +100,20 @@ def test_bad_model_uris_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedxferError, match="no medxfer bundle"):
         predict(str(tmp_path / "empty"), [tmp_path], tmp_path / "p.csv", workspace=tmp_path)
+
+
+def test_cli_predict_json(registered, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    study = write_image2d(tmp_path / "s" / "IM1", _blob_image(False, seed=8))
+    res = CliRunner().invoke(app, ["predict", f"models:/{registered.model_name}@candidate", str(study),
+                                   "--out", str(tmp_path / "p.csv"), "--workspace", str(registered.workspace),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["n_predicted"] == 1 and summary["model_version"] == registered.model_version
+    assert (tmp_path / "p.csv").is_file()

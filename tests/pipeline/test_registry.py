@@ -141,3 +141,21 @@ def test_register_refuses_unknown_runs_and_bad_names(registered) -> None:
 def test_no_phi_in_the_mlflow_store(registered) -> None:
     store = [registered.workspace / "mlflow.db", registered.workspace / "mlartifacts"]
     assert scan_for_phi(store, [*PHI.values(), "DOE^JANE"]) == []
+
+
+def test_cli_promote_refusal_exits_nonzero_with_the_reason(registered) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    uri, name, version = registered.tracking_uri, registered.model_name, registered.model_version
+    floor = tracking.get_model_version(uri, name, version)["tags"]["floor.min_auroc_ci_low"]
+    guard = tracking.PHIGuard()
+    tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": "1.5"}, guard)
+    try:
+        res = CliRunner().invoke(app, ["promote", name, version, "--alias", "champion", "--workspace",
+                                       str(registered.workspace), "--json"])
+    finally:
+        tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": floor}, guard)
+    assert res.exit_code == 1 and "refusing to set alias 'champion'" in res.output
+    assert "required 1.500" in res.output and res.stdout.strip() == ""
