@@ -170,6 +170,18 @@ def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
     assert child.data.params["epochs"] == parent.data.params["epochs"] == "2"
 
 
+def test_scratch_control_trains_the_same_architecture_from_random_init(prepared) -> None:
+    ds = prepared
+    res = train(ds.spec, ds.workspace, overrides=["epochs=1", *(o for o in BASE[1:] if o != "weights=none")],
+                control="scratch")
+    client = _client(ds)
+    child = client.get_run(res.control.run_id)
+    assert child.data.params["model.weights.source"] == "none" and child.data.params["model.encoder"] == \
+        client.get_run(res.run_id).data.params["model.encoder"]
+    assert [m.value for m in client.get_metric_history(res.control.run_id, "unfrozen_groups")] == [6.0]
+    assert "control (scratch)" in dict(res.table()[1])
+
+
 def test_ddp_two_cpu_processes_under_torchrun(prepared) -> None:
     ds = prepared
     out = _cli(ds, *_sets(["epochs=2", *BASE[1:]]), torchrun=2)
