@@ -204,10 +204,20 @@ def run_all(
     json: Json = False,
 ) -> None:
     """ingest -> split -> train -> evaluate -> register, in one command."""
+    from pipeline import ui
     from pipeline.runall import run_all as run_pipeline
     from pipeline.spec import load_spec
 
-    _run(lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name), json)
+    done = []
+
+    def go():
+        done.append(run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name))
+        return done[-1]
+
+    _run(go, json)
+    if done:  # last, on one unwrapped line, so it can be copied as is (the table wraps long paths)
+        ui.console.print(f"Review the run and the registered model: {done[-1].ui_command}", soft_wrap=True,
+                         markup=False)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m pipeline`

@@ -48,3 +48,15 @@ def test_bad_override_fails_before_any_stage(tiny_dicom2d) -> None:
     assert res.exit_code == 2, res.output
     assert "epochs" in res.output and res.stdout.strip() == ""
     assert not any(tiny_dicom2d.workspace.rglob("manifest.parquet"))  # ingest never ran
+
+
+def test_cli_ends_with_the_copyable_mlflow_ui_command(registered, monkeypatch) -> None:
+    import pipeline.runall
+
+    # The stages are covered above; here only what the command prints around the result.
+    monkeypatch.setattr(pipeline.runall, "run_all", lambda *a, **k: registered.result)
+    res = CliRunner().invoke(app, ["run", str(registered.dataset.spec_path), "--json"], terminal_width=60)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["model_version"] == registered.model_version
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == f"Review the run and the registered model: mlflow ui --backend-store-uri {registered.tracking_uri}"
