@@ -254,7 +254,7 @@ class RegisterResult:
                          if "test_auroc_ci_low" in t and "test_auroc_ci_high" in t else f"{float(auroc):.3f}"))
         if "threshold" in t:
             rows.append(("threshold", f"{float(t['threshold']):.4f} ({t.get('threshold_policy', '')})"))
-        rows += [("weights", f"{t.get('weight_source')} pretrained; bundle sha256 {t['weights_sha256'][:12]}..."),
+        rows += [("weights", f"pretrained from: {t.get('weight_source')}; bundle sha256 {t['weights_sha256'][:12]}..."),
                  ("load", f'mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")'),
                  ("promote", f"medxfer promote {self.model_name} {self.model_version} --alias champion")]
         return f"register: {self.model_name} v{self.model_version}", rows
