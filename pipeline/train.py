@@ -672,8 +672,7 @@ RESULT = "result.json"  # written into a run folder when its arm finished; a res
 
 
 def _guard(spec: DataSpec, ws: Workspace, tables: Tables) -> tracking.PHIGuard:
-    files = [*tables.train["files"], *tables.val["files"]]
-    return tracking.PHIGuard.for_training(spec, files, pseudonym_map=ws.pseudonym_map)
+    return tracking.PHIGuard.for_training(spec, tables.manifest["files"], pseudonym_map=ws.pseudonym_map)
 
 
 def _write_result(ws: Workspace, res: ArmResult) -> None:
