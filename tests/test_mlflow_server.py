@@ -73,7 +73,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=5)  # a throwaway store: no need to wait out the job runner's shutdown
+                proc.wait(timeout=3)  # a throwaway store: no need to wait out the job runner's shutdown
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
