@@ -50,7 +50,7 @@ SETS = {  # label, dataset, dims, anchor, target
 }
 # size -> (demo limit, seeds, {set: arms}, extra overrides for speed)
 _PLAN: dict[str, tuple[int | None, list[int], dict[str, list[str]], list[str]]] = {
-    "tiny": (24, [0], {"breast": ["default"]}, ["epochs=1", "evaluation.bootstrap=20"]),
+    "tiny": (24, [0], {"breast": ["default"]}, list(common.TINY_TRAIN)),
     "quick": (None, [0], {"breast": ["default", "full_ft", "probe"], "adrenal": ["default"]}, []),
     "full": (None, [0, 1, 2], {"breast": list(ARMS), "adrenal": list(ARMS)}, []),
 }

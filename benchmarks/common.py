@@ -26,6 +26,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "quick", "full")
+# Recipe overrides for every training run at the tiny size (the smoke test): small images, one epoch, a
+# small batch, no bootstrap to speak of. Numbers from tiny runs mean nothing; they only prove it runs.
+TINY_TRAIN = ["data.size=[32,32]", "epochs=1", "data.batch_size=8", "evaluation.bootstrap=20"]
+
+
+def tiny_train(size: str, dims: int = 2) -> list[str]:
+    """TINY_TRAIN at the tiny size (2D only: 3D tiny sets are already 28^3), else nothing."""
+    return list(TINY_TRAIN) if size == "tiny" and dims == 2 else (["epochs=1"] if size == "tiny" else [])
 SCHEMA = 1
 RESULT_KEYS = ("schema", "name", "title", "status", "reason", "size", "created", "wall_s", "machine", "versions",
                "ratios", "rows", "notes")

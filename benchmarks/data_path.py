@@ -122,6 +122,8 @@ def run(size: str = "full") -> dict[str, Any]:
     for label, kind, dims, overrides in _SETS:
         if size == "tiny" and kind == "adrenal64":
             label, kind, overrides = "3D AdrenalMNIST3D-28 nii.gz", "adrenal", []  # seconds, not minutes
+        elif size == "tiny":
+            overrides = ["data.size=[32,32]"]
         try:
             fixtures.prepare(kind, limit)
         except common.Skip as exc:

@@ -28,7 +28,8 @@ _PLAN = {"tiny": 24, "quick": 60, "full": 150}
 _SETS = (("2D BreastMNIST DICOM", "breast", 2), ("3D AdrenalMNIST3D NIfTI", "adrenal", 3))
 
 
-def arm(kind: str, limit: int, dims: int) -> dict[str, Any]:
+def arm(kind: str, limit: int, dims: int, extra: list[str] | None = None, timed: int | None = None
+        ) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -41,7 +42,7 @@ def arm(kind: str, limit: int, dims: int) -> dict[str, Any]:
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"inference-{kind}-{limit}")
-    res = train(load_spec(spec.spec_path), run_ws, overrides=["epochs=1"], device="cpu")
+    res = train(load_spec(spec.spec_path), run_ws, overrides=["epochs=1", *(extra or [])], device="cpu")
     evaluate(res.run_id, run_ws, n_bootstrap=20)
     out = run_ws / "export"
     shutil.rmtree(out, ignore_errors=True)
@@ -52,7 +53,7 @@ def arm(kind: str, limit: int, dims: int) -> dict[str, Any]:
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     input_name = sess.get_inputs()[0].name
     test = fixtures.tables(spec, ws_root)["test"]
-    studies = [str(list(f)[0]) for f in test["files"]]
+    studies = [str(list(f)[0]) for f in test["files"]][:timed]
 
     lat: dict[str, list[float]] = {k: [] for k in ("eager", "onnx", "eager_model", "onnx_model", "predict")}
     max_diff = 0.0
@@ -94,7 +95,7 @@ def run(size: str = "full") -> dict[str, Any]:
              "predict": "Predictor.predict (end to end, calibrated)"}
     for label, kind, dims in _SETS[:1] if size == "tiny" else _SETS:
         m = common.run_isolated("benchmarks.inference:arm", kind=kind, limit=limit, dims=dims) \
-            if size != "tiny" else arm(kind, limit, dims)
+            if size != "tiny" else arm(kind, limit, dims, common.tiny_train(size, dims), timed=4)
         s = m["stats"]
         for key, name in names.items():
             result["rows"].append({"set": label, "encoder": m["encoder"], "studies": m["n_studies"], "arm": name,

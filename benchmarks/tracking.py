@@ -21,14 +21,16 @@ TARGET = 1.02
 _PLAN = {"tiny": (24, 1, 1), "quick": (120, 3, 2), "full": (None, 3, 3)}
 
 
-def arm(kind: str, limit: int | None, epochs: int, tracked: bool, tag: str) -> dict[str, Any]:
+def arm(kind: str, limit: int | None, epochs: int, tracked: bool, tag: str, extra: list[str] | None = None
+        ) -> dict[str, Any]:
     from pipeline.spec import load_spec
     from pipeline.train import train
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"tracking-{tag}")
     t0 = time.perf_counter()
-    res = train(load_spec(spec.spec_path), run_ws, overrides=[f"epochs={epochs}"], device="cpu", track=tracked)
+    res = train(load_spec(spec.spec_path), run_ws, overrides=[*(extra or []), f"epochs={epochs}"], device="cpu",
+                track=tracked)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "train_wall_s": res.main.wall_s, "epochs": epochs,
             "epoch_s": [h["epoch_seconds"] for h in res.main.history]}
@@ -44,9 +46,10 @@ def run(size: str = "full") -> dict[str, Any]:
     details = []
     for r in range(repeats):
         for tracked in ((True, False) if r % 2 == 0 else (False, True)):
-            # Isolated: each arm pays its own imports and MLflow start-up, as a `medxfer train` would.
-            m = common.run_isolated("benchmarks.tracking:arm", kind="breast", limit=limit, epochs=epochs,
-                                    tracked=tracked, tag=f"{r}-{int(tracked)}")
+            # Isolated (except tiny): each arm pays its own imports and MLflow start-up, as `medxfer train` would.
+            kw = dict(kind="breast", limit=limit, epochs=epochs, tracked=tracked, tag=f"{r}-{int(tracked)}",
+                      extra=common.tiny_train(size))
+            m = arm(**kw) if size == "tiny" else common.run_isolated("benchmarks.tracking:arm", **kw)
             walls[tracked].append(m["wall_s"])
             details.append({"tracked": tracked, **m})
     on, off = common.median(walls[True]), common.median(walls[False])

@@ -26,20 +26,21 @@ TARGET_LOOP = 0.95
 TARGET_HEAD = 3.0
 
 # (demo studies per split, epochs per pipeline stage, hand-loop timed epochs) per size
-_PLAN = {"tiny": (24, 2, 1), "quick": (120, 3, 2), "full": (None, 3, 2)}
+_PLAN = {"tiny": (24, 1, 1), "quick": (120, 3, 2), "full": (None, 3, 2)}
 _SETS = {"tiny": (("2D", "breast", "breastmnist", 2),),
          "quick": (("2D", "breast", "breastmnist", 2),),
          "full": (("2D", "breast", "breastmnist", 2), ("3D", "adrenal", "adrenalmnist3d", 3))}
 
 
-def arm_hand(dataset: str, dims: int, n: int, epochs: int, head_only: bool) -> dict[str, Any]:
+def arm_hand(dataset: str, dims: int, n: int, epochs: int, head_only: bool, extra: list[str] | None = None
+             ) -> dict[str, Any]:
     """The loop a user writes by hand: no framework, in-memory tensors, AdamW + cross-entropy."""
     import torch
 
     from models.registry import create_classifier
     from pipeline.recipe import load_recipe
 
-    recipe = load_recipe(None, dims)
+    recipe = load_recipe(None, dims, extra or [])
     size = recipe.data.size or [28] * dims
     x_all, y_all = common.medmnist_tensors(dataset, size, limit=n)
     torch.manual_seed(0)
@@ -78,7 +79,8 @@ def arm_hand(dataset: str, dims: int, n: int, epochs: int, head_only: bool) -> d
             "batch_size": bs, "size": size, "encoder": recipe.encoder, "threads": torch.get_num_threads()}
 
 
-def arm_pipeline(kind: str, limit: int | None, dims: int, stage_epochs: int) -> dict[str, Any]:
+def arm_pipeline(kind: str, limit: int | None, dims: int, stage_epochs: int, extra: list[str] | None = None
+                 ) -> dict[str, Any]:
     from pipeline.spec import load_spec
     from pipeline.train import train
 
@@ -86,11 +88,12 @@ def arm_pipeline(kind: str, limit: int | None, dims: int, stage_epochs: int) -> 
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"train_step-{kind}-{limit}")
     epochs = 2 * stage_epochs
     res = train(load_spec(spec.spec_path), run_ws, overrides=[
-        f"epochs={epochs}", f"stages=[{{epoch: 0, groups: 0}}, {{epoch: {stage_epochs}, groups: all}}]",
+        *(extra or []), f"epochs={epochs}", f"stages=[{{epoch: 0, groups: 0}}, {{epoch: {stage_epochs}, groups: all}}]",
         "data.augment={}"], device="cpu")
     hist = res.main.history
-    head = [h["samples_per_s"] for h in hist if h["stage"] == 0][1:]
-    full = [h["samples_per_s"] for h in hist if h["stage"] != 0][1:]
+    head = [h["samples_per_s"] for h in hist if h["stage"] == 0]
+    full = [h["samples_per_s"] for h in hist if h["stage"] != 0]
+    head, full = head[1:] or head, full[1:] or full  # each stage's first epoch warms up (tiny: one epoch)
     return {"head_samples_per_s": sum(head) / len(head), "full_samples_per_s": sum(full) / len(full),
             "history": [{k: h[k] for k in ("epoch", "stage", "samples_per_s", "epoch_seconds")} for h in hist],
             "n_train": len(fixtures.tables(spec, ws_root)["train"])}
@@ -111,13 +114,15 @@ def run(size: str = "full") -> dict[str, Any]:
 
     for label, kind, dataset, dims in _SETS[size]:
         fixtures.prepare(kind, limit)
-        hand_kw = dict(dataset=dataset, dims=dims, epochs=hand_epochs)
+        extra = common.tiny_train(size, dims)
+        hand_kw = dict(dataset=dataset, dims=dims, epochs=hand_epochs, extra=extra)
         pipe = None
         hands: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
         # hand, pipeline, hand: drift on a shared machine hits both sides; tiny only checks that it runs.
         for step in ("hand", "pipeline", "hand") if isolate else ("pipeline", "hand"):
             if step == "pipeline":
-                pipe = call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs)
+                pipe = call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs,
+                            extra=extra)
                 continue
             n = pipe["n_train"] if pipe else len(fixtures.tables(*fixtures.prepare(kind, limit))["train"])
             for head_only in (False, True):
