@@ -21,6 +21,7 @@ from pipeline import checkpoint as C
 from pipeline import tracking as T
 from pipeline.errors import MedxferError
 from pipeline.phi import scan_for_phi
+from pipeline.recipe import load_recipe
 from pipeline.train import STOP_ENV, train
 from pipeline.workspace import Workspace
 
@@ -92,7 +93,9 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     run = client.get_run(res.run_id)
     p, tags = run.data.params, run.data.tags
     assert run.info.status == "FINISHED" and tags[T.TAG_STATUS] == "finished" and tags[T.TAG_ROLE] == "main"
-    assert p["optim.lr"] == "0.001" and p["focal.gamma"] == "2.0" and p["model.encoder"] == "efficientnet_lite0"
+    default = load_recipe(None, 2)
+    assert p["optim.lr"] == str(default.optim.lr) and p["focal.gamma"] == str(default.focal.gamma)
+    assert p["model.encoder"] == "efficientnet_lite0"
     assert p["model.weights.source"] == "none" and p["weights"] == "none"
     assert {"hash.spec", "hash.manifest", "hash.split", "git.commit", "version.torch", "version.mlflow"} <= set(p)
     assert p["loss.class_weight.pos"] and p["schedule.0"].startswith("stage 0")

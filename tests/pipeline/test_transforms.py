@@ -25,9 +25,10 @@ def test_2d_dicom_comes_out_channel_first_float_in_unit_range(tmp_path: Path) ->
     px[0, 0] = 255  # one hot pixel must not squash the contrast (percentile scaling)
     f = write_image2d(tmp_path / "a.dcm", px, pixel_spacing=(0.5, 0.5))
     spec = make_spec(2, "dicom")
-    x = load_inference_tensor([str(f)], "dicom", spec, load_recipe(None, 2))
+    recipe = load_recipe(None, 2)
+    x = load_inference_tensor([str(f)], "dicom", spec, recipe)
     assert isinstance(x, torch.Tensor) and not hasattr(x, "affine")
-    assert x.shape == (1, 96, 96) and x.dtype == torch.float32
+    assert x.shape == (1, *recipe.data.size) and x.dtype == torch.float32
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     native = load_inference_tensor([str(f)], "dicom", spec, _native(2))
     assert native.shape == (1, 40, 30)
