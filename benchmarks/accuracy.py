@@ -144,8 +144,4 @@ def run(size: str = "full") -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import sys
-
-    r = run(sys.argv[1] if len(sys.argv) > 1 else "quick")
-    common.write_result(r)
-    common.print_result(r)
+    common.script_main(run)

@@ -339,3 +339,16 @@ def print_result(result: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     _child_main(sys.argv[1:])
+
+
+def script_main(run: Callable[[str], dict[str, Any]]) -> None:
+    """`python -m benchmarks.<name> [tiny|quick|full]`: run one benchmark, write and print its result."""
+    import sys
+
+    try:
+        result = run(sys.argv[1] if len(sys.argv) > 1 else "quick")
+    except Skip as exc:
+        print(f"skipped: {exc}")
+        return
+    write_result(result)
+    print_result(result)
