@@ -50,6 +50,14 @@ def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def _operating_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(last index, true positives, threshold) per distinct score, highest first: the last index of each tie block."""
+    order = np.argsort(-s, kind="mergesort")
+    s_desc, y_desc = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
+    return last, np.cumsum(y_desc)[last], s_desc[last]
+
+
 def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
     """Area under the precision-recall curve as sklearn's average_precision_score (step-wise, no interpolation)."""
     y = np.asarray(y_true).astype(bool)
@@ -57,11 +65,7 @@ def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
     n_pos = int(y.sum())
     if n_pos == 0:
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s_desc, y_desc = s[order], y[order]
-    # One operating point per distinct score (the last index of each tie block).
-    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
-    tp = np.cumsum(y_desc)[last]
+    last, tp, _ = _operating_points(y, s)
     fp = (last + 1) - tp
     precision = tp / (tp + fp)
     recall = tp / n_pos
@@ -72,15 +76,12 @@ def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nd
     """(fpr, tpr, thresholds) with decisions ``score >= threshold``; the first point is (0, 0) at +inf."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(score, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    s_desc, y_desc = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
-    tp = np.cumsum(y_desc)[last]
+    last, tp, thresholds = _operating_points(y, s)
     fp = (last + 1) - tp
     n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
     fpr = np.r_[0.0, fp / n_neg]
     tpr = np.r_[0.0, tp / n_pos]
-    thr = np.r_[np.inf, s_desc[last]]
+    thr = np.r_[np.inf, thresholds]
     return fpr, tpr, thr
 
 
@@ -88,10 +89,7 @@ def pr_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nda
     """(recall, precision) at each distinct score, highest threshold first, starting at recall 0."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(score, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    s_desc, y_desc = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s_desc))[0], s.size - 1]
-    tp = np.cumsum(y_desc)[last]
+    last, tp, _ = _operating_points(y, s)
     precision = tp / (last + 1)
     recall = tp / max(int(y.sum()), 1)
     return np.r_[0.0, recall], np.r_[1.0, precision]
