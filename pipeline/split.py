@@ -6,7 +6,8 @@ pixels (the same image exported twice is one sample, whoever it belongs to).
 Groups are then dealt to the splits greedily, largest first, each to the split
 whose class quota is furthest from full, so every split gets about its share of
 every class. A pinned test set (a CSV of label keys) takes its studies, and
-their whole groups, first. The result is deterministic for a seed.
+their whole groups, first. The result is deterministic for a seed and the data,
+whatever the workspace's pseudonym key.
 
 With ``split.folds: k`` the non-test studies get fold numbers 0..k-1 (split
 "train"); fold f is the validation set of the f-th run. ``fractions.test`` (or
@@ -135,7 +136,12 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
     ws = Workspace.for_spec(workspace, spec.name)
     if not ws.manifest.is_file():
         raise StageError(f"no manifest for '{spec.name}' in {ws.root}; run `medxfer ingest` first")
-    df = read_manifest(ws.manifest).sort_values("study_key").reset_index(drop=True)
+    # Order by decoded-pixel hash, not by pseudonym: pseudonyms depend on the workspace's secret key, and the
+    # same data with the same split seed must give the same split in every workspace (a new key used to
+    # reshuffle train/val and moved test AUROC by 0.04 between two otherwise identical demo runs).
+    df = read_manifest(ws.manifest)
+    df = df.assign(_order=df["content_hash"].fillna("")).sort_values(["_order", "study_key"])
+    df = df.drop(columns="_order").reset_index(drop=True)
     if df.empty:
         raise StageError(f"the manifest of '{spec.name}' is empty; fix the rejects listed in {ws.rejects}")
     unknown = sorted(set(df["label"]) - set(spec.classes))

@@ -56,6 +56,22 @@ def test_deterministic_for_a_seed(ingested):
     assert split(spec, ingested.workspace).report["split_hash"] != a
 
 
+def test_same_split_whatever_the_pseudonym_key(tiny_dicom2d, tmp_path, monkeypatch):
+    # Pseudonyms change with the workspace's secret key; which study lands in which split must not.
+    def assignment(workspace, key):
+        monkeypatch.setenv("MEDXFER_PSEUDONYM_KEY", key)
+        ingest(tiny_dicom2d.spec, workspace)
+        split(tiny_dicom2d.spec, workspace)
+        ws = Workspace.for_spec(workspace, tiny_dicom2d.spec.name)
+        manifest = pd.read_parquet(ws.manifest)[["study_key", "content_hash"]]
+        return pd.read_csv(ws.splits).merge(manifest, on="study_key"), set(manifest["study_key"])
+
+    a, keys_a = assignment(tmp_path / "ws_a", "a" * 64)
+    b, keys_b = assignment(tmp_path / "ws_b", "b" * 64)
+    assert not keys_a & keys_b  # the keys really differ...
+    assert dict(zip(a.content_hash, a.split, strict=True)) == dict(zip(b.content_hash, b.split, strict=True))
+
+
 def test_identical_pixels_stay_together_across_patients(tmp_path):
     ds = make_dicom2d_dataset(tmp_path / "d", n_studies=40)
     # Study 39 (patient 23) becomes a byte-identical copy of study 0's image, under another patient and UID.
