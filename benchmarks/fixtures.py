@@ -21,7 +21,7 @@ import yaml
 from benchmarks import common
 
 _SPEC_FILES = {"breast": "breastmnist_demo.yaml", "adrenal": "adrenal3d_demo.yaml", "adrenal64": "adrenal3d_demo.yaml"}
-_VERSION = "v1"
+_VERSION = "v2"  # v2: split order no longer depends on the pseudonym key
 
 
 def _write_adrenal64(out: Path, limit: int | None) -> None:

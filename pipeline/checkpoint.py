@@ -27,7 +27,7 @@ from pipeline.errors import MedxferError
 FORMAT = 1
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
 # Keys an inference user never needs; dropped from the copy logged to MLflow.
-TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng")
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_model", "ema")
 SPEC_PATH_FIELDS = (("source", "root"), ("labels", "csv"), ("split", "pinned_test"))
 
 

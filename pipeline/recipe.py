@@ -130,6 +130,9 @@ class Recipe(BaseModel):
     loss: Literal["focal", "ce"] = "focal"
     focal: FocalCfg = Field(default_factory=FocalCfg)
     freeze_bn_stats: bool = False
+    # Validate and ship an exponential moving average of the weights (pipeline.ema) instead of the raw
+    # weights; the per-step decay, 0 = off. 0.98 averages over roughly the last 50 steps.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     select_metric: Literal["auroc", "balanced_accuracy", "loss"] = "auroc"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True

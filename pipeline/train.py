@@ -34,6 +34,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt_io
 from pipeline import tracking, ui
+from pipeline.ema import WeightEMA
 from pipeline.errors import MedxferError, StageError
 from pipeline.losses import build_loss, init_head_bias
 from pipeline.metrics import auroc
@@ -359,7 +360,7 @@ def _wrap(model: nn.Module, d: Dist) -> nn.Module:
 
 def _train_epoch(net: nn.Module, unfreezer: Unfreezer, loader: Iterable[Any], loss_fn: nn.Module,
                  scaler: torch.amp.GradScaler, amp: torch.dtype | None, d: Dist, fmt: torch.memory_format | None,
-                 bar: _EpochBar) -> tuple[float, int, int]:
+                 bar: _EpochBar, ema: WeightEMA | None = None) -> tuple[float, int, int]:
     """One pass over this rank's shard. Returns (mean loss over all ranks, samples over all ranks, skipped)."""
     net.train()
     unfreezer.set_train_mode()
@@ -377,6 +378,8 @@ def _train_epoch(net: nn.Module, unfreezer: Unfreezer, loader: Iterable[Any], lo
         scaler.scale(loss).backward()
         scaler.step(unfreezer.optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(getattr(net, "module", net))  # unwrap DDP: the average keys match the plain model
         total += loss.detach().double() * len(y)
         seen += len(y)
         bar.advance(total, seen)
@@ -500,6 +503,8 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     unfreezer = Unfreezer(model, recipe.stages, recipe.optim, epochs=recipe.epochs,
                           steps_per_epoch=len(loaders.train), freeze_bn_stats=recipe.freeze_bn_stats)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    shipped = ema.module if ema is not None else model  # the weights that are validated and checkpointed
     history: list[dict[str, float]] = []
     best = {"epoch": -1, "score": -math.inf, "val": {}}
     start_epoch = 0
@@ -507,7 +512,9 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     # -- a new run, or the one we continue --
     if arm.resume is not None:
         c = arm.resume
-        model.load_state_dict(c["model"])
+        model.load_state_dict(c["train_model"] if ema is not None else c["model"])
+        if ema is not None:
+            ema.load_state_dict(c["ema"], c["model"])
         unfreezer.load_state_dict(c["scheduler"])
         unfreezer.optimizer.load_state_dict(c["optimizer"])
         if c["scaler"]:
@@ -557,12 +564,13 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
 
         t0 = time.perf_counter()
         with _EpochBar(len(loaders.train), f"epoch {epoch + 1}/{recipe.epochs}", d.main) as bar:
-            train_loss, seen, skipped = _train_epoch(net, unfreezer, loaders.train, loss_fn, scaler, amp, d, fmt, bar)
+            train_loss, seen, skipped = _train_epoch(net, unfreezer, loaders.train, loss_fn, scaler, amp, d, fmt, bar,
+                                                     ema)
         train_s = time.perf_counter() - t0
 
         val = None
         if d.main:
-            val_loss, prob, y = _predict(model, loaders.val, loss_fn, d.device, amp, fmt)
+            val_loss, prob, y = _predict(shipped, loaders.val, loss_fn, d.device, amp, fmt)
             val = {"loss": val_loss, **val_metrics(prob, y, spec.positive_index)}
         val = _broadcast(val, d)
         score = _score(val, recipe.select_metric)
@@ -580,7 +588,7 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
         if d.main:
             lrs = {f"lr/{name}": lr for name, lr in unfreezer.lrs().items()}
             tracker.log_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"} | lrs)
-            ckpt_io.save_epoch(run_dir, _state(spec, recipe, arm, model, unfreezer, scaler, tables, epoch,
+            ckpt_io.save_epoch(run_dir, _state(spec, recipe, arm, model, ema, unfreezer, scaler, tables, epoch,
                                                history, best, run_id, weight_info), is_best=improved)
             ui.info(_epoch_line(row, recipe, improved))
         _stop_for_test(epoch + 1)
@@ -602,11 +610,18 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
         resumed_from_epoch=start_epoch if arm.resume is not None else None, history=history)
 
 
-def _state(spec: DataSpec, recipe: Recipe, arm: Arm, model: nn.Module, unfreezer: Unfreezer,
+def _state(spec: DataSpec, recipe: Recipe, arm: Arm, model: nn.Module, ema: WeightEMA | None, unfreezer: Unfreezer,
            scaler: torch.amp.GradScaler, tables: Tables, epoch: int, history: list[dict[str, float]],
            best: dict[str, Any], run_id: str, weight_info: dict[str, Any]) -> dict[str, Any]:
+    def cpu(m: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+
+    # "model" is always what was validated and ships (the average under EMA); the raw weights and the
+    # average's step count are only needed to resume.
+    extra = {"train_model": cpu(model), "ema": ema.state_dict()} if ema is not None else {}
     return ckpt_io.plain({
-        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "model": cpu(ema.module if ema is not None else model),
+        **extra,
         "optimizer": unfreezer.optimizer.state_dict(),
         "scheduler": unfreezer.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},

@@ -120,11 +120,10 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
 
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(prepared, baseline) -> None:
-    ds, full = prepared, baseline
+def _kill_and_resume(ds, full, overrides: list[str]) -> tuple[str, dict, dict]:
+    """Kill a run after epoch 2 with SIGKILL, resume it, and check it ends where `full` ended."""
     ws = Workspace.for_spec(ds.workspace, ds.spec.name)
-
-    killed = _cli(ds, *_sets(BASE), env={STOP_ENV: "2"})
+    killed = _cli(ds, *_sets(overrides), env={STOP_ENV: "2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_id = T.find_unfinished_run(ws.tracking_uri, ds.spec.name)
     assert run_id and run_id != full.run_id
@@ -139,19 +138,38 @@ def test_kill_and_resume_matches_an_uninterrupted_run(prepared, baseline) -> Non
     # one value per epoch in the continued run: nothing logged twice, nothing missing
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0, 1, 2]
 
-    a = [h for h in full.main.history]
-    b = [h for h in resumed.main.history]
-    for ha, hb in zip(a, b, strict=True):
+    for ha, hb in zip(full.main.history, resumed.main.history, strict=True):
         for k in ("train_loss", "val_loss", "val_auroc", "val_balanced_accuracy", "stage", "unfrozen_groups"):
             assert hb[k] == pytest.approx(ha[k], abs=1e-6), (ha["epoch"], k)
     end_a = C.load(ws.run_dir(full.run_id) / "last.pt")
     end_b = C.load(ws.run_dir(run_id) / "last.pt")
     assert end_b["param_groups"] == end_a["param_groups"]
-    diff = max((end_a["model"][k].float() - end_b["model"][k].float()).abs().max().item() for k in end_a["model"])
-    assert diff < 1e-5
+    for key in ("model", "train_model"):
+        if key in end_a:
+            diff = max((end_a[key][k].float() - end_b[key][k].float()).abs().max().item() for k in end_a[key])
+            assert diff < 1e-5, key
+    return run_id, end_a, end_b
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(prepared, baseline) -> None:
+    ds = prepared
+    _, end, _ = _kill_and_resume(ds, baseline, BASE)
+    assert "train_model" not in end and "ema" not in end
 
     with pytest.raises(MedxferError, match="no unfinished training run"):
         train(ds.spec, ds.workspace, resume=True)
+
+
+def test_weight_ema_is_what_is_validated_shipped_and_resumed(prepared) -> None:
+    ds = prepared
+    overrides = [*BASE, "ema_decay=0.9"]
+    full = train(ds.spec, ds.workspace, overrides=overrides)
+    run_id, end, _ = _kill_and_resume(ds, full, overrides)
+    # the shipped weights are the average, not the last raw step; the raw ones are kept only to resume
+    assert end["ema"]["steps"] > 0
+    assert any(not torch.equal(end["model"][k], end["train_model"][k]) for k in end["model"])
+    model, ck = C.load_for_inference(Workspace.for_spec(ds.workspace, ds.spec.name).run_dir(run_id) / "best.pt")
+    assert "train_model" not in ck and "ema" not in ck
 
 
 def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
