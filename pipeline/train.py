@@ -183,6 +183,17 @@ def _memory_format(spatial_dims: int) -> torch.memory_format:
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
+def to_memory_format(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
+    """Like ``model.to(memory_format=fmt)``, but skips tensors of another rank: ACS convolutions keep 4D (2D)
+    weights inside a 3D model, on which ``.to(memory_format=channels_last_3d)`` raises."""
+    rank = 4 if fmt == torch.channels_last else 5
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == rank:
+                t.data = t.data.contiguous(memory_format=fmt)
+    return model
+
+
 def _seed_epoch(seed: int, epoch: int, rank: int) -> int:
     """Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly."""
     s = (seed * 1_000_003 + epoch * 9_973 + rank) % (2**31 - 1)
@@ -498,7 +509,7 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     fmt = _memory_format(spec.dims) if d.device.type == "cuda" and recipe.channels_last else None
     model.to(d.device)
     if fmt is not None:
-        model.to(memory_format=fmt)
+        to_memory_format(model, fmt)
     loss_fn.to(d.device)
     unfreezer = Unfreezer(model, recipe.stages, recipe.optim, epochs=recipe.epochs,
                           steps_per_epoch=len(loaders.train), freeze_bn_stats=recipe.freeze_bn_stats)

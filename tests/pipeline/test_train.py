@@ -233,6 +233,22 @@ def test_3d_smoke_on_tiny_nifti(tmp_path) -> None:
     assert ck["model_args"]["spatial_dims"] == 3
 
 
+@pytest.mark.parametrize("encoder", ["efficientnet_lite0_acs", "efficientnet_lite0_i3d"])
+def test_channels_last_3d_converts_what_it_can(encoder) -> None:
+    from models.registry import create_classifier
+    from pipeline.train import to_memory_format
+
+    model = create_classifier(encoder, num_classes=2, in_chans=1, spatial_dims=3, weights=None)
+    x = torch.rand(2, 1, 32, 32, 32)
+    ref = model.eval()(x)
+    to_memory_format(model, torch.channels_last_3d)  # ACS keeps 2D-shaped weights: must not raise
+    five_d = [p for p in model.parameters() if p.dim() == 5]
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in five_d)
+    assert bool(five_d) == (encoder.endswith("i3d"))
+    out = model(x.contiguous(memory_format=torch.channels_last_3d))
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
 def test_val_metrics_binary_positive_column_and_multiclass() -> None:
     import numpy as np
 
