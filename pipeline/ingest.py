@@ -388,7 +388,9 @@ def _discover_nifti(files: list[str], root: Path, spec: DataSpec, pseudo: Pseudo
     disc = Discovery([], [], [], files_seen=len(vols), ignored_files=len(files) - len(vols))
 
     def one(path: str) -> tuple[Study, bool]:
-        rel = normalise_key(Path(path).relative_to(root).as_posix(), "nifti")
+        # `files` were walked under `root` as given: a resolved root would not be their prefix when the
+        # root is reached through a symlink.
+        rel = normalise_key(Path(os.path.relpath(path, root)).as_posix(), "nifti")
         size, mtime = _stat(path)
         st = Study(pseudo.study_key(rel), None, path, "nifti", files=[path],
                    modality=spec.source.modality.upper() if spec.source.modality else "unknown")
@@ -610,7 +612,7 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
     if spec.source.kind == "dicom":
         disc = _discover_dicom(files, spec, pseudo, cache, workers, decode="full")
     else:
-        disc = _discover_nifti(files, root.resolve(), spec, pseudo, cache, workers)
+        disc = _discover_nifti(files, root, spec, pseudo, cache, workers)
     disc.hidden_skipped = hidden
     labels = read_labels(spec, pseudo)
     rows, rejects = _join(disc, labels, spec, spec.labels_csv, pseudo)

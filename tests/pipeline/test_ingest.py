@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import yaml
 from helpers import (
     AXIAL,
     PHI,
     make_dicom2d_dataset,
+    make_nifti3d_dataset,
     spec_dict,
     write_labels,
     write_multiframe,
@@ -287,6 +289,19 @@ def test_nifti_rejects_patients_and_paths(tmp_path):
                             [PHI["id"], PHI["name"].replace("^", "_")])
     assert not scan_for_phi(read_manifest(wsd.manifest).drop(columns=["files"]).to_csv(),
                             [PHI["id"], PHI["name"].replace("^", "_")])
+
+
+def test_nifti_source_reached_through_a_symlink(tmp_path):
+    # source.root names the data through a symlink (a shared drive, a worktree): keys are paths relative to
+    # the root as the user gave it, and nothing may crash on a resolved/unresolved mix of the two.
+    ds = make_nifti3d_dataset(tmp_path / "real", n_studies=6, size=8)
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    tree = yaml.safe_load(ds.spec_path.read_text())
+    tree["source"]["root"] = str(tmp_path / "link" / "nifti")
+    ds.spec_path.write_text(yaml.safe_dump(tree))
+    res = ingest(load_spec(ds.spec_path), tmp_path / "ws")
+    s = res.summary()
+    assert s["n_studies"] == 6 and s["n_rejects"] == 0 and s["class_counts"] == {"neg": 3, "pos": 3}
 
 
 def test_resolve_inputs_for_predict(tmp_path, messy):
