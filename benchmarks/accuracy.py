@@ -10,7 +10,8 @@ Arms:
 - ``probe``: linear probe (head only throughout);
 - ``scratch``: the MedMNIST recipe - ResNet-18 (2D) / ResNet-18+ACS (3D) with random init at 28 px,
   cross-entropy, no augmentation, one LR for all layers, batch 128 (2D) / 32 (3D);
-- ``ce``: the default recipe with cross-entropy instead of focal loss.
+- ``other_loss``: the default recipe with the other loss: focal (gamma 2) where the default is
+  class-weighted cross-entropy, and cross-entropy where it is focal.
 
 Reported per (set, arm): test AUROC mean +- sd over the seeds and the wall time of each run
 (train + evaluate). Anchors: MedMNIST v2 BreastMNIST ResNet-18 (28) 0.901, AutoML Vision 0.919;
@@ -42,8 +43,14 @@ ARMS: dict[str, Any] = {
     "full_ft": lambda dims: ["stages=[{epoch: 0, groups: all}]"],
     "probe": lambda dims: ["stages=[{epoch: 0, groups: 0}]"],
     "scratch": lambda dims: list(_SCRATCH[dims]),
-    "ce": lambda dims: ["loss=ce"],
+    "other_loss": lambda dims: [f"loss={'focal' if _default_loss(dims) == 'ce' else 'ce'}"],
 }
+
+
+def _default_loss(dims: int) -> str:
+    from pipeline.recipe import load_recipe
+
+    return load_recipe(None, dims).loss
 SETS = {  # label, dataset, dims, anchor, target
     "breast": ("BreastMNIST (2D, DICOM)", "breast", 2, {"ResNet-18 (28)": 0.901, "AutoML Vision": 0.919}, 0.92),
     "adrenal": ("AdrenalMNIST3D (3D, NIfTI)", "adrenal", 3, {"ResNet-18+ACS": 0.839}, 0.86),
@@ -79,14 +86,16 @@ def one_run(kind: str, limit: int | None, dims: int, arm: str, seed: int, extra:
     ci = test.get("auroc") if isinstance(test.get("auroc"), dict) else {}
     return {"auroc": val("auroc"), "auroc_ci": [ci.get("ci_low"), ci.get("ci_high")],
             "balanced_accuracy": val("balanced_accuracy"), "wall_s": wall, "train_s": train_s,
+            "val_auroc": res.main.val.get("auroc"),  # of the checkpoint chosen on it (optimistic)
             "best_epoch": res.main.best_epoch + 1, "epochs": res.main.epochs, "overrides": overrides,
-            "encoder": load_recipe_encoder(dims, overrides)}
+            **_resolved(dims, overrides)}
 
 
-def load_recipe_encoder(dims: int, overrides: list[str]) -> str:
+def _resolved(dims: int, overrides: list[str]) -> dict[str, str]:
     from pipeline.recipe import load_recipe
 
-    return load_recipe(None, dims, overrides).encoder
+    r = load_recipe(None, dims, overrides)
+    return {"encoder": r.encoder, "loss": r.loss if r.loss == "ce" else f"focal (gamma {r.focal.gamma:g})"}
 
 
 def _summarise(result: dict[str, Any], runs: list[dict[str, Any]]) -> None:
@@ -98,8 +107,10 @@ def _summarise(result: dict[str, Any], runs: list[dict[str, Any]]) -> None:
         aucs = [r["auroc"] for r in group]
         label, _, _, anchors, target = SETS[key[0]]
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
-        rows.append({"set": label, "arm": key[1], "encoder": group[0]["encoder"], "seeds": len(aucs),
+        rows.append({"set": label, "arm": key[1], "encoder": group[0]["encoder"], "loss": group[0].get("loss"),
+                     "seeds": len(aucs),
                      "test_auroc_mean": round(statistics.mean(aucs), 4), "test_auroc_sd": round(sd, 4),
+                     "val_auroc_mean": round(statistics.mean(r.get("val_auroc") or float("nan") for r in group), 4),
                      "wall_s_each": ", ".join(f"{r['wall_s']:.0f}" for r in group),
                      "within_budget": all(r["wall_s"] <= BUDGET_S for r in group),
                      "best_anchor": f"{max(anchors.values()):.3f}"})
