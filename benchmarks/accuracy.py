@@ -6,7 +6,8 @@ Each run is the product end to end through its stage functions: demo writer -> `
 Arms:
 
 - ``default``: the packaged recipe (progressive unfreezing + focal loss);
-- ``full_ft``: full fine-tuning from epoch 0 (one stage, all groups);
+- ``full_ft``: full fine-tuning from epoch 0 (one stage, all groups; the 2D default already is this);
+- ``progressive``: one head-only epoch, then all groups (the 3D default unfreezes more gradually);
 - ``probe``: linear probe (head only throughout);
 - ``scratch``: the MedMNIST recipe - ResNet-18 (2D) / ResNet-18+ACS (3D) with random init at 28 px,
   cross-entropy, no augmentation, one LR for all layers, batch 128 (2D) / 32 (3D);
@@ -41,6 +42,7 @@ _SCRATCH = {
 ARMS: dict[str, Any] = {
     "default": lambda dims: [],
     "full_ft": lambda dims: ["stages=[{epoch: 0, groups: all}]"],
+    "progressive": lambda dims: ["stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: all}]"],
     "probe": lambda dims: ["stages=[{epoch: 0, groups: 0}]"],
     "scratch": lambda dims: list(_SCRATCH[dims]),
     "other_loss": lambda dims: [f"loss={'focal' if _default_loss(dims) == 'ce' else 'ce'}"],
@@ -58,8 +60,10 @@ SETS = {  # label, dataset, dims, anchor, target
 # size -> (demo limit, seeds, {set: arms}, extra overrides for speed)
 _PLAN: dict[str, tuple[int | None, list[int], dict[str, list[str]], list[str]]] = {
     "tiny": (24, [0], {"breast": ["default"]}, list(common.TINY_TRAIN)),
-    "quick": (None, [0], {"breast": ["default", "full_ft", "probe"], "adrenal": ["default"]}, []),
-    "full": (None, [0, 1, 2], {"breast": list(ARMS), "adrenal": list(ARMS)}, []),
+    "quick": (None, [0], {"breast": ["default", "progressive", "probe"], "adrenal": ["default"]}, []),
+    # The 2D default is full fine-tuning, so its comparison arm is the head-first schedule; in 3D the reverse.
+    "full": (None, [0, 1, 2], {"breast": ["default", "progressive", "probe", "scratch", "other_loss"],
+                               "adrenal": ["default", "full_ft", "probe", "scratch", "other_loss"]}, []),
 }
 
 
