@@ -139,9 +139,8 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
     # Order by decoded-pixel hash, not by pseudonym: pseudonyms depend on the workspace's secret key, and the
     # same data with the same split seed must give the same split in every workspace (a new key used to
     # reshuffle train/val and moved test AUROC by 0.04 between two otherwise identical demo runs).
-    df = read_manifest(ws.manifest)
-    df = df.assign(_order=df["content_hash"].fillna("")).sort_values(["_order", "study_key"])
-    df = df.drop(columns="_order").reset_index(drop=True)
+    df = read_manifest(ws.manifest).sort_values(["content_hash", "study_key"], na_position="last")
+    df = df.reset_index(drop=True)
     if df.empty:
         raise StageError(f"the manifest of '{spec.name}' is empty; fix the rejects listed in {ws.rejects}")
     unknown = sorted(set(df["label"]) - set(spec.classes))
