@@ -5,7 +5,8 @@ Each run is the product end to end through its stage functions: demo writer -> `
 (recipe overrides per arm, ``seed`` per repeat) -> ``evaluate`` (test AUROC with a patient bootstrap).
 Arms:
 
-- ``default``: the packaged recipe (progressive unfreezing + focal loss);
+- ``default``: the packaged recipe (focal loss; 2D: every group from epoch 0 with discriminative LRs,
+  3D: the head, then the top two stages);
 - ``full_ft``: full fine-tuning from epoch 0 (one stage, all groups; the 2D default already is this);
 - ``progressive``: one head-only epoch, then all groups (the 3D default unfreezes more gradually);
 - ``probe``: linear probe (head only throughout);
@@ -53,6 +54,8 @@ def _default_loss(dims: int) -> str:
     from pipeline.recipe import load_recipe
 
     return load_recipe(None, dims).loss
+
+
 SETS = {  # label, dataset, dims, anchor, target
     "breast": ("BreastMNIST (2D, DICOM)", "breast", 2, {"ResNet-18 (28)": 0.901, "AutoML Vision": 0.919}, 0.92),
     "adrenal": ("AdrenalMNIST3D (3D, NIfTI)", "adrenal", 3, {"ResNet-18+ACS": 0.839}, 0.86),
