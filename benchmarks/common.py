@@ -26,18 +26,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "quick", "full")
+SCHEMA = 1
+RESULT_KEYS = ("schema", "name", "title", "status", "reason", "size", "created", "wall_s", "machine", "versions",
+               "ratios", "rows", "notes")
+_CHILD_MARK = "@@BENCH-CHILD@@"
 # Recipe overrides for every training run at the tiny size (the smoke test): small images, one epoch, a
 # small batch, no bootstrap to speak of. Numbers from tiny runs mean nothing; they only prove it runs.
 TINY_TRAIN = ["data.size=[32,32]", "epochs=1", "data.batch_size=8", "evaluation.bootstrap=20"]
 
 
 def tiny_train(size: str, dims: int = 2) -> list[str]:
-    """TINY_TRAIN at the tiny size (2D only: 3D tiny sets are already 28^3), else nothing."""
-    return list(TINY_TRAIN) if size == "tiny" and dims == 2 else (["epochs=1"] if size == "tiny" else [])
-SCHEMA = 1
-RESULT_KEYS = ("schema", "name", "title", "status", "reason", "size", "created", "wall_s", "machine", "versions",
-               "ratios", "rows", "notes")
-_CHILD_MARK = "@@BENCH-CHILD@@"
+    """TINY_TRAIN at the tiny size (in 3D at 32^3), else nothing."""
+    if size != "tiny":
+        return []
+    return list(TINY_TRAIN) if dims == 2 else ["data.size=[32,32,32]", *TINY_TRAIN[1:]]
 
 
 class Skip(Exception):
@@ -337,14 +339,8 @@ def print_result(result: dict[str, Any]) -> None:
         console.print(f"  note: {n}")
 
 
-if __name__ == "__main__":
-    _child_main(sys.argv[1:])
-
-
 def script_main(run: Callable[[str], dict[str, Any]]) -> None:
     """`python -m benchmarks.<name> [tiny|quick|full]`: run one benchmark, write and print its result."""
-    import sys
-
     try:
         result = run(sys.argv[1] if len(sys.argv) > 1 else "quick")
     except Skip as exc:
@@ -352,3 +348,7 @@ def script_main(run: Callable[[str], dict[str, Any]]) -> None:
         return
     write_result(result)
     print_result(result)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])
