@@ -29,7 +29,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary objec
 SpecArg = Annotated[Path, typer.Argument(help="Data spec YAML (see data_specs/template.yaml).")]
 
 
-def _run(fn, as_json: bool) -> None:
+def _run(fn, as_json: bool):
+    """Call the stage, print its summary (table, or JSON on stdout); a MedxferError exits with its code."""
     from pipeline import ui
 
     try:
@@ -39,6 +40,7 @@ def _run(fn, as_json: bool) -> None:
         raise typer.Exit(exc.exit_code) from None
     if result is not None:
         ui.finish(result, as_json)
+    return result
 
 
 @app.command(epilog="Example: `medxfer demo --out demo-data` then `medxfer run data_specs/breastmnist_demo.yaml`")
@@ -208,16 +210,10 @@ def run_all(
     from pipeline.runall import run_all as run_pipeline
     from pipeline.spec import load_spec
 
-    done = []
-
-    def go():
-        done.append(run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name))
-        return done[-1]
-
-    _run(go, json)
-    if done:  # last, on one unwrapped line, so it can be copied as is (the table wraps long paths)
-        ui.console.print(f"Review the run and the registered model: {done[-1].ui_command}", soft_wrap=True,
-                         markup=False)
+    result = _run(lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name),
+                  json)
+    # Last, on one unwrapped line, so it can be copied as is (the table wraps long paths).
+    ui.console.print(f"Review the run and the registered model: {result.ui_command}", soft_wrap=True, markup=False)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m pipeline`
