@@ -168,7 +168,7 @@ def test_weight_ema_is_what_is_validated_shipped_and_resumed(prepared) -> None:
     # the shipped weights are the average, not the last raw step; the raw ones are kept only to resume
     assert end["ema"]["steps"] > 0
     assert any(not torch.equal(end["model"][k], end["train_model"][k]) for k in end["model"])
-    model, ck = C.load_for_inference(Workspace.for_spec(ds.workspace, ds.spec.name).run_dir(run_id) / "best.pt")
+    _, ck = C.load_for_inference(Workspace.for_spec(ds.workspace, ds.spec.name).run_dir(run_id) / "best.pt")
     assert "train_model" not in ck and "ema" not in ck
 
 
