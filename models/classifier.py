@@ -56,3 +56,27 @@ class Classifier(nn.Module):
     def init_head_bias(self, priors: Sequence[float] | torch.Tensor) -> None:
         """Set the head bias to the log class priors (counts or probabilities)."""
         init_head_bias(self.head, priors)
+
+
+class MirrorAverage(nn.Module):
+    """Test-time mirroring (nnU-Net's default at inference): the mean of the logits over the input and its flips.
+
+    ``views``: one tuple of batch-tensor dims per extra view, e.g. ``[(3,)]`` for a 2D horizontal
+    flip. Averaging logits is averaging log-probabilities, so the softmax of the output is the
+    normalised geometric mean of the views' probabilities; temperature scaling applies to it as
+    to a single view's logits. The wrapped model's state dict is unchanged (``.model``).
+    """
+
+    def __init__(self, model: nn.Module, views: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        if not views:
+            raise ValueError("MirrorAverage needs at least one flipped view")
+        self.model = model
+        self.views = [tuple(int(d) for d in v) for v in views]
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        for dims in self.views:
+            out = out + self.model(torch.flip(x, dims))
+        return out / (1 + len(self.views))

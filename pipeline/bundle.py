@@ -31,7 +31,8 @@ Usage (this is the API the pyfunc wrapper and ``medxfer predict`` build on)::
     # df columns: input, prob_<class> for each class (calibrated), decision (class name),
     #             model_name, model_version, error (None or "REASON_CODE: message")
     x = p.preprocess("scan.nii.gz")   # torch.Tensor (C, *spatial), exactly the training eval transform
-    p.model(x[None])                   # raw logits; p.probabilities(logits) applies the temperature
+    p.logits(x[None])                  # raw logits (mirrored views averaged when the recipe's evaluation.tta)
+    p.probabilities(p.logits(x[None])) # ... with the temperature applied
 
 An input that cannot be read gets a row with ``error`` set and NaN probabilities; a bad input
 never raises for the whole batch.
@@ -220,6 +221,7 @@ class Predictor:
         self.device = device
         self._spec = None
         self._recipe = None
+        self._inference_model: Any = None
 
     @classmethod
     def from_dir(cls, bundle_dir: Path | str, device: str = "cpu", verify: bool = True) -> Predictor:
@@ -237,6 +239,15 @@ class Predictor:
         model.load_state_dict(load_file(str(wpath), device="cpu"), strict=True)
         model.to(device).eval()
         return cls(model, cfg, device)
+
+    @property
+    def inference_model(self) -> Any:
+        """``model`` with the test-time mirroring the bundle was evaluated with (recipe ``evaluation.tta``)."""
+        if self._inference_model is None:
+            from pipeline.transforms import inference_model
+
+            self._inference_model = inference_model(self.model, self.spec, self.recipe)
+        return self._inference_model
 
     # -- facts
     @property
@@ -297,7 +308,7 @@ class Predictor:
         import torch
 
         with torch.inference_mode():
-            return self.model(batch.to(self.device, dtype=torch.float32)).float().cpu().numpy()
+            return self.inference_model(batch.to(self.device, dtype=torch.float32)).float().cpu().numpy()
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         from pipeline.calibration import softmax

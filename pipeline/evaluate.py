@@ -528,6 +528,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     from pipeline import tracking, ui
     from pipeline.errors import StageError
     from pipeline.recipe import recipe_from_dict
+    from pipeline.transforms import inference_model, tta_views
     from pipeline.workspace import Workspace
 
     uri = Workspace.for_spec(workspace, "_").tracking_uri
@@ -545,6 +546,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
             raise StageError(f"the split has {len(val_rows)} val and {len(test_rows)} test studies; evaluate needs "
                              "both (k-fold splits without a test fraction cannot be evaluated here)")
         ui.info(f"evaluating run {run_id[:12]} on {len(val_rows)} val + {len(test_rows)} test studies ({dev})")
+        model = inference_model(model, spec, recipe)
         val, val_failed = infer_split(model, val_rows, spec, recipe, dev, "val")
         test, test_failed = infer_split(model, test_rows, spec, recipe, dev, "test")
         control_kw: dict[str, Any] = {}
@@ -552,8 +554,10 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
         if control_id:
             cmodel, cckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, control_id, Path(tmp)), dev)
             ui.info(f"control arm {control_id[:12]} ({cckpt.get('control') or 'control'}): same val/test studies")
-            cval, _ = infer_split(cmodel, val_rows, spec, recipe_from_dict(cckpt["recipe"]), dev, "control val")
-            ctest, _ = infer_split(cmodel, test_rows, spec, recipe_from_dict(cckpt["recipe"]), dev, "control test")
+            crecipe = recipe_from_dict(cckpt["recipe"])
+            cmodel = inference_model(cmodel, spec, crecipe)
+            cval, _ = infer_split(cmodel, val_rows, spec, crecipe, dev, "control val")
+            ctest, _ = infer_split(cmodel, test_rows, spec, crecipe, dev, "control test")
             control_kw = {"control_val": cval, "control_test": ctest, "control_run_id": control_id,
                           "control_kind": cckpt.get("control") or run["tags"].get(tracking.TAG_CONTROL)}
     if val.y.size == 0 or test.y.size == 0:
@@ -566,6 +570,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     best = ckpt.get("best") or {}
     ev = {"run_id": run_id, **ev, "counts": counts, "patients": patients,
           "evaluated": {"val": int(val.y.size), "test": int(test.y.size)},
+          "tta": {"views": 1 + len(tta_views(spec, recipe)), "flip_dims": [list(v) for v in tta_views(spec, recipe)]},
           "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
           "checkpoint": {"epoch": best.get("epoch", ckpt.get("epoch")), "best_metric": ckpt.get("best_metric"),
                          "select_metric": recipe.select_metric},

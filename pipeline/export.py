@@ -198,6 +198,9 @@ def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | 
                                                                    if meta.get("model_version") else "")
     decision = (f"`{cfg['positive_class']}` when `prob_{cfg['positive_class']} >= {cfg['threshold']:.4f}`"
                 if cfg.get("threshold") is not None and cfg.get("positive_class") else "argmax")
+    views = program.get("tta_flip_dims") or []
+    mirrored = (f" (already the mean over the input and its {len(views)} mirror image(s), flipped along batch-tensor "
+                f"dims {views}: test-time mirroring, as evaluated)" if views else "")
     run_program = (
         "import onnxruntime as ort\n"
         f"sess = ort.InferenceSession(\"{folder}/model.onnx\")\n"
@@ -224,7 +227,7 @@ print(df)  # input, {', '.join('prob_' + c for c in classes)}, decision, model_n
 ## The exported program ({program['file']})
 
 Input: float32 `{['batch', *(cfg['input']['shape'] or ['C', '...'])]}`, preprocessed exactly as
-`preprocessing.json` says (`Predictor.preprocess` does it). Output: raw logits; divide by the temperature
+`preprocessing.json` says (`Predictor.preprocess` does it). Output: raw logits{mirrored}; divide by the temperature
 {cfg['temperature']:.4f}, softmax, then decide: {decision}.
 
 ```python
@@ -256,7 +259,7 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
         predictor = B.Predictor.from_dir(staging, device="cpu")
-        model = predictor.model
+        model = predictor.inference_model  # the mirrored views go into the program, as evaluate scored them
         x, verified_on = example_input(predictor, Path(workspace))
         x = x.to(torch.float32)
         ok, diff, reason = export_onnx(model, x, staging / "model.onnx")
@@ -268,6 +271,7 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
                 raise StageError(f"neither ONNX ({reason}) nor TorchScript reproduces the eager model "
                                  f"(max diff {diff:.2e}); the weights are fine, the network cannot be exported")
             program = {"file": "model.torchscript.pt", "format": "torchscript", "fallback_reason": reason}
+        program["tta_flip_dims"] = [list(v) for v in getattr(model, "views", [])]
         program.update(max_abs_diff=diff, atol=ONNX_ATOL, rtol=ONNX_RTOL, verified_on=verified_on,
                        check_text=f"max |logit difference| {diff:.2e} vs eager PyTorch (tolerance atol "
                                   f"{ONNX_ATOL:g} + rtol {ONNX_RTOL:g}) on {verified_on}")

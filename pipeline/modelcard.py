@@ -125,7 +125,9 @@ def _details(run: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
                                "sha256": wr.get("sha256"), "head_reinitialized": wr.get("head_reinitialized")},
         "output": ("calibrated class probabilities (temperature scaling) and a decision: "
                    + ("positive when P(" + str(ev.get("positive_class")) + ") >= threshold"
-                      if ev.get("threshold") is not None else "the most probable class")),
+                      if ev.get("threshold") is not None else "the most probable class")
+                   + (f"; logits averaged over the input and {(ev.get('tta') or {}).get('views', 1) - 1} mirror "
+                      "image(s) (test-time mirroring)" if (ev.get("tta") or {}).get("views", 1) > 1 else "")),
         "medxfer_version": run.get("medxfer_version") or ev.get("medxfer_version"),
         "git_commit": run.get("git_commit"),
         "hashes": run.get("hashes") or ev.get("hashes"),

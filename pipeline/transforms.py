@@ -283,3 +283,25 @@ def load_inference_tensor(files: Sequence[str], source_kind: str, spec: DataSpec
         if det is None:
             det = _DET_CACHE[key] = deterministic_transforms(spec, recipe)
     return det({"files": list(files), "source_kind": source_kind})["image"]
+
+
+def tta_views(spec: DataSpec, recipe: Recipe) -> list[tuple[int, ...]]:
+    """Batch-tensor dims of each flipped view for ``evaluation.tta`` (empty: no mirroring).
+
+    Only the flips the model saw in training: every non-empty combination of the augmentation's flip
+    axes, as nnU-Net mirrors. 2D flips the image's columns (tensor dim 3 of B, C, H, W), as
+    ``pipeline.augment2d`` does; 3D flips RAS axis a (dim 2 + a of B, C, D, H, W), as RandFlipd does.
+    """
+    if not recipe.evaluation.tta:
+        return []
+    flip = recipe.data.augment.get("flip")
+    axes = ([3] if flip else []) if spec.dims == 2 else [2 + a for a in _flip_axes(flip)]
+    return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(1, 2 ** len(axes))]
+
+
+def inference_model(model: torch.nn.Module, spec: DataSpec, recipe: Recipe) -> torch.nn.Module:
+    """The model as evaluate, predict and export run it: wrapped in test-time mirroring when the recipe asks."""
+    from models.classifier import MirrorAverage
+
+    views = tta_views(spec, recipe)
+    return MirrorAverage(model, views).eval() if views else model

@@ -16,8 +16,9 @@ from pipeline.evaluate import compute_evaluation
 
 
 def make_bundle(tmp_path: Path, encoder: str = "efficientnet_lite0", dims: int = 2,
-                size: list[int] | None = None) -> tuple[Path, torch.nn.Module, dict]:
+                size: list[int] | None = None, tta: bool = False) -> tuple[Path, torch.nn.Module, dict]:
     ckpt = checkpoint_dict()
+    ckpt["recipe"]["evaluation"]["tta"] = tta
     size = size or [32] * dims
     torch.manual_seed(0)
     model = create_classifier(encoder, 2, 1, dims, weights=None).eval()
@@ -49,6 +50,18 @@ def test_round_trip_reproduces_eager_logits(tmp_path: Path) -> None:
     t = p.threshold
     at, below = np.array([[1 - t, t]]), np.array([[1 - t + 1e-6, t - 1e-6]])
     assert p.decide(at) == ["malignant"] and p.decide(below) == ["benign"]
+
+
+def test_mirrored_bundle_predicts_the_mean_over_the_flip(tmp_path: Path) -> None:
+    out, model, _ = make_bundle(tmp_path, tta=True)
+    p = B.Predictor.from_dir(out)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        plain, flipped = model(x).numpy(), model(torch.flip(x, [3])).numpy()
+    assert not np.allclose(plain, flipped)  # else the test below shows nothing
+    np.testing.assert_allclose(p.logits(x), (plain + flipped) / 2, rtol=1e-5, atol=1e-6)
+    # The raw network and its weights are untouched: saliency and the safetensors use them.
+    assert set(p.model.state_dict()) == set(model.state_dict())
 
 
 def test_preprocessing_json_is_complete_and_path_free(tmp_path: Path) -> None:

@@ -106,6 +106,7 @@ def test_evaluate_end_to_end(evaluated_run) -> None:
     assert ev["bootstrap"]["n_resamples"] == 200 and ev["bootstrap"]["unit"] == "patient"
     assert ev["threshold_policy"]["policy"] == "youden" and 0 <= ev["threshold"] <= 1
     assert any("test has 8 studies" in w for w in ev["warnings"])
+    assert ev["tta"] == {"views": 2, "flip_dims": [[3]]}  # the default 2D recipe mirrors at test time
     # The control arm was evaluated on the same 8 test studies.
     tr = ev["transfer"]
     assert tr["control_run_id"] == evaluated_run.control_run_id and tr["control_kind"] == "scratch"

@@ -107,6 +107,22 @@ def test_3d_encoder_exports(tmp_path: Path) -> None:
     assert res.program["format"] == "onnx" and res.program["max_abs_diff"] < E.ONNX_ATOL
 
 
+def test_mirrored_bundle_exports_the_mirrored_program(tmp_path: Path) -> None:
+    """The program is what evaluate scored and the threshold was fitted on: with the mirrored view averaged in."""
+    import onnxruntime as ort
+
+    bundle, model, _ = make_bundle(tmp_path, tta=True)
+    res = E.export(str(bundle), tmp_path / "h", workspace=tmp_path / "ws")
+    assert res.program["format"] == "onnx" and res.program["tta_flip_dims"] == [[3]]
+    assert "mirror image" in (tmp_path / "h" / "README.md").read_text()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = ((model(x) + model(torch.flip(x, [3]))) / 2).numpy()
+    got = ort.InferenceSession(str(tmp_path / "h" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, atol=E.ONNX_ATOL, rtol=E.ONNX_RTOL)
+
+
 def test_unknown_uri_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(E.MedxferError, match="expected models:/NAME@alias"):
         E.export("s3://nope", tmp_path / "x", workspace=tmp_path)

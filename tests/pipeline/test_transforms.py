@@ -12,7 +12,14 @@ from helpers_data import make_spec
 
 from pipeline.recipe import load_recipe
 from pipeline.spec import SpecError
-from pipeline.transforms import build_transforms, config_hash, load_inference_tensor, random_transforms
+from pipeline.transforms import (
+    build_transforms,
+    config_hash,
+    inference_model,
+    load_inference_tensor,
+    random_transforms,
+    tta_views,
+)
 
 
 def _native(dims: int, *extra: str):
@@ -137,3 +144,28 @@ def test_3d_rotation_and_zoom_are_one_cached_warp() -> None:
     rand.set_random_state(0)
     out = rand({"image": torch.rand(1, 16, 16, 16)})["image"]
     assert out.shape == (1, 16, 16, 16) and out.dtype == torch.float32
+
+
+def test_tta_views_follow_the_flip_augmentation() -> None:
+    s2, s3 = make_spec(2, "dicom"), make_spec(3, "nifti")
+    assert tta_views(s2, load_recipe(None, 2, ["evaluation.tta=true"])) == [(3,)]
+    assert tta_views(s2, load_recipe(None, 2, ["evaluation.tta=false"])) == []
+    assert tta_views(s2, load_recipe(None, 2, ["evaluation.tta=true", "data.augment={}"])) == []
+    assert tta_views(s3, load_recipe(None, 3, ["evaluation.tta=true"])) == [(2,)]
+    assert tta_views(s3, load_recipe(None, 3, ["evaluation.tta=true", "data.augment.flip=[0, 2]"])) == \
+        [(2,), (4,), (2, 4)]
+    model = torch.nn.Conv2d(1, 2, 1)
+    assert inference_model(model, s2, load_recipe(None, 2, ["evaluation.tta=false"])) is model
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_tta_mirrors_the_axis_the_augmentation_flips(dims: int) -> None:
+    """Mirroring along an axis the model never saw flipped would average in an unfamiliar image."""
+    spec = make_spec(dims, "dicom" if dims == 2 else "nifti")
+    recipe = load_recipe(None, dims, ["evaluation.tta=true", "data.augment={flip: true}", "data.size=null"])
+    x = torch.arange(float(4 ** dims)).reshape(1, *[4] * dims) / 4 ** dims  # (C, *spatial), asymmetric everywhere
+    rand = random_transforms(spec, recipe)
+    rand.set_random_state(seed=0)
+    flipped = next(y for y in (rand({"image": x.clone()})["image"] for _ in range(20)) if not torch.equal(y, x))
+    (dims_flipped,) = tta_views(spec, recipe)
+    assert torch.equal(flipped[None], torch.flip(x[None], dims_flipped))
