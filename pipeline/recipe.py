@@ -108,8 +108,10 @@ class EvaluationCfg(BaseModel):
     target: float | None = Field(None, gt=0, lt=1)
     bootstrap: int = Field(1000, ge=0)
     # Test-time mirroring at evaluate, predict and export: average the logits over the input and its
-    # mirror images along the flip axes of data.augment (none there: no mirroring). Off unless a recipe
-    # says so, so that bundles evaluated before this option predict exactly as they were calibrated.
+    # mirror images along the flip axes of data.augment (none there: no mirroring). Training's per-epoch
+    # validation, which picks the best checkpoint, scores one view: mirroring never changes which weights
+    # ship. Off unless a recipe says so, so that bundles evaluated before this option predict exactly as
+    # they were calibrated.
     tta: bool = False
 
     @model_validator(mode="after")
