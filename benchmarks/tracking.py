@@ -12,6 +12,7 @@ separately and reported as its own row. The timed run still imports mlflow and d
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict
         from pipeline import tracking
 
         uri = Workspace.for_spec(run_ws, spec.name).tracking_uri
-        tracking._client(uri)  # imports mlflow (untimed here: the timed run pays its own import)
+        importlib.import_module("mlflow.tracking")  # untimed here: the timed run pays its own import
         t0 = time.perf_counter()
         tracking.experiment_id(uri, spec.name)
         store_s = time.perf_counter() - t0
