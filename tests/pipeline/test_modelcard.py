@@ -84,3 +84,12 @@ def test_card_without_control_says_so() -> None:
     md, card = build_model_card(run_info_from_checkpoint(checkpoint_dict()), _evaluation())
     assert card["transfer"] is None
     assert "No control arm" in md
+
+
+def test_card_says_when_the_output_averages_mirror_images() -> None:
+    """A researcher re-implementing the model from the card must know that one view is not what was evaluated."""
+    run = run_info_from_checkpoint(checkpoint_dict())
+    _, plain = build_model_card(run, _evaluation())
+    _, mirrored = build_model_card(run, {**_evaluation(), "tta": {"views": 2, "flip_dims": [[3]]}})
+    assert "mirror" not in plain["model"]["output"]
+    assert "averaged over the input and 1 mirror image(s)" in mirrored["model"]["output"]
