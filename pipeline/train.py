@@ -323,8 +323,9 @@ def control_recipe(recipe: Recipe, kind: str) -> Recipe:
     """Same data, split, epochs and optimiser; only what the control varies differs."""
     tree = recipe.model_dump(mode="json")
     if kind == "scratch":
-        # Random features have nothing to protect: train everything from the start at one LR.
-        tree.update(weights="none", stages=[{"epoch": 0, "groups": "all"}])
+        # Random features have nothing to protect: train everything from the start at one LR, and let
+        # BatchNorm learn its statistics (frozen ones would stay at their initial identity).
+        tree.update(weights="none", stages=[{"epoch": 0, "groups": "all"}], freeze_bn_stats=False)
         tree["optim"]["lr_decay"] = 1.0
     elif kind == "probe":
         tree.update(stages=[{"epoch": 0, "groups": 0}])

@@ -277,6 +277,10 @@ def test_control_recipes_change_only_what_the_control_varies() -> None:
                                                                    base.seed)
     with pytest.raises(MedxferError, match="scratch or probe|one of"):
         control_recipe(base, "imagenet")
+    # Frozen BatchNorm statistics keep pretrained ones; a scratch network's would stay at their init.
+    base3 = load_recipe(None, 3, ["freeze_bn_stats=true"])
+    assert control_recipe(base3, "scratch").freeze_bn_stats is False
+    assert control_recipe(base3, "probe").freeze_bn_stats is True
     assert sampled_counts([90, 10], balanced=False) == [90, 10]
     assert sampled_counts([90, 10], balanced=True) == [50, 50]
 
