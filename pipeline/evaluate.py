@@ -568,9 +568,10 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
                                   seed=recipe.seed, **control_kw)
     ev = computed.evaluation
     best = ckpt.get("best") or {}
+    views = tta_views(spec, recipe)
     ev = {"run_id": run_id, **ev, "counts": counts, "patients": patients,
           "evaluated": {"val": int(val.y.size), "test": int(test.y.size)},
-          "tta": {"views": 1 + len(tta_views(spec, recipe)), "flip_dims": [list(v) for v in tta_views(spec, recipe)]},
+          "tta": {"views": 1 + len(views), "flip_dims": [list(v) for v in views]},
           "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
           "checkpoint": {"epoch": best.get("epoch", ckpt.get("epoch")), "best_metric": ckpt.get("best_metric"),
                          "select_metric": recipe.select_metric},
