@@ -48,13 +48,11 @@ def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict
 
 def arm(kind: str, limit: int | None, epochs: int, tracked: bool, tag: str, extra: list[str] | None = None
         ) -> dict[str, Any]:
-    from pathlib import Path
-
     from pipeline.spec import load_spec
     from pipeline.train import train
 
     spec, _ = fixtures.prepare(kind, limit)
-    run_ws = Path(common.work_dir("runs", f"tracking-{tag}"))
+    run_ws = common.work_dir("runs", f"tracking-{tag}")  # made by new_workspace
     t0 = time.perf_counter()
     res = train(load_spec(spec.spec_path), run_ws, overrides=[*(extra or []), f"epochs={epochs}"], device="cpu",
                 track=tracked)
