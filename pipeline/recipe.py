@@ -156,6 +156,11 @@ class Recipe(BaseModel):
         epochs = [s.epoch for s in self.stages if s.epoch is not None]
         if epochs != sorted(epochs):
             raise ValueError("stages: epochs must increase")
+        if self.freeze_bn_stats and self.weights == "none":
+            # Frozen statistics are for keeping pretrained ones; random weights' would stay at their initial
+            # identity for the whole run (a 3D scratch run measured 0.762 test AUROC this way, 0.833 without).
+            raise ValueError("freeze_bn_stats: true keeps pretrained BatchNorm statistics, but weights: none has "
+                             "none to keep; set freeze_bn_stats: false (e.g. --set freeze_bn_stats=false)")
         return self
 
     def flat(self) -> dict[str, str]:

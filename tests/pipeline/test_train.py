@@ -227,7 +227,8 @@ def test_3d_smoke_on_tiny_nifti(tmp_path) -> None:
     ingest(ds.spec, ds.workspace)
     split(ds.spec, ds.workspace)
     res = train(ds.spec, ds.workspace, overrides=["epochs=2", "stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: all}]",
-                                                   "data.size=[16, 16, 16]", "data.batch_size=8", "weights=none"])
+                                                   "data.size=[16, 16, 16]", "data.batch_size=8", "weights=none",
+                                                   "freeze_bn_stats=false"])
     assert res.main.epochs == 2 and len(res.main.history) == 2
     ck = torch.load(res.main.checkpoint, weights_only=True)
     assert ck["model_args"]["spatial_dims"] == 3
@@ -283,6 +284,16 @@ def test_control_recipes_change_only_what_the_control_varies() -> None:
     assert control_recipe(base3, "probe").freeze_bn_stats is True
     assert sampled_counts([90, 10], balanced=False) == [90, 10]
     assert sampled_counts([90, 10], balanced=True) == [50, 50]
+
+
+def test_frozen_bn_statistics_without_pretrained_weights_are_refused() -> None:
+    """The 3D default freezes BatchNorm statistics; `--set weights=none` alone would freeze them at init."""
+    from pipeline.recipe import load_recipe
+    from pipeline.spec import SpecError
+
+    with pytest.raises(SpecError, match="freeze_bn_stats=false"):
+        load_recipe(None, 3, ["weights=none"])
+    assert load_recipe(None, 3, ["weights=none", "freeze_bn_stats=false"]).weights == "none"
 
 
 def test_k_fold_split_uses_the_chosen_fold_as_validation(tmp_path) -> None:
