@@ -37,8 +37,16 @@ BUDGET_S = 600.0
 
 # Pinned, not inherited from the default recipes: MedMNIST's lr 1e-3, BatchNorm statistics that adapt (the
 # 3D default freezes them, which for random weights would keep every BatchNorm at its initial identity).
-_MEDMNIST = ["weights=none", "stages=[{epoch: 0, groups: all}]", "optim.lr=1e-3", "optim.lr_decay=1.0",
-             "freeze_bn_stats=false", "ema_decay=0", "data.augment={}", "loss=ce"]
+_MEDMNIST = [
+    "weights=none",
+    "stages=[{epoch: 0, groups: all}]",
+    "optim.lr=1e-3",
+    "optim.lr_decay=1.0",
+    "freeze_bn_stats=false",
+    "ema_decay=0",
+    "data.augment={}",
+    "loss=ce",
+]
 _SCRATCH = {
     2: ["encoder=resnet18", *_MEDMNIST, "data.size=[28,28]", "data.batch_size=128", "epochs=40"],
     3: ["encoder=resnet18_acs", *_MEDMNIST, "data.size=[28,28,28]", "data.batch_size=32", "epochs=10"],
@@ -68,13 +76,21 @@ _PLAN: dict[str, tuple[int | None, list[int], dict[str, list[str]], list[str]]] 
     "tiny": (24, [0], {"breast": ["default"]}, list(common.TINY_TRAIN)),
     "quick": (None, [0], {"breast": ["default", "progressive", "probe"], "adrenal": ["default"]}, []),
     # The 2D default is full fine-tuning, so its comparison arm is the head-first schedule; in 3D the reverse.
-    "full": (None, [0, 1, 2], {"breast": ["default", "progressive", "probe", "scratch", "other_loss"],
-                               "adrenal": ["default", "full_ft", "probe", "scratch", "other_loss"]}, []),
+    "full": (
+        None,
+        [0, 1, 2],
+        {
+            "breast": ["default", "progressive", "probe", "scratch", "other_loss"],
+            "adrenal": ["default", "full_ft", "probe", "scratch", "other_loss"],
+        },
+        [],
+    ),
 }
 
 
-def one_run(kind: str, limit: int | None, dims: int, arm: str, seed: int, extra: list[str],
-            n_bootstrap: int) -> dict[str, Any]:
+def one_run(
+    kind: str, limit: int | None, dims: int, arm: str, seed: int, extra: list[str], n_bootstrap: int
+) -> dict[str, Any]:
     from pipeline.evaluate import evaluate
     from pipeline.spec import load_spec
     from pipeline.train import train
@@ -94,11 +110,18 @@ def one_run(kind: str, limit: int | None, dims: int, arm: str, seed: int, extra:
         return float(v["value"]) if isinstance(v, dict) else (float(v) if v is not None else None)
 
     ci = test.get("auroc") if isinstance(test.get("auroc"), dict) else {}
-    return {"auroc": val("auroc"), "auroc_ci": [ci.get("ci_low"), ci.get("ci_high")],
-            "balanced_accuracy": val("balanced_accuracy"), "wall_s": wall, "train_s": train_s,
-            "val_auroc": res.main.val.get("auroc"),  # of the checkpoint chosen on it (optimistic)
-            "best_epoch": res.main.best_epoch + 1, "epochs": res.main.epochs, "overrides": overrides,
-            **_resolved(dims, overrides)}
+    return {
+        "auroc": val("auroc"),
+        "auroc_ci": [ci.get("ci_low"), ci.get("ci_high")],
+        "balanced_accuracy": val("balanced_accuracy"),
+        "wall_s": wall,
+        "train_s": train_s,
+        "val_auroc": res.main.val.get("auroc"),  # of the checkpoint chosen on it (optimistic)
+        "best_epoch": res.main.best_epoch + 1,
+        "epochs": res.main.epochs,
+        "overrides": overrides,
+        **_resolved(dims, overrides),
+    }
 
 
 def _resolved(dims: int, overrides: list[str]) -> dict[str, str]:
@@ -117,16 +140,25 @@ def _summarise(result: dict[str, Any], runs: list[dict[str, Any]]) -> None:
         aucs = [r["auroc"] for r in group]
         label, _, _, anchors, target = SETS[key[0]]
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
-        rows.append({"set": label, "arm": key[1], "encoder": group[0]["encoder"], "loss": group[0].get("loss"),
-                     "seeds": len(aucs),
-                     "test_auroc_mean": round(statistics.mean(aucs), 4), "test_auroc_sd": round(sd, 4),
-                     "val_auroc_mean": round(statistics.mean(r.get("val_auroc") or float("nan") for r in group), 4),
-                     "wall_s_each": ", ".join(f"{r['wall_s']:.0f}" for r in group),
-                     "within_budget": all(r["wall_s"] <= BUDGET_S for r in group),
-                     "best_anchor": f"{max(anchors.values()):.3f}"})
+        rows.append(
+            {
+                "set": label,
+                "arm": key[1],
+                "encoder": group[0]["encoder"],
+                "loss": group[0].get("loss"),
+                "seeds": len(aucs),
+                "test_auroc_mean": round(statistics.mean(aucs), 4),
+                "test_auroc_sd": round(sd, 4),
+                "val_auroc_mean": round(statistics.mean(r.get("val_auroc") or float("nan") for r in group), 4),
+                "wall_s_each": ", ".join(f"{r['wall_s']:.0f}" for r in group),
+                "within_budget": all(r["wall_s"] <= BUDGET_S for r in group),
+                "best_anchor": f"{max(anchors.values()):.3f}",
+            }
+        )
         if key[1] == "default":
-            ratios[f"{label}: default recipe test AUROC"] = common.ratio_entry(statistics.mean(aucs), target,
-                                                                               what="absolute AUROC")
+            ratios[f"{label}: default recipe test AUROC"] = common.ratio_entry(
+                statistics.mean(aucs), target, what="absolute AUROC"
+            )
     result["rows"], result["ratios"] = rows, ratios
 
 
@@ -140,18 +172,30 @@ def run(size: str = "full") -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     result["runs"] = runs
     result["anchors"] = {SETS[k][0]: SETS[k][3] for k in SETS}
-    result["notes"] += [f"budget per run {BUDGET_S:.0f} s of wall time on this machine (train + evaluate)",
-                        "split fixed (spec seed 0, MedMNIST test pinned); the seed varies init and data order",
-                        "scratch = MedMNIST-style recipe shortened to fit the CPU budget (MedMNIST trained 100 "
-                        "epochs on GPU)"]
+    result["notes"] += [
+        f"budget per run {BUDGET_S:.0f} s of wall time on this machine (train + evaluate)",
+        "split fixed (spec seed 0, MedMNIST test pinned); the seed varies init and data order",
+        "scratch = MedMNIST-style recipe shortened to fit the CPU budget (MedMNIST trained 100 epochs on GPU)",
+    ]
     for seed in seeds:  # seeds outermost: a stopped full run still has one complete seed of every arm
         for set_key, arms in plan.items():
             label, kind, dims, _, _ = SETS[set_key]
             for arm in arms:
                 try:
-                    r = common.run_isolated("benchmarks.accuracy:one_run", kind=kind, limit=limit, dims=dims,
-                                            arm=arm, seed=seed, extra=extra, n_bootstrap=n_boot) \
-                        if size != "tiny" else one_run(kind, limit, dims, arm, seed, extra, n_boot)
+                    r = (
+                        common.run_isolated(
+                            "benchmarks.accuracy:one_run",
+                            kind=kind,
+                            limit=limit,
+                            dims=dims,
+                            arm=arm,
+                            seed=seed,
+                            extra=extra,
+                            n_bootstrap=n_boot,
+                        )
+                        if size != "tiny"
+                        else one_run(kind, limit, dims, arm, seed, extra, n_boot)
+                    )
                 except RuntimeError as exc:
                     r = {"error": str(exc)[-800:]}
                 runs.append({"set": set_key, "arm": arm, "seed": seed, **r})

@@ -27,8 +27,21 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "quick", "full")
 SCHEMA = 1
-RESULT_KEYS = ("schema", "name", "title", "status", "reason", "size", "created", "wall_s", "machine", "versions",
-               "ratios", "rows", "notes")
+RESULT_KEYS = (
+    "schema",
+    "name",
+    "title",
+    "status",
+    "reason",
+    "size",
+    "created",
+    "wall_s",
+    "machine",
+    "versions",
+    "ratios",
+    "rows",
+    "notes",
+)
 _CHILD_MARK = "@@BENCH-CHILD@@"
 # Recipe overrides for every training run at the tiny size (the smoke test): small images, one epoch, a
 # small batch, no bootstrap to speak of. Numbers from tiny runs mean nothing; they only prove it runs.
@@ -47,6 +60,7 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- locations
+
 
 def results_dir() -> Path:
     """Committed results live in benchmarks/results; the smoke test points this elsewhere."""
@@ -84,8 +98,9 @@ def ge_mr_series() -> Path:
     return path
 
 
-def medmnist_tensors(name: str, size: list[int] | tuple[int, ...], limit: int | None = None,
-                     split: str = "train") -> tuple[Any, Any]:
+def medmnist_tensors(
+    name: str, size: list[int] | tuple[int, ...], limit: int | None = None, split: str = "train"
+) -> tuple[Any, Any]:
     """Real MedMNIST images as a float tensor (N, 1, *size) in [0, 1] plus int64 labels.
 
     For step-level benchmarks that must not measure the data path: the images are real,
@@ -116,6 +131,7 @@ def require(module: str, what: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- machine
 
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -131,8 +147,12 @@ def machine() -> dict[str, Any]:
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-               "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+        gpu = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -151,8 +171,21 @@ def machine() -> dict[str, Any]:
     }
 
 
-_PACKAGES = ("medxfer", "torch", "torchvision", "monai", "timm", "numpy", "mlflow", "pydicom", "nibabel",
-             "albumentations", "onnx", "onnxruntime", "scikit-learn")
+_PACKAGES = (
+    "medxfer",
+    "torch",
+    "torchvision",
+    "monai",
+    "timm",
+    "numpy",
+    "mlflow",
+    "pydicom",
+    "nibabel",
+    "albumentations",
+    "onnx",
+    "onnxruntime",
+    "scikit-learn",
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -168,16 +201,23 @@ def versions() -> dict[str, str | None]:
 
 def git_commit() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("-dirty" if dirty else "")) or None
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
 
 def peak_rss_mb() -> float:
     """Peak resident set of this process so far.
@@ -236,8 +276,13 @@ def ratio_entry(value: float, target: float | None, higher_is_better: bool = Tru
     met = None
     if target is not None and value == value:  # NaN never meets a target
         met = bool(value >= target) if higher_is_better else bool(value <= target)
-    return {"value": round(float(value), 3), "target": target, "higher_is_better": higher_is_better,
-            "met": met, "what": what}
+    return {
+        "value": round(float(value), 3),
+        "target": target,
+        "higher_is_better": higher_is_better,
+        "met": met,
+        "what": what,
+    }
 
 
 def run_isolated(target: str, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -247,11 +292,12 @@ def run_isolated(target: str, timeout: float | None = None, **kwargs: Any) -> di
     one arm's allocations, import cost and warm caches would be billed to the other.
     """
     cmd = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_CHILD_MARK):
-            return json.loads(line[len(_CHILD_MARK):])
+            return json.loads(line[len(_CHILD_MARK) :])
     tail = (proc.stderr or proc.stdout)[-3000:]
     raise RuntimeError(f"{target} failed (exit {proc.returncode}):\n{tail}")
 
@@ -267,12 +313,25 @@ def _child_main(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- results
 
+
 def new_result(name: str, title: str, size: str) -> dict[str, Any]:
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    return {"schema": SCHEMA, "name": name, "title": title, "status": "ok", "reason": None, "size": size,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "wall_s": None,
-            "machine": machine(), "versions": versions(), "ratios": {}, "rows": [], "notes": []}
+    return {
+        "schema": SCHEMA,
+        "name": name,
+        "title": title,
+        "status": "ok",
+        "reason": None,
+        "size": size,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "wall_s": None,
+        "machine": machine(),
+        "versions": versions(),
+        "ratios": {},
+        "rows": [],
+        "notes": [],
+    }
 
 
 def write_result(result: dict[str, Any]) -> Path:
@@ -326,8 +385,9 @@ def print_result(result: dict[str, Any]) -> None:
             table.add_row(*[fmt(r.get(c)) for c in cols])
         console.print(table)
     if result.get("ratios"):
-        table = Table(title="ratios (same run, same machine)", title_justify="left", show_header=True,
-                      header_style="bold")
+        table = Table(
+            title="ratios (same run, same machine)", title_justify="left", show_header=True, header_style="bold"
+        )
         for c in ("ratio", "value", "target", "met"):
             table.add_column(c)
         for k, r in result["ratios"].items():

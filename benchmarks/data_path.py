@@ -47,8 +47,9 @@ def _setup(kind: str, limit: int | None, dims: int, overrides: list[str], augmen
     return spec, ws_root, recipe
 
 
-def arm_pipeline(kind: str, limit: int | None, dims: int, overrides: list[str], augment: bool,
-                 epochs: int) -> dict[str, Any]:
+def arm_pipeline(
+    kind: str, limit: int | None, dims: int, overrides: list[str], augment: bool, epochs: int
+) -> dict[str, Any]:
     import pandas as pd
 
     from pipeline import data
@@ -70,14 +71,21 @@ def arm_pipeline(kind: str, limit: int | None, dims: int, overrides: list[str], 
             n += len(batch["label"])
         epoch_s.append(time.perf_counter() - t0)
         samples = n
-    out = {"epoch_s": epoch_s, "samples_per_epoch": samples, "prepare_s": prepare_s,
-           "cache_mode": bundle.cache_mode, "loader": loader.kind, "n_train": len(bundle["train"])}
+    out = {
+        "epoch_s": epoch_s,
+        "samples_per_epoch": samples,
+        "prepare_s": prepare_s,
+        "cache_mode": bundle.cache_mode,
+        "loader": loader.kind,
+        "n_train": len(bundle["train"]),
+    }
     shutil.rmtree(run_ws, ignore_errors=True)
     return out
 
 
-def arm_monai(kind: str, limit: int | None, dims: int, overrides: list[str], augment: bool,
-              epochs: int) -> dict[str, Any]:
+def arm_monai(
+    kind: str, limit: int | None, dims: int, overrides: list[str], augment: bool, epochs: int
+) -> dict[str, Any]:
     import warnings
 
     import torch
@@ -92,14 +100,27 @@ def arm_monai(kind: str, limit: int | None, dims: int, overrides: list[str], aug
     det = [t for t in deterministic_transforms(spec, recipe).transforms if not isinstance(t, LoadStudyd)]
     rand = random_transforms(spec, recipe)
     reader = "PydicomReader" if spec.source.kind == "dicom" else "NibabelReader"
-    transform = Compose([LoadImaged("image", reader=reader, image_only=True), EnsureChannelFirstd("image"),
-                         *det, *(rand.transforms if rand is not None else [])])
-    items = [{"image": list(f)[0] if len(f) == 1 else list(f), "label": int(y)}
-             for f, y in zip(train["files"], train["label_index"], strict=True)]
+    transform = Compose(
+        [
+            LoadImaged("image", reader=reader, image_only=True),
+            EnsureChannelFirstd("image"),
+            *det,
+            *(rand.transforms if rand is not None else []),
+        ]
+    )
+    items = [
+        {"image": list(f)[0] if len(f) == 1 else list(f), "label": int(y)}
+        for f, y in zip(train["files"], train["label_index"], strict=True)
+    ]
     ds = Dataset(items, transform=transform)
-    loader = DataLoader(ds, batch_size=recipe.data.batch_size, shuffle=True, num_workers=recipe.data.num_workers,
-                        drop_last=len(items) > recipe.data.batch_size,
-                        generator=torch.Generator().manual_seed(recipe.seed))
+    loader = DataLoader(
+        ds,
+        batch_size=recipe.data.batch_size,
+        shuffle=True,
+        num_workers=recipe.data.num_workers,
+        drop_last=len(items) > recipe.data.batch_size,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
     epoch_s, samples = [], 0
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
@@ -146,22 +167,43 @@ def run(size: str = "full") -> dict[str, Any]:
             first_m, first_p = mon["epoch_s"][0], pipe["prepare_s"] + pipe["epoch_s"][0]
             what = "recipe augmentation" if augment else "no augmentation"
             common_row = {"set": label, "augment": "recipe" if augment else "off", "train_studies": pipe["n_train"]}
-            result["rows"].append({**common_row, "arm": "MONAI Dataset+LoadImaged (baseline)",
-                                   "steady_samples_per_s": steady_m, "first_epoch_s": first_m,
-                                   "peak_rss_mb": mon.get("peak_rss_mb"), "ratio": 1.0})
-            result["rows"].append({**common_row, "arm": f"medxfer ({pipe['cache_mode']} cache, {pipe['loader']})",
-                                   "steady_samples_per_s": steady_p, "first_epoch_s": first_p,
-                                   "peak_rss_mb": pipe.get("peak_rss_mb"), "ratio": steady_p / steady_m})
+            result["rows"].append(
+                {
+                    **common_row,
+                    "arm": "MONAI Dataset+LoadImaged (baseline)",
+                    "steady_samples_per_s": steady_m,
+                    "first_epoch_s": first_m,
+                    "peak_rss_mb": mon.get("peak_rss_mb"),
+                    "ratio": 1.0,
+                }
+            )
+            result["rows"].append(
+                {
+                    **common_row,
+                    "arm": f"medxfer ({pipe['cache_mode']} cache, {pipe['loader']})",
+                    "steady_samples_per_s": steady_p,
+                    "first_epoch_s": first_p,
+                    "peak_rss_mb": pipe.get("peak_rss_mb"),
+                    "ratio": steady_p / steady_m,
+                }
+            )
             result["ratios"][f"{label}, {what}: steady samples/s"] = common.ratio_entry(
-                steady_p / steady_m, TARGET if augment else None)
+                steady_p / steady_m, TARGET if augment else None
+            )
             result["ratios"][f"{label}, {what}: first-epoch time"] = common.ratio_entry(
-                first_p / first_m, None, higher_is_better=False, what="pipeline / baseline seconds")
+                first_p / first_m, None, higher_is_better=False, what="pipeline / baseline seconds"
+            )
             result.setdefault("details", {})[f"{label}/{what}"] = {"monai": mon, "pipeline": pipe}
-    result["notes"].append(f"{epochs} epochs per arm; steady state = epochs 2..{epochs}; batch size and workers from "
-                           "the default recipe; each arm in its own process" if isolate else
-                           "tiny: arms in one process, numbers meaningless")
-    result["notes"].append("target (>= 10x) applies to the run with the recipe's augmentation; the no-augmentation "
-                           "row shows what caching the deterministic part alone buys")
+    result["notes"].append(
+        f"{epochs} epochs per arm; steady state = epochs 2..{epochs}; batch size and workers from "
+        "the default recipe; each arm in its own process"
+        if isolate
+        else "tiny: arms in one process, numbers meaningless"
+    )
+    result["notes"].append(
+        "target (>= 10x) applies to the run with the recipe's augmentation; the no-augmentation "
+        "row shows what caching the deterministic part alone buys"
+    )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 

@@ -42,8 +42,10 @@ def _write_adrenal64(out: Path, limit: int | None) -> None:
                 rows.append([rel, ("normal", "hyperplasia")[int(labs[i])], f"{split}{i:04d}", split])
                 if split == "test":
                     pinned.append([rel])
-    for name, header, body in (("labels.csv", ["path", "label", "patient", "medmnist_split"], rows),
-                               ("pinned_test.csv", ["path"], pinned)):
+    for name, header, body in (
+        ("labels.csv", ["path", "label", "patient", "medmnist_split"], rows),
+        ("pinned_test.csv", ["path"], pinned),
+    ):
         with (out / name).open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(header)

@@ -51,8 +51,11 @@ def _arm(model: Any, x: Any, y: Any, precision: str, steps: tuple[int, int], cha
         step()
     torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0
-    return {"samples_per_s": timed * x.shape[0] / wall, "step_ms": 1000 * wall / timed,
-            "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20}
+    return {
+        "samples_per_s": timed * x.shape[0] / wall,
+        "step_ms": 1000 * wall / timed,
+        "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20,
+    }
 
 
 def run(size: str = "full") -> dict[str, Any]:
@@ -60,9 +63,11 @@ def run(size: str = "full") -> dict[str, Any]:
 
     result = common.new_result(NAME, TITLE, size)
     if not torch.cuda.is_available():
-        raise common.Skip("no CUDA device on this machine; not run here (the benchmark session that produced the "
-                          "committed results had no GPU lent). Run `python -m benchmarks.run_all --only gpu_amp` "
-                          "on a CUDA machine.")
+        raise common.Skip(
+            "no CUDA device on this machine; not run here (the benchmark session that produced the "
+            "committed results had no GPU lent). Run `python -m benchmarks.run_all --only gpu_amp` "
+            "on a CUDA machine."
+        )
     registry = common.require("models.registry", "the encoder registry (models.registry)")
     from pipeline.recipe import load_recipe
 
@@ -82,15 +87,24 @@ def run(size: str = "full") -> dict[str, Any]:
                 model = model.to(memory_format=torch.channels_last)
             m = _arm(model, x, y, prec, _STEPS[size], recipe.channels_last)
             base = base or m
-            result["rows"].append({"recipe": f"default_{dims}d", "encoder": recipe.encoder,
-                                   "input": "x".join(map(str, input_size)), "batch": batch, "precision": prec,
-                                   "samples_per_s": m["samples_per_s"], "step_ms": m["step_ms"],
-                                   "peak_mem_mib": m["peak_mem_mib"],
-                                   "speedup_vs_fp32": m["samples_per_s"] / base["samples_per_s"],
-                                   "mem_vs_fp32": m["peak_mem_mib"] / base["peak_mem_mib"]})
+            result["rows"].append(
+                {
+                    "recipe": f"default_{dims}d",
+                    "encoder": recipe.encoder,
+                    "input": "x".join(map(str, input_size)),
+                    "batch": batch,
+                    "precision": prec,
+                    "samples_per_s": m["samples_per_s"],
+                    "step_ms": m["step_ms"],
+                    "peak_mem_mib": m["peak_mem_mib"],
+                    "speedup_vs_fp32": m["samples_per_s"] / base["samples_per_s"],
+                    "mem_vs_fp32": m["peak_mem_mib"] / base["peak_mem_mib"],
+                }
+            )
             if prec != "fp32":
                 result["ratios"][f"{dims}D {prec} / fp32 samples/s"] = common.ratio_entry(
-                    m["samples_per_s"] / base["samples_per_s"], None)
+                    m["samples_per_s"] / base["samples_per_s"], None
+                )
             del model
             torch.cuda.empty_cache()
     result["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -28,8 +28,7 @@ _PLAN = {"tiny": 24, "quick": 60, "full": 150}
 _SETS = (("2D BreastMNIST DICOM", "breast", 2), ("3D AdrenalMNIST3D NIfTI", "adrenal", 3))
 
 
-def arm(kind: str, limit: int, dims: int, extra: list[str] | None = None, timed: int | None = None
-        ) -> dict[str, Any]:
+def arm(kind: str, limit: int, dims: int, extra: list[str] | None = None, timed: int | None = None) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -77,11 +76,18 @@ def arm(kind: str, limit: int, dims: int, extra: list[str] | None = None, timed:
                 lat["onnx_model"].append(t4 - t3)
                 lat["predict"].append(t5 - t4)
                 max_diff = max(max_diff, float(np.abs(le - lo).max()))
-    stats = {k: {"p50_ms": 1000 * common.percentile(v, 50), "p95_ms": 1000 * common.percentile(v, 95)}
-             for k, v in lat.items()}
-    return {"stats": stats, "n_studies": len(studies), "max_abs_logit_diff": max_diff,
-            "torch_threads": torch.get_num_threads(), "encoder": pred.config["model"]["encoder"],
-            "input": (pred.config.get("input") or {}).get("shape")}
+    stats = {
+        k: {"p50_ms": 1000 * common.percentile(v, 50), "p95_ms": 1000 * common.percentile(v, 95)}
+        for k, v in lat.items()
+    }
+    return {
+        "stats": stats,
+        "n_studies": len(studies),
+        "max_abs_logit_diff": max_diff,
+        "torch_threads": torch.get_num_threads(),
+        "encoder": pred.config["model"]["encoder"],
+        "input": (pred.config.get("input") or {}).get("shape"),
+    }
 
 
 def run(size: str = "full") -> dict[str, Any]:
@@ -90,20 +96,37 @@ def run(size: str = "full") -> dict[str, Any]:
     common.require("onnxruntime", "onnxruntime")
     limit = _PLAN[size]
     t0 = time.perf_counter()
-    names = {"eager": "eager: preprocess + forward", "onnx": "ONNX: preprocess + onnxruntime",
-             "eager_model": "eager: forward only", "onnx_model": "ONNX: onnxruntime only",
-             "predict": "Predictor.predict (end to end, calibrated)"}
+    names = {
+        "eager": "eager: preprocess + forward",
+        "onnx": "ONNX: preprocess + onnxruntime",
+        "eager_model": "eager: forward only",
+        "onnx_model": "ONNX: onnxruntime only",
+        "predict": "Predictor.predict (end to end, calibrated)",
+    }
     for label, kind, dims in _SETS[:1] if size == "tiny" else _SETS:
-        m = common.run_isolated("benchmarks.inference:arm", kind=kind, limit=limit, dims=dims) \
-            if size != "tiny" else arm(kind, limit, dims, common.tiny_train(size, dims), timed=4)
+        m = (
+            common.run_isolated("benchmarks.inference:arm", kind=kind, limit=limit, dims=dims)
+            if size != "tiny"
+            else arm(kind, limit, dims, common.tiny_train(size, dims), timed=4)
+        )
         s = m["stats"]
         for key, name in names.items():
-            result["rows"].append({"set": label, "encoder": m["encoder"], "studies": m["n_studies"], "arm": name,
-                                   "p50_ms": s[key]["p50_ms"], "p95_ms": s[key]["p95_ms"]})
+            result["rows"].append(
+                {
+                    "set": label,
+                    "encoder": m["encoder"],
+                    "studies": m["n_studies"],
+                    "arm": name,
+                    "p50_ms": s[key]["p50_ms"],
+                    "p95_ms": s[key]["p95_ms"],
+                }
+            )
         result["ratios"][f"{label}: ONNX / eager p50 (per study, with preprocessing)"] = common.ratio_entry(
-            s["onnx"]["p50_ms"] / s["eager"]["p50_ms"], None, higher_is_better=False)
+            s["onnx"]["p50_ms"] / s["eager"]["p50_ms"], None, higher_is_better=False
+        )
         result["ratios"][f"{label}: ONNX / eager p50 (model only)"] = common.ratio_entry(
-            s["onnx_model"]["p50_ms"] / s["eager_model"]["p50_ms"], None, higher_is_better=False)
+            s["onnx_model"]["p50_ms"] / s["eager_model"]["p50_ms"], None, higher_is_better=False
+        )
         result.setdefault("details", {})[label] = m
     result["notes"].append("batch of one study, CPU; torch and onnxruntime with their default thread counts")
     result["wall_s"] = round(time.perf_counter() - t0, 1)

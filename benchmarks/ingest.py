@@ -30,6 +30,7 @@ _MR_REPEATS = {"tiny": 1, "quick": 3, "full": 5}
 
 # ---------------------------------------------------------------------------------------------- data
 
+
 def generate_tree(root: Path, n_studies: int, n_slices: int, px: int) -> list[Path]:
     """Write `n_studies` single-series MR studies of `n_slices` small slices each; returns the files.
 
@@ -109,6 +110,7 @@ def write_spec(path: Path, name: str, root: Path, labels: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- arms
 
+
 def naive_read(files: list[Path]) -> int:
     """The loop a user writes first: ``dcmread`` every file, ``.pixel_array``, group by series, sort by
     InstanceNumber. No geometry checks, no pseudonyms, nothing written."""
@@ -163,12 +165,30 @@ def _bench_set(label: str, files: list[Path], spec: Path, ws_root: Path, repeats
     n = len(files)
     med = {k: common.median(v) for k, v in (("naive", naive), ("cold", cold), ("warm", warm))}
     rows = [
-        {"set": label, "arm": "naive pydicom loop (baseline)", "files": n, "median_s": med["naive"],
-         "files_per_s": n / med["naive"], "ratio": 1.0},
-        {"set": label, "arm": "medxfer ingest, cold", "files": n, "median_s": med["cold"],
-         "files_per_s": n / med["cold"], "ratio": med["naive"] / med["cold"]},
-        {"set": label, "arm": "medxfer ingest, re-ingest (unchanged)", "files": n, "median_s": med["warm"],
-         "files_per_s": n / med["warm"], "ratio": med["naive"] / med["warm"]},
+        {
+            "set": label,
+            "arm": "naive pydicom loop (baseline)",
+            "files": n,
+            "median_s": med["naive"],
+            "files_per_s": n / med["naive"],
+            "ratio": 1.0,
+        },
+        {
+            "set": label,
+            "arm": "medxfer ingest, cold",
+            "files": n,
+            "median_s": med["cold"],
+            "files_per_s": n / med["cold"],
+            "ratio": med["naive"] / med["cold"],
+        },
+        {
+            "set": label,
+            "arm": "medxfer ingest, re-ingest (unchanged)",
+            "files": n,
+            "median_s": med["warm"],
+            "files_per_s": n / med["warm"],
+            "ratio": med["naive"] / med["warm"],
+        },
     ]
     return rows, {"summary": summary, "raw_s": {"naive": naive, "cold": cold, "warm": warm}}
 
@@ -194,8 +214,13 @@ def run(size: str = "full") -> dict[str, Any]:
     n_studies, n_slices, px, repeats = _TREE[size]
     tree = work / f"tree_{size}"
     tree_files = generate_tree(tree, n_studies, n_slices, px)
-    sets.append((f"generated_{len(tree_files)}", tree_files,
-                 write_spec(tree / "spec.yaml", f"bench-tree-{size}", tree / "dicom", tree / "labels.csv")))
+    sets.append(
+        (
+            f"generated_{len(tree_files)}",
+            tree_files,
+            write_spec(tree / "spec.yaml", f"bench-tree-{size}", tree / "dicom", tree / "labels.csv"),
+        )
+    )
 
     details = {}
     for label, files, spec in sets:
@@ -206,11 +231,13 @@ def run(size: str = "full") -> dict[str, Any]:
         result["ratios"][f"{label}: cold ingest vs naive"] = common.ratio_entry(rows[1]["ratio"], TARGET)
         result["ratios"][f"{label}: re-ingest vs naive"] = common.ratio_entry(rows[2]["ratio"], TARGET)
     result["details"] = details
-    result["notes"].append("baseline = what a user writes: pydicom.dcmread(f) + .pixel_array for every file, "
-                           "grouped by SeriesInstanceUID, sorted by InstanceNumber (single process). Ingest reads "
-                           "headers only (specific tags, forked workers for >= 400 files), decodes the first/middle/"
-                           "last slice of each chosen series, and also checks geometry, pseudonymises and writes the "
-                           "manifest, rejects, report and scan cache")
+    result["notes"].append(
+        "baseline = what a user writes: pydicom.dcmread(f) + .pixel_array for every file, "
+        "grouped by SeriesInstanceUID, sorted by InstanceNumber (single process). Ingest reads "
+        "headers only (specific tags, forked workers for >= 400 files), decodes the first/middle/"
+        "last slice of each chosen series, and also checks geometry, pseudonymises and writes the "
+        "manifest, rejects, report and scan cache"
+    )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 

@@ -29,13 +29,23 @@ def markdown(results: list[dict[str, Any]]) -> str:
             target = f"{cmp} {e['target']}" if e["target"] is not None else "-"
             met = {True: "yes", False: "**no**", None: "-"}[e["met"]]
             lines.append(f"| {r['name']} ({r['size']}) | {key} | {e['value']:.3g} | {target} | {met} |")
-    machines = {json.dumps({k: r["machine"].get(k) for k in ("cpu_model", "logical_cores", "torch_threads", "gpu",
-                                                             "memory_gib")}, sort_keys=True) for r in results}
+    machines = {
+        json.dumps(
+            {k: r["machine"].get(k) for k in ("cpu_model", "logical_cores", "torch_threads", "gpu", "memory_gib")},
+            sort_keys=True,
+        )
+        for r in results
+    }
     dates = sorted({r["created"][:10] for r in results})
     lines.append("")
-    lines.append(f"Measured {', '.join(dates)}; machine(s): " + "; ".join(
-        f"{m['cpu_model']}, {m['logical_cores']} cores, torch threads {m['torch_threads']}, "
-        f"{m['memory_gib']} GiB, GPU {m['gpu'] or 'none'}" for m in map(json.loads, sorted(machines))))
+    lines.append(
+        f"Measured {', '.join(dates)}; machine(s): "
+        + "; ".join(
+            f"{m['cpu_model']}, {m['logical_cores']} cores, torch threads {m['torch_threads']}, "
+            f"{m['memory_gib']} GiB, GPU {m['gpu'] or 'none'}"
+            for m in map(json.loads, sorted(machines))
+        )
+    )
     return "\n".join(lines)
 
 

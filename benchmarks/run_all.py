@@ -42,15 +42,27 @@ def run_one(name: str, size: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", const="quick", dest="size",
-                      help="shorter runs (accuracy: 1 seed, fewer arms)")
-    size.add_argument("--tiny", action="store_const", const="tiny", dest="size",
-                      help="seconds per benchmark; for the smoke test, numbers are meaningless")
-    ap.add_argument("--only", action="append", default=None, metavar="NAME",
-                    help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
+    size.add_argument(
+        "--quick", action="store_const", const="quick", dest="size", help="shorter runs (accuracy: 1 seed, fewer arms)"
+    )
+    size.add_argument(
+        "--tiny",
+        action="store_const",
+        const="tiny",
+        dest="size",
+        help="seconds per benchmark; for the smoke test, numbers are meaningless",
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}",
+    )
     ap.add_argument("--results-dir", type=Path, default=None, help="result JSON folder (default benchmarks/results)")
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default benchmarks/work)")
     args = ap.parse_args(argv)

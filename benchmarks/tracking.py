@@ -46,19 +46,25 @@ def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict
     return {"workspace": str(run_ws), "store_init_s": store_s}
 
 
-def arm(kind: str, limit: int | None, epochs: int, tracked: bool, tag: str, extra: list[str] | None = None
-        ) -> dict[str, Any]:
+def arm(
+    kind: str, limit: int | None, epochs: int, tracked: bool, tag: str, extra: list[str] | None = None
+) -> dict[str, Any]:
     from pipeline.spec import load_spec
     from pipeline.train import train
 
     spec, _ = fixtures.prepare(kind, limit)
     run_ws = common.work_dir("runs", f"tracking-{tag}")  # made by new_workspace
     t0 = time.perf_counter()
-    res = train(load_spec(spec.spec_path), run_ws, overrides=[*(extra or []), f"epochs={epochs}"], device="cpu",
-                track=tracked)
+    res = train(
+        load_spec(spec.spec_path), run_ws, overrides=[*(extra or []), f"epochs={epochs}"], device="cpu", track=tracked
+    )
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "train_wall_s": res.main.wall_s, "epochs": epochs,
-            "epoch_s": [h["epoch_seconds"] for h in res.main.history]}
+    return {
+        "wall_s": wall,
+        "train_wall_s": res.main.wall_s,
+        "epochs": epochs,
+        "epoch_s": [h["epoch_seconds"] for h in res.main.history],
+    }
 
 
 def run(size: str = "full") -> dict[str, Any]:
@@ -71,14 +77,18 @@ def run(size: str = "full") -> dict[str, Any]:
     stores: list[float] = []
     details = []
     for r in range(repeats):
-        for tracked in ((True, False) if r % 2 == 0 else (False, True)):
+        for tracked in (True, False) if r % 2 == 0 else (False, True):
             # Isolated (except tiny): each arm pays its own imports and MLflow start-up, as `medxfer train` would.
             tag = f"{r}-{int(tracked)}"
             wkw = dict(kind="breast", limit=limit, tracked=tracked, tag=tag)
-            ws = new_workspace(**wkw) if size == "tiny" else \
-                common.run_isolated("benchmarks.tracking:new_workspace", **wkw)
-            kw = dict(kind="breast", limit=limit, epochs=epochs, tracked=tracked, tag=tag,
-                      extra=common.tiny_train(size))
+            ws = (
+                new_workspace(**wkw)
+                if size == "tiny"
+                else common.run_isolated("benchmarks.tracking:new_workspace", **wkw)
+            )
+            kw = dict(
+                kind="breast", limit=limit, epochs=epochs, tracked=tracked, tag=tag, extra=common.tiny_train(size)
+            )
             m = arm(**kw) if size == "tiny" else common.run_isolated("benchmarks.tracking:arm", **kw)
             walls[tracked].append(m["wall_s"])
             if tracked:
@@ -86,11 +96,16 @@ def run(size: str = "full") -> dict[str, Any]:
             details.append({"tracked": tracked, **m, "store_init_s": ws["store_init_s"]})
     on, off, store = common.median(walls[True]), common.median(walls[False]), common.median(stores)
     ctx = {"set": "2D BreastMNIST DICOM", "epochs": epochs, "repeats": repeats}
-    result["rows"] = [{**ctx, "arm": "tracking off (train(track=False))", "median_wall_s": off, "ratio": 1.0},
-                      {**ctx, "arm": "MLflow on (sqlite, as shipped; store exists)", "median_wall_s": on,
-                       "ratio": on / off},
-                      {**ctx, "arm": "MLflow on, a workspace's first run (+ creating the store)",
-                       "median_wall_s": on + store, "ratio": (on + store) / off}]
+    result["rows"] = [
+        {**ctx, "arm": "tracking off (train(track=False))", "median_wall_s": off, "ratio": 1.0},
+        {**ctx, "arm": "MLflow on (sqlite, as shipped; store exists)", "median_wall_s": on, "ratio": on / off},
+        {
+            **ctx,
+            "arm": "MLflow on, a workspace's first run (+ creating the store)",
+            "median_wall_s": on + store,
+            "ratio": (on + store) / off,
+        },
+    ]
     result["ratios"]["tracked / untracked wall time"] = common.ratio_entry(on / off, TARGET, higher_is_better=False)
     result["details"] = details
     result["notes"].append("off = pipeline.train.train(track=False): same training and checkpoints, no MLflow")

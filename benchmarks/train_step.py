@@ -29,13 +29,16 @@ TARGET_HEAD = 3.0
 # full: 200 studies, not all: a step costs the same whatever the set size, and a full `make bench`
 # spends its CPU time on the accuracy study.
 _PLAN = {"tiny": (24, 1, 1), "quick": (120, 3, 2), "full": (200, 3, 2)}
-_SETS = {"tiny": (("2D", "breast", "breastmnist", 2),),
-         "quick": (("2D", "breast", "breastmnist", 2),),
-         "full": (("2D", "breast", "breastmnist", 2), ("3D", "adrenal", "adrenalmnist3d", 3))}
+_SETS = {
+    "tiny": (("2D", "breast", "breastmnist", 2),),
+    "quick": (("2D", "breast", "breastmnist", 2),),
+    "full": (("2D", "breast", "breastmnist", 2), ("3D", "adrenal", "adrenalmnist3d", 3)),
+}
 
 
-def arm_hand(dataset: str, dims: int, n: int, epochs: int, head_only: bool, extra: list[str] | None = None
-             ) -> dict[str, Any]:
+def arm_hand(
+    dataset: str, dims: int, n: int, epochs: int, head_only: bool, extra: list[str] | None = None
+) -> dict[str, Any]:
     """The loop a user writes by hand: no framework, in-memory tensors, AdamW + cross-entropy."""
     import torch
 
@@ -62,7 +65,7 @@ def arm_hand(dataset: str, dims: int, n: int, epochs: int, head_only: bool, extr
         perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(e))
         t0, seen = time.perf_counter(), 0
         for i in range(0, len(perm) - bs + 1, bs):
-            idx = perm[i:i + bs]
+            idx = perm[i : i + bs]
             x, y = x_all[idx], y_all[idx]
             if head_only:
                 with torch.no_grad():
@@ -77,28 +80,47 @@ def arm_hand(dataset: str, dims: int, n: int, epochs: int, head_only: bool, extr
             seen += len(y)
         epoch_s.append(time.perf_counter() - t0)
     timed = epoch_s[1:]
-    return {"samples_per_s": seen / (sum(timed) / len(timed)), "epoch_s": epoch_s, "n": len(y_all),
-            "batch_size": bs, "size": size, "encoder": recipe.encoder, "threads": torch.get_num_threads()}
+    return {
+        "samples_per_s": seen / (sum(timed) / len(timed)),
+        "epoch_s": epoch_s,
+        "n": len(y_all),
+        "batch_size": bs,
+        "size": size,
+        "encoder": recipe.encoder,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def arm_pipeline(kind: str, limit: int | None, dims: int, stage_epochs: int, extra: list[str] | None = None
-                 ) -> dict[str, Any]:
+def arm_pipeline(
+    kind: str, limit: int | None, dims: int, stage_epochs: int, extra: list[str] | None = None
+) -> dict[str, Any]:
     from pipeline.spec import load_spec
     from pipeline.train import train
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"train_step-{kind}-{limit}")
     epochs = 2 * stage_epochs
-    res = train(load_spec(spec.spec_path), run_ws, overrides=[
-        *(extra or []), f"epochs={epochs}", f"stages=[{{epoch: 0, groups: 0}}, {{epoch: {stage_epochs}, groups: all}}]",
-        "data.augment={}"], device="cpu")
+    res = train(
+        load_spec(spec.spec_path),
+        run_ws,
+        overrides=[
+            *(extra or []),
+            f"epochs={epochs}",
+            f"stages=[{{epoch: 0, groups: 0}}, {{epoch: {stage_epochs}, groups: all}}]",
+            "data.augment={}",
+        ],
+        device="cpu",
+    )
     hist = res.main.history
     head = [h["samples_per_s"] for h in hist if h["stage"] == 0]
     full = [h["samples_per_s"] for h in hist if h["stage"] != 0]
     head, full = head[1:] or head, full[1:] or full  # each stage's first epoch warms up (tiny: one epoch)
-    return {"head_samples_per_s": sum(head) / len(head), "full_samples_per_s": sum(full) / len(full),
-            "history": [{k: h[k] for k in ("epoch", "stage", "samples_per_s", "epoch_seconds")} for h in hist],
-            "n_train": len(fixtures.tables(spec, ws_root)["train"])}
+    return {
+        "head_samples_per_s": sum(head) / len(head),
+        "full_samples_per_s": sum(full) / len(full),
+        "history": [{k: h[k] for k in ("epoch", "stage", "samples_per_s", "epoch_seconds")} for h in hist],
+        "n_train": len(fixtures.tables(spec, ws_root)["train"]),
+    }
 
 
 def run(size: str = "full") -> dict[str, Any]:
@@ -123,8 +145,7 @@ def run(size: str = "full") -> dict[str, Any]:
         # hand, pipeline, hand: drift on a shared machine hits both sides; tiny only checks that it runs.
         for step in ("hand", "pipeline", "hand") if isolate else ("pipeline", "hand"):
             if step == "pipeline":
-                pipe = call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs,
-                            extra=extra)
+                pipe = call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs, extra=extra)
                 continue
             n = pipe["n_train"] if pipe else len(fixtures.tables(*fixtures.prepare(kind, limit))["train"])
             for head_only in (False, True):
@@ -132,26 +153,48 @@ def run(size: str = "full") -> dict[str, Any]:
         hand_full = sum(h["samples_per_s"] for h in hands[False]) / len(hands[False])
         hand_head = sum(h["samples_per_s"] for h in hands[True]) / len(hands[True])
         h0 = hands[False][0]
-        ctx = {"set": label, "encoder": h0["encoder"], "input": "x".join(map(str, h0["size"])),
-               "batch": h0["batch_size"], "train_samples": pipe["n_train"]}
+        ctx = {
+            "set": label,
+            "encoder": h0["encoder"],
+            "input": "x".join(map(str, h0["size"])),
+            "batch": h0["batch_size"],
+            "train_samples": pipe["n_train"],
+        }
         result["rows"] += [
             {**ctx, "arm": "hand-written loop, full fine-tuning (baseline)", "samples_per_s": hand_full, "ratio": 1.0},
-            {**ctx, "arm": "medxfer train, full fine-tuning stage", "samples_per_s": pipe["full_samples_per_s"],
-             "ratio": pipe["full_samples_per_s"] / hand_full},
-            {**ctx, "arm": "hand-written loop, frozen encoder", "samples_per_s": hand_head,
-             "ratio": hand_head / hand_full},
-            {**ctx, "arm": "medxfer train, head-only stage 0", "samples_per_s": pipe["head_samples_per_s"],
-             "ratio": pipe["head_samples_per_s"] / hand_full},
+            {
+                **ctx,
+                "arm": "medxfer train, full fine-tuning stage",
+                "samples_per_s": pipe["full_samples_per_s"],
+                "ratio": pipe["full_samples_per_s"] / hand_full,
+            },
+            {
+                **ctx,
+                "arm": "hand-written loop, frozen encoder",
+                "samples_per_s": hand_head,
+                "ratio": hand_head / hand_full,
+            },
+            {
+                **ctx,
+                "arm": "medxfer train, head-only stage 0",
+                "samples_per_s": pipe["head_samples_per_s"],
+                "ratio": pipe["head_samples_per_s"] / hand_full,
+            },
         ]
         result["ratios"][f"{label}: pipeline / hand loop (full fine-tuning)"] = common.ratio_entry(
-            pipe["full_samples_per_s"] / hand_full, TARGET_LOOP)
+            pipe["full_samples_per_s"] / hand_full, TARGET_LOOP
+        )
         result["ratios"][f"{label}: head-only / full step (pipeline)"] = common.ratio_entry(
-            pipe["head_samples_per_s"] / pipe["full_samples_per_s"], TARGET_HEAD)
-        result["ratios"][f"{label}: head-only / full step (hand loop)"] = common.ratio_entry(hand_head / hand_full,
-                                                                                              None)
+            pipe["head_samples_per_s"] / pipe["full_samples_per_s"], TARGET_HEAD
+        )
+        result["ratios"][f"{label}: head-only / full step (hand loop)"] = common.ratio_entry(
+            hand_head / hand_full, None
+        )
         result.setdefault("details", {})[label] = {"pipeline": pipe, "hand": hands}
-    result["notes"].append("pipeline samples/s is its own training-only figure per epoch (validation excluded), "
-                           "averaged over each stage's epochs after its first; augmentation off in both arms")
+    result["notes"].append(
+        "pipeline samples/s is its own training-only figure per epoch (validation excluded), "
+        "averaged over each stage's epochs after its first; augmentation off in both arms"
+    )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 

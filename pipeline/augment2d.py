@@ -47,13 +47,25 @@ class Augment2D:
             steps.append(A.HorizontalFlip(p=0.5))
         rot, scale = float(cfg.get("rotate", 0)), float(cfg.get("scale", 0))
         if rot or scale:
-            steps.append(A.Affine(rotate=(-rot, rot), scale=(1 - scale, 1 + scale), keep_ratio=True,
-                                  interpolation=_INTER_LINEAR, border_mode=_BORDER_CONSTANT, fill=0, p=1.0))
+            steps.append(
+                A.Affine(
+                    rotate=(-rot, rot),
+                    scale=(1 - scale, 1 + scale),
+                    keep_ratio=True,
+                    interpolation=_INTER_LINEAR,
+                    border_mode=_BORDER_CONSTANT,
+                    fill=0,
+                    p=1.0,
+                )
+            )
         bright, contrast = float(cfg.get("brightness", 0)), float(cfg.get("contrast", 0))
         self._clip = bool(bright or contrast)
         if self._clip:
-            steps.append(A.RandomBrightnessContrast(brightness_limit=bright, contrast_limit=contrast,
-                                                    brightness_by_max=True, p=1.0))
+            steps.append(
+                A.RandomBrightnessContrast(
+                    brightness_limit=bright, contrast_limit=contrast, brightness_by_max=True, p=1.0
+                )
+            )
         self._compose = A.Compose(steps, seed=0) if steps else None
 
     @property

@@ -89,6 +89,7 @@ def find_bundle(root: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------- writing
 
+
 def _sanitised_spec(spec: dict[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items() if k not in ("spec_path", "split")}
     if isinstance(out.get("source"), dict):
@@ -130,8 +131,12 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
         "format": BUNDLE_FORMAT,
         "medxfer_version": medxfer_version(),
         "run_id": ckpt.get("run_id"),
-        "model": {"encoder": args["name"], "num_classes": int(args["num_classes"]), "in_chans": int(args["in_chans"]),
-                  "spatial_dims": int(args["spatial_dims"])},
+        "model": {
+            "encoder": args["name"],
+            "num_classes": int(args["num_classes"]),
+            "in_chans": int(args["in_chans"]),
+            "spatial_dims": int(args["spatial_dims"]),
+        },
         "weights": {"file": WEIGHTS, "sha256": None},
         "task": task,
         "classes": classes,
@@ -139,19 +144,29 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
         "positive_index": classes.index(pos) if pos in classes else None,
         "temperature": float(ev.get("temperature", 1.0)),
         "threshold": threshold,
-        "threshold_policy": ev.get("threshold_policy") or {"policy": "default 0.5 (not evaluated)"
-                                                           if task == "binary" else "argmax"},
-        "decision_rule": (f"'{pos}' when prob_{pos} >= threshold, else the other class" if task == "binary"
-                          else "argmax of the class probabilities"),
-        "input": {"shape": [int(args["in_chans"]), *size] if size else None, "dtype": "float32",
-                  "value_range": "intensity scaled to about [0, 1]; the model normalises internally"},
+        "threshold_policy": ev.get("threshold_policy")
+        or {"policy": "default 0.5 (not evaluated)" if task == "binary" else "argmax"},
+        "decision_rule": (
+            f"'{pos}' when prob_{pos} >= threshold, else the other class"
+            if task == "binary"
+            else "argmax of the class probabilities"
+        ),
+        "input": {
+            "shape": [int(args["in_chans"]), *size] if size else None,
+            "dtype": "float32",
+            "value_range": "intensity scaled to about [0, 1]; the model normalises internally",
+        },
         "spec": _sanitised_spec(spec),
         "recipe": _sanitised_recipe(recipe),
     }
 
 
-def write_bundle(ckpt: dict[str, Any] | Path | str, evaluation: dict[str, Any] | None, out_dir: Path | str,
-                 run_info: dict[str, Any] | None = None) -> Path:
+def write_bundle(
+    ckpt: dict[str, Any] | Path | str,
+    evaluation: dict[str, Any] | None,
+    out_dir: Path | str,
+    run_info: dict[str, Any] | None = None,
+) -> Path:
     """Write a bundle folder from a training checkpoint (dict or path) and its evaluation.json dict.
 
     ``run_info`` feeds the model card (see pipeline.modelcard); by default it is derived from the
@@ -170,10 +185,14 @@ def write_bundle(ckpt: dict[str, Any] | Path | str, evaluation: dict[str, Any] |
     out.mkdir(parents=True, exist_ok=True)
     cfg = preprocessing_config(ckpt, evaluation)
     # Clone: safetensors refuses tensors that share storage, and a state dict may hold views.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt["model"].items()
-             if isinstance(v, torch.Tensor)}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "encoder": cfg["model"]["encoder"],
-                                                    "medxfer": BUNDLE_FORMAT})
+    state = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)
+    }
+    save_file(
+        state,
+        str(out / WEIGHTS),
+        metadata={"format": "pt", "encoder": cfg["model"]["encoder"], "medxfer": BUNDLE_FORMAT},
+    )
     cfg["weights"]["sha256"] = sha256_file(out / WEIGHTS)
     _write_json(out / PREPROCESSING, cfg)
     if evaluation:
@@ -192,14 +211,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 # ---------------------------------------------------------------------------- loading and predicting
 
+
 def load_config(bundle_dir: Path) -> dict[str, Any]:
     path = Path(bundle_dir) / PREPROCESSING
     if not path.is_file():
         raise BundleError(f"{Path(bundle_dir).name}: not a medxfer bundle ({PREPROCESSING} missing)")
     cfg = json.loads(path.read_text())
     if cfg.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{PREPROCESSING}: unsupported bundle format {cfg.get('format')!r} "
-                          f"(this medxfer reads {BUNDLE_FORMAT})")
+        raise BundleError(
+            f"{PREPROCESSING}: unsupported bundle format {cfg.get('format')!r} (this medxfer reads {BUNDLE_FORMAT})"
+        )
     return cfg
 
 
@@ -208,8 +229,9 @@ def build_model(cfg: dict[str, Any]):
     from models.registry import create_classifier
 
     m = cfg["model"]
-    return create_classifier(m["encoder"], num_classes=m["num_classes"], in_chans=m["in_chans"],
-                             spatial_dims=m["spatial_dims"], weights=None)
+    return create_classifier(
+        m["encoder"], num_classes=m["num_classes"], in_chans=m["in_chans"], spatial_dims=m["spatial_dims"], weights=None
+    )
 
 
 class Predictor:
@@ -233,8 +255,10 @@ class Predictor:
         if not wpath.is_file():
             raise BundleError(f"bundle {bundle_dir.name}: {cfg['weights']['file']} missing")
         if verify and cfg["weights"].get("sha256") and sha256_file(wpath) != cfg["weights"]["sha256"]:
-            raise BundleError(f"bundle {bundle_dir.name}: {WEIGHTS} does not match the SHA-256 in {PREPROCESSING}; "
-                              "the file was changed or truncated")
+            raise BundleError(
+                f"bundle {bundle_dir.name}: {WEIGHTS} does not match the SHA-256 in {PREPROCESSING}; "
+                "the file was changed or truncated"
+            )
         model = build_model(cfg)
         model.load_state_dict(load_file(str(wpath), device="cpu"), strict=True)
         model.to(device).eval()
@@ -323,8 +347,14 @@ class Predictor:
         other = classes[1 - pos]
         return [classes[pos] if p >= thr else other for p in prob[:, pos]]
 
-    def predict(self, paths: Sequence[str | Path], model_name: str | None = None, model_version: str | None = None,
-                batch_size: int = 8, progress: bool = False):
+    def predict(
+        self,
+        paths: Sequence[str | Path],
+        model_name: str | None = None,
+        model_version: str | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ):
         """One row per study found (or per unusable input); see the module docstring for the columns."""
         import pandas as pd
         import torch
@@ -350,9 +380,14 @@ class Predictor:
 
         items = self.resolve(paths)
         for it in ui.progress(items, total=len(items), description="predict", enabled=progress):
-            row = {"input": it.input, **{f"prob_{c}": math.nan for c in self.classes}, "decision": None,
-                   "model_name": model_name, "model_version": None if model_version is None else str(model_version),
-                   "error": None}
+            row = {
+                "input": it.input,
+                **{f"prob_{c}": math.nan for c in self.classes},
+                "decision": None,
+                "model_name": model_name,
+                "model_version": None if model_version is None else str(model_version),
+                "error": None,
+            }
             rows.append(row)
             if it.reason_code is not None:
                 row["error"] = f"{it.reason_code}: {it.message}"

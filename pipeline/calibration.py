@@ -47,8 +47,13 @@ class TemperatureFit:
     converged: bool
 
     def as_dict(self) -> dict[str, float | bool]:
-        return {"temperature": self.temperature, "val_nll_before": self.nll_before, "val_nll_after": self.nll_after,
-                "converged": self.converged, "method": "temperature scaling, L-BFGS on validation NLL"}
+        return {
+            "temperature": self.temperature,
+            "val_nll_before": self.nll_before,
+            "val_nll_after": self.nll_after,
+            "converged": self.converged,
+            "method": "temperature scaling, L-BFGS on validation NLL",
+        }
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray, max_iter: int = 200) -> TemperatureFit:
@@ -59,8 +64,15 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, max_iter: int = 200)
         z = np.concatenate([np.zeros((z.shape[0], 1)), z.reshape(-1, 1)], axis=1)
     y = np.asarray(y_true).astype(int)
     before, _ = _nll_and_grad(np.zeros(1), z, y)
-    res = minimize(_nll_and_grad, x0=np.zeros(1), args=(z, y), jac=True, method="L-BFGS-B",
-                   bounds=[(np.log(0.05), np.log(20.0))], options={"maxiter": max_iter})
+    res = minimize(
+        _nll_and_grad,
+        x0=np.zeros(1),
+        args=(z, y),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(np.log(0.05), np.log(20.0))],
+        options={"maxiter": max_iter},
+    )
     t = float(np.exp(res.x[0]))
     after, _ = _nll_and_grad(res.x, z, y)
     if after > before:  # never make validation worse than leaving the model alone

@@ -43,10 +43,18 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss_next": None if py_gauss is None else float(py_gauss)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
     }
 
 
@@ -55,8 +63,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
@@ -154,8 +163,10 @@ def load_resume(run_dir: Path, warn=None) -> tuple[dict[str, Any], Path]:
         if problems and warn is not None:
             warn(f"{'; '.join(problems)}; resuming from {name} (epoch {int(ckpt['epoch']) + 1}) instead")
         return ckpt, path
-    raise CheckpointError(f"run {run_dir.name}: no usable checkpoint to resume from ({'; '.join(problems)}); "
-                          "start a new run without --resume")
+    raise CheckpointError(
+        f"run {run_dir.name}: no usable checkpoint to resume from ({'; '.join(problems)}); "
+        "start a new run without --resume"
+    )
 
 
 # --- what other stages read ------------------------------------------------------------------------------------------
@@ -182,8 +193,13 @@ def build_model(ckpt: dict[str, Any]) -> nn.Module:
     from models.registry import create_classifier
 
     args = ckpt["model_args"]
-    return create_classifier(args["name"], num_classes=int(args["num_classes"]), in_chans=int(args["in_chans"]),
-                             spatial_dims=int(args["spatial_dims"]), weights=None)
+    return create_classifier(
+        args["name"],
+        num_classes=int(args["num_classes"]),
+        in_chans=int(args["in_chans"]),
+        spatial_dims=int(args["spatial_dims"]),
+        weights=None,
+    )
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -95,11 +95,13 @@ def list_models(json: Json = False) -> None:
     _run(models_command, json)
 
 
-@app.command(epilog=(
-    "Examples: `medxfer train data_specs/breastmnist_demo.yaml`; "
-    "`medxfer train SPEC --set epochs=4 --set lr=3e-4`; `medxfer train SPEC --resume`; "
-    "`medxfer train SPEC --control scratch`"
-))
+@app.command(
+    epilog=(
+        "Examples: `medxfer train data_specs/breastmnist_demo.yaml`; "
+        "`medxfer train SPEC --set epochs=4 --set lr=3e-4`; `medxfer train SPEC --resume`; "
+        "`medxfer train SPEC --control scratch`"
+    )
+)
 def train(
     spec: SpecArg,
     workspace: Workspace = DEFAULT_WORKSPACE,
@@ -117,8 +119,17 @@ def train(
     from pipeline.train import train as run_train
 
     def go():
-        res = run_train(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], weights=weights,
-                        resume=resume, control=control, device=device, fold=fold)
+        res = run_train(
+            load_spec(spec),
+            workspace,
+            recipe=recipe,
+            overrides=set_ or [],
+            weights=weights,
+            resume=resume,
+            control=control,
+            device=device,
+            fold=fold,
+        )
         return res if res.rank == 0 else None  # under torchrun, rank 0 alone prints the summary
 
     _run(go, json)
@@ -128,8 +139,10 @@ def train(
 def evaluate(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a training run.")],
     workspace: Workspace = DEFAULT_WORKSPACE,
-    bootstrap: Annotated[int | None, typer.Option(
-        help="Patient-level bootstrap resamples (default: the run's recipe, evaluation.bootstrap).")] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(help="Patient-level bootstrap resamples (default: the run's recipe, evaluation.bootstrap)."),
+    ] = None,
     json: Json = False,
 ) -> None:
     """Test metrics with patient-bootstrap CIs, validation threshold, temperature calibration, plots."""
@@ -165,10 +178,12 @@ def promote(
     _run(lambda: run_promote(name, version, alias, workspace), json)
 
 
-@app.command(epilog=(
-    "Examples: `medxfer predict models:/breast-us@candidate new_studies/ --out preds.csv`; "
-    "`medxfer predict export/ scan.nii.gz --saliency cams/`"
-))
+@app.command(
+    epilog=(
+        "Examples: `medxfer predict models:/breast-us@candidate new_studies/ --out preds.csv`; "
+        "`medxfer predict export/ scan.nii.gz --saliency cams/`"
+    )
+)
 def predict(
     model_uri: Annotated[str, typer.Argument(help="models:/NAME@alias, runs:/RUN_ID, or an exported folder.")],
     inputs: Annotated[list[Path], typer.Argument(help="Study folders, DICOM/NIfTI files, or a CSV of paths.")],
@@ -210,8 +225,9 @@ def run_all(
     from pipeline.runall import run_all as run_pipeline
     from pipeline.spec import load_spec
 
-    result = _run(lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name),
-                  json)
+    result = _run(
+        lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name), json
+    )
     # Last, on one unwrapped line, so it can be copied as is (the table wraps long paths).
     ui.console.print(f"Review the run and the registered model: {result.ui_command}", soft_wrap=True, markup=False)
 

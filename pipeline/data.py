@@ -64,6 +64,7 @@ _PER_ITEM_OVERHEAD = 512  # tensor object + dict entry; matters only for tiny im
 
 # ------------------------------------------------------------------------------------------- failures
 
+
 def failure_reason(exc: BaseException) -> str:
     """A PHI-free reason for a failed study: the reader's reason code, else the exception type.
 
@@ -88,12 +89,15 @@ def _check_failures(split: str, n: int, failed: dict[str, str], fraction: float)
             reasons[r] = reasons.get(r, 0) + 1
         why = ", ".join(f"{r} x{c}" for r, c in sorted(reasons.items(), key=lambda kv: -kv[1]))
         first = ", ".join(list(failed)[:5])
-        raise StageError(f"{len(failed)} of {n} {split} studies failed to load ({why}; e.g. {first}); more than "
-                         f"data.max_failed_fraction={fraction:g} allows. Re-run `medxfer ingest` (files may have "
-                         f"changed since) or raise the limit with --set data.max_failed_fraction=...")
+        raise StageError(
+            f"{len(failed)} of {n} {split} studies failed to load ({why}; e.g. {first}); more than "
+            f"data.max_failed_fraction={fraction:g} allows. Re-run `medxfer ingest` (files may have "
+            f"changed since) or raise the limit with --set data.max_failed_fraction=..."
+        )
 
 
 # ------------------------------------------------------------------------------------------- cache keys
+
 
 def _file_signature(files: Sequence[str]) -> str:
     h = hashlib.sha256()
@@ -117,6 +121,7 @@ def cache_folder(workspace: Workspace, spec: DataSpec, recipe: Recipe) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- size estimate
+
 
 def _native_voxels(row: dict[str, Any], spacing: list[float] | None) -> float:
     shape = [int(s) for s in row.get("shape") or []]
@@ -154,6 +159,7 @@ def resolve_cache_mode(recipe: Recipe, estimate: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- cached stores
+
 
 class _Guarded(Transform):
     """The deterministic part for the memory cache: a failed study becomes ``{"error": reason}``, not an abort.
@@ -203,6 +209,7 @@ class WorkspacePersistentDataset(PersistentDataset):
 
 # ------------------------------------------------------------------------------------------- dataset
 
+
 def _mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
@@ -214,9 +221,19 @@ class StudyDataset(torch.utils.data.Dataset):
     aligned with the index (samplers and class weights use it without touching images).
     """
 
-    def __init__(self, split: str, base: torch.utils.data.Dataset, index: Sequence[int], study_keys: list[str],
-                 labels: Sequence[int], random_part: Compose | None, seed: int, cache_mode: str,
-                 failed: dict[str, str] | None = None, max_failed_fraction: float = 0.05):
+    def __init__(
+        self,
+        split: str,
+        base: torch.utils.data.Dataset,
+        index: Sequence[int],
+        study_keys: list[str],
+        labels: Sequence[int],
+        random_part: Compose | None,
+        seed: int,
+        cache_mode: str,
+        failed: dict[str, str] | None = None,
+        max_failed_fraction: float = 0.05,
+    ):
         self.split = split
         self.base = base
         self.index = np.asarray(index, dtype=np.int64)
@@ -270,8 +287,15 @@ class StudyDataset(torch.utils.data.Dataset):
 class DataBundle(dict):
     """``{"train": ds, "val": ds, "test": ds}`` plus what happened while building it."""
 
-    def __init__(self, datasets: dict[str, StudyDataset], cache_mode: str, cache_dir: Path | None,
-                 estimate_bytes: int, cfg_hash: str, seconds: float):
+    def __init__(
+        self,
+        datasets: dict[str, StudyDataset],
+        cache_mode: str,
+        cache_dir: Path | None,
+        estimate_bytes: int,
+        cfg_hash: str,
+        seconds: float,
+    ):
         super().__init__(datasets)
         self.cache_mode = cache_mode
         self.cache_dir = cache_dir
@@ -285,9 +309,14 @@ class DataBundle(dict):
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe and path-free: fit for MLflow params and the run summary."""
-        return {"cache": self.cache_mode, "cache_estimate_mb": round(self.estimate_bytes / 1e6, 1),
-                "transform_hash": self.config_hash, "prepare_s": round(self.seconds, 2),
-                "n": {s: len(ds) for s, ds in self.items()}, "failed": len(self.failed_keys)}
+        return {
+            "cache": self.cache_mode,
+            "cache_estimate_mb": round(self.estimate_bytes / 1e6, 1),
+            "transform_hash": self.config_hash,
+            "prepare_s": round(self.seconds, 2),
+            "n": {s: len(ds) for s, ds in self.items()},
+            "failed": len(self.failed_keys),
+        }
 
 
 def _rows(manifest_df: pd.DataFrame, splits_df: pd.DataFrame, split: str) -> list[dict[str, Any]]:
@@ -295,10 +324,15 @@ def _rows(manifest_df: pd.DataFrame, splits_df: pd.DataFrame, split: str) -> lis
     by_key = manifest_df.set_index("study_key", drop=False)
     missing = [k for k in keys if k not in by_key.index]
     if missing:
-        raise StageError(f"splits.csv lists {len(missing)} {split} studies that are not in the manifest "
-                         f"(e.g. {missing[0]}); re-run `medxfer split` after `medxfer ingest`")
-    cols = [c for c in ("study_key", "label_index", "source_kind", "files", "content_hash", "shape", "spacing")
-            if c in by_key.columns]
+        raise StageError(
+            f"splits.csv lists {len(missing)} {split} studies that are not in the manifest "
+            f"(e.g. {missing[0]}); re-run `medxfer split` after `medxfer ingest`"
+        )
+    cols = [
+        c
+        for c in ("study_key", "label_index", "source_kind", "files", "content_hash", "shape", "spacing")
+        if c in by_key.columns
+    ]
     sub = by_key.loc[keys, cols]
     rows = sub.to_dict("records")
     for r in rows:
@@ -309,8 +343,9 @@ def _rows(manifest_df: pd.DataFrame, splits_df: pd.DataFrame, split: str) -> lis
     return rows
 
 
-def _prepare(split: str, base: torch.utils.data.Dataset, keys: list[str], workers: int,
-             shard: tuple[int, int] = (0, 1)) -> dict[str, str]:
+def _prepare(
+    split: str, base: torch.utils.data.Dataset, keys: list[str], workers: int, shard: tuple[int, int] = (0, 1)
+) -> dict[str, str]:
     """Run the deterministic part once per study (fills the cache); returns {study_key: reason} failures.
 
     ``shard=(rank, world)`` prepares every world-th study only (disk cache under DDP: the ranks split the
@@ -329,8 +364,9 @@ def _prepare(split: str, base: torch.utils.data.Dataset, keys: list[str], worker
     mine = range(rank, len(keys), world)
     with ThreadPoolExecutor(max_workers=workers) as ex:
         results = ex.map(one, mine)
-        for i, reason in zip(mine, ui.progress(results, total=len(mine), description=f"preparing {split} images"),
-                             strict=True):
+        for i, reason in zip(
+            mine, ui.progress(results, total=len(mine), description=f"preparing {split} images"), strict=True
+        ):
             if reason is not None:
                 failed[keys[i]] = reason
                 ui.warn(f"{split}: study {keys[i]} could not be loaded ({reason}); skipped")
@@ -341,15 +377,29 @@ def _prepare(split: str, base: torch.utils.data.Dataset, keys: list[str], worker
     return failed
 
 
-def _build_one(split: str, rows: list[dict[str, Any]], mode: str, det: Compose, rand: Compose | None,
-               cache_dir: Path | None, recipe: Recipe, workers: int) -> StudyDataset:
+def _build_one(
+    split: str,
+    rows: list[dict[str, Any]],
+    mode: str,
+    det: Compose,
+    rand: Compose | None,
+    cache_dir: Path | None,
+    recipe: Recipe,
+    workers: int,
+) -> StudyDataset:
     keys = [r["study_key"] for r in rows]
     labels = [int(r["label_index"]) for r in rows]
     items = [{"files": r["files"], "source_kind": r["source_kind"], "cache_key": r["cache_key"]} for r in rows]
     failed: dict[str, str] = {}
     if mode == "memory":
-        base: torch.utils.data.Dataset = CacheDataset(items, transform=Compose([_Guarded(det)]), cache_rate=1.0,
-                                                      runtime_cache=True, copy_cache=False, progress=False)
+        base: torch.utils.data.Dataset = CacheDataset(
+            items,
+            transform=Compose([_Guarded(det)]),
+            cache_rate=1.0,
+            runtime_cache=True,
+            copy_cache=False,
+            progress=False,
+        )
         failed = _prepare(split, base, keys, workers)
     elif mode == "disk":
         base = WorkspacePersistentDataset(items, transform=det, cache_dir=cache_dir)
@@ -359,13 +409,28 @@ def _build_one(split: str, rows: list[dict[str, Any]], mode: str, det: Compose, 
         base = MonaiDataset(items, transform=det)
     _check_failures(split, len(rows), failed, recipe.data.max_failed_fraction)
     good = [i for i, k in enumerate(keys) if k not in failed]
-    return StudyDataset(split, base, good, [keys[i] for i in good], [labels[i] for i in good],
-                        rand if split == "train" else None, recipe.seed, mode, failed,
-                        recipe.data.max_failed_fraction)
+    return StudyDataset(
+        split,
+        base,
+        good,
+        [keys[i] for i in good],
+        [labels[i] for i in good],
+        rand if split == "train" else None,
+        recipe.seed,
+        mode,
+        failed,
+        recipe.data.max_failed_fraction,
+    )
 
 
-def build_datasets(spec: DataSpec, recipe: Recipe, workspace: Workspace | Path, manifest_df: pd.DataFrame,
-                   splits_df: pd.DataFrame, splits: Sequence[str] = SPLITS) -> DataBundle:
+def build_datasets(
+    spec: DataSpec,
+    recipe: Recipe,
+    workspace: Workspace | Path,
+    manifest_df: pd.DataFrame,
+    splits_df: pd.DataFrame,
+    splits: Sequence[str] = SPLITS,
+) -> DataBundle:
     """One StudyDataset per split, each with its deterministic part computed once and cached.
 
     Only ``train`` gets the random part. Decoding happens here (threads, with a progress bar) unless the
@@ -394,6 +459,7 @@ def build_datasets(spec: DataSpec, recipe: Recipe, workspace: Workspace | Path, 
 
 # ------------------------------------------------------------------------------------------- class balance
 
+
 def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int | None = None) -> torch.Tensor:
     """Inverse-frequency weights n / (k * n_c), mean 1 over present classes; 0 for an absent class."""
     y = np.asarray(labels, dtype=np.int64)
@@ -419,8 +485,14 @@ class DistributedWeightedSampler(Sampler[int]):
     it is a seeded WeightedRandomSampler. Call ``set_epoch`` each epoch (the loader does).
     """
 
-    def __init__(self, labels: Sequence[int] | np.ndarray, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int = 0, num_samples: int | None = None):
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        num_samples: int | None = None,
+    ):
         dist = _dist()
         self.num_replicas = num_replicas if num_replicas is not None else (dist[0] if dist else 1)
         self.rank = rank if rank is not None else (dist[1] if dist else 0)
@@ -442,7 +514,7 @@ class DistributedWeightedSampler(Sampler[int]):
             return iter([])
         g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5EED))
         idx = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
-        return iter(idx[self.rank::self.num_replicas].tolist())
+        return iter(idx[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -462,6 +534,7 @@ def make_sampler(ds: StudyDataset, recipe: Recipe, train: bool, distributed: boo
 
 
 # ------------------------------------------------------------------------------------------- loaders
+
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack good items; failed ones travel as ``failed`` (keys) so process workers can report them."""
@@ -600,8 +673,9 @@ def _loader_kind(ds: StudyDataset, recipe: Recipe) -> str:
     return "process"
 
 
-def make_loader(ds: StudyDataset, recipe: Recipe, train: bool, sampler: Sampler | None = None,
-                pin_memory: bool | None = None) -> StudyLoader:
+def make_loader(
+    ds: StudyDataset, recipe: Recipe, train: bool, sampler: Sampler | None = None, pin_memory: bool | None = None
+) -> StudyLoader:
     """A loader over ``ds``: batch size, workers and loader kind from ``recipe.data`` (see ``_loader_kind``).
 
     Training draws from ``make_sampler`` unless a sampler is given, and drops a last batch smaller than
@@ -616,7 +690,11 @@ def make_loader(ds: StudyDataset, recipe: Recipe, train: bool, sampler: Sampler 
     bs = recipe.data.batch_size
     n_draw = len(sampler) if sampler is not None else len(ds)
     kwargs: dict[str, Any] = dict(
-        batch_size=bs, sampler=sampler, shuffle=False, collate_fn=collate, worker_init_fn=_worker_init,
+        batch_size=bs,
+        sampler=sampler,
+        shuffle=False,
+        collate_fn=collate,
+        worker_init_fn=_worker_init,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=train and n_draw > bs,
         # Our own generator: MONAI's DataLoader would otherwise draw from (and reset) torch's global RNG.
@@ -624,8 +702,9 @@ def make_loader(ds: StudyDataset, recipe: Recipe, train: bool, sampler: Sampler 
     )
     workers = recipe.data.num_workers
     if kind == "thread":
-        loader: DataLoader = _ThreadLoader(ds, num_workers=workers, use_thread_workers=workers > 0,
-                                           buffer_size=2, **kwargs)
+        loader: DataLoader = _ThreadLoader(
+            ds, num_workers=workers, use_thread_workers=workers > 0, buffer_size=2, **kwargs
+        )
     else:
         loader = DataLoader(ds, num_workers=max(1, workers), persistent_workers=False, **kwargs)
     return StudyLoader(loader, ds, kind)

@@ -27,10 +27,50 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 BREAST_CLASSES = ("malignant", "benign")  # MedMNIST label 0 = malignant, 1 = normal/benign
 ADRENAL_CLASSES = ("normal", "hyperplasia")  # label 1 = hyperplasia
-_FIRST = ["JANE", "MARY", "ANNA", "LINDA", "SARAH", "EMMA", "OLIVIA", "SOFIA", "GRACE", "NORA", "ELLEN", "RUTH",
-          "CLARA", "IRIS", "MAYA", "LENA", "ROSA", "VERA", "ALICE", "HANNA"]
-_LAST = ["DOE", "SMITH", "JOHANSSON", "GARCIA", "MUELLER", "ROSSI", "NOVAK", "KOWALSKI", "MARTIN", "DUBOIS",
-         "SILVA", "JANSEN", "NIELSEN", "OKAFOR", "TANAKA", "HOLM", "BRENNAN", "LINDQVIST", "MORENO", "FISCHER"]
+_FIRST = [
+    "JANE",
+    "MARY",
+    "ANNA",
+    "LINDA",
+    "SARAH",
+    "EMMA",
+    "OLIVIA",
+    "SOFIA",
+    "GRACE",
+    "NORA",
+    "ELLEN",
+    "RUTH",
+    "CLARA",
+    "IRIS",
+    "MAYA",
+    "LENA",
+    "ROSA",
+    "VERA",
+    "ALICE",
+    "HANNA",
+]
+_LAST = [
+    "DOE",
+    "SMITH",
+    "JOHANSSON",
+    "GARCIA",
+    "MUELLER",
+    "ROSSI",
+    "NOVAK",
+    "KOWALSKI",
+    "MARTIN",
+    "DUBOIS",
+    "SILVA",
+    "JANSEN",
+    "NIELSEN",
+    "OKAFOR",
+    "TANAKA",
+    "HOLM",
+    "BRENNAN",
+    "LINDQVIST",
+    "MORENO",
+    "FISCHER",
+]
 _SITES = ["NORTHBRIDGE GENERAL HOSPITAL", "ST. AGATHA MEDICAL CENTRE", "RIVERSIDE WOMEN'S CLINIC"]
 
 
@@ -59,8 +99,10 @@ class DemoResult:
         return {"stage": "demo", "out": str(self.out), "datasets": self.datasets, "elapsed_s": self.elapsed_s}
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
-        rows = [(name, f"{d['studies']} studies, {d['patients']} patients -> {d['root']}")
-                for name, d in self.datasets.items()]
+        rows = [
+            (name, f"{d['studies']} studies, {d['patients']} patients -> {d['root']}")
+            for name, d in self.datasets.items()
+        ]
         rows.append(("time", f"{self.elapsed_s:.1f} s"))
         return "demo data", rows
 
@@ -91,10 +133,12 @@ def write_breast(out: Path, limit: int | None = None) -> dict[str, Any]:
             if p not in people:
                 first, last = rng.choice(_FIRST), rng.choice(_LAST)
                 people[p] = {
-                    "name": f"{last}^{first}", "folder": f"{last}_{first}_{n_patients:04d}",
-                    "id": f"MRN{int(rng.integers(100, 1000))}{n_patients:05d}", "site": str(rng.choice(_SITES)),
+                    "name": f"{last}^{first}",
+                    "folder": f"{last}_{first}_{n_patients:04d}",
+                    "id": f"MRN{int(rng.integers(100, 1000))}{n_patients:05d}",
+                    "site": str(rng.choice(_SITES)),
                     "birth": f"{int(rng.integers(1940, 2000))}{int(rng.integers(1, 13)):02d}"
-                             f"{int(rng.integers(1, 29)):02d}",
+                    f"{int(rng.integers(1, 29)):02d}",
                 }
                 n_patients += 1
             who = people[p]
@@ -106,12 +150,24 @@ def write_breast(out: Path, limit: int | None = None) -> dict[str, Any]:
                 "SOPInstanceUID": dicom.generate_uid("medxfer-demo", "breastmnist", split, i, "sop"),
                 "StudyInstanceUID": study_uid,
                 "SeriesInstanceUID": dicom.generate_uid("medxfer-demo", "breastmnist", split, i, "series"),
-                "PatientName": who["name"], "PatientID": who["id"], "PatientBirthDate": who["birth"],
-                "PatientSex": "F", "InstitutionName": who["site"], "StudyDate": date, "SeriesDate": date,
-                "ContentDate": date, "StudyTime": "101500", "AccessionNumber": f"A{int(rng.integers(10**7, 10**8))}",
+                "PatientName": who["name"],
+                "PatientID": who["id"],
+                "PatientBirthDate": who["birth"],
+                "PatientSex": "F",
+                "InstitutionName": who["site"],
+                "StudyDate": date,
+                "SeriesDate": date,
+                "ContentDate": date,
+                "StudyTime": "101500",
+                "AccessionNumber": f"A{int(rng.integers(10**7, 10**8))}",
                 "ReferringPhysicianName": f"{rng.choice(_LAST)}^{rng.choice(_FIRST)}^^DR",
-                "StudyID": str(visit[p]), "StudyDescription": "US BREAST", "SeriesDescription": "Breast US",
-                "Modality": "US", "SeriesNumber": 1, "InstanceNumber": 1, "Manufacturer": "medxfer demo",
+                "StudyID": str(visit[p]),
+                "StudyDescription": "US BREAST",
+                "SeriesDescription": "Breast US",
+                "Modality": "US",
+                "SeriesNumber": 1,
+                "InstanceNumber": 1,
+                "Manufacturer": "medxfer demo",
                 "ImageType": ["ORIGINAL", "PRIMARY"] if not sc else ["DERIVED", "SECONDARY"],
             }
             if sc:
@@ -120,15 +176,22 @@ def write_breast(out: Path, limit: int | None = None) -> dict[str, Any]:
                 attrs["SequenceOfUltrasoundRegions"] = _us_region(imgs.shape[1:], delta_cm=0.18)
             folder = root / who["folder"] / f"{date}_US_BREAST" / ("SC0001" if sc else "SE0001")
             folder.mkdir(parents=True, exist_ok=True)
-            dicom.write_2d_image(folder / "IM00001", imgs[i], attrs,
-                                 sop_class=dicom.SECONDARY_CAPTURE if sc else dicom.US_IMAGE_STORAGE)
+            dicom.write_2d_image(
+                folder / "IM00001", imgs[i], attrs, sop_class=dicom.SECONDARY_CAPTURE if sc else dicom.US_IMAGE_STORAGE
+            )
             labels.append([study_uid, BREAST_CLASSES[int(labs[i])], split])
             if split == "test":
                 pinned.append([study_uid])
     _write_csv(out / "labels.csv", ["StudyInstanceUID", "label", "medmnist_split"], labels)
     _write_csv(out / "pinned_test.csv", ["StudyInstanceUID"], pinned)
-    return {"studies": len(labels), "patients": n_patients, "root": str(root), "labels": str(out / "labels.csv"),
-            "pinned_test": str(out / "pinned_test.csv"), "format": "dicom"}
+    return {
+        "studies": len(labels),
+        "patients": n_patients,
+        "root": str(root),
+        "labels": str(out / "labels.csv"),
+        "pinned_test": str(out / "pinned_test.csv"),
+        "format": "dicom",
+    }
 
 
 def _us_region(shape: tuple[int, ...], delta_cm: float) -> Any:
@@ -180,8 +243,14 @@ def write_adrenal(out: Path, limit: int | None = None) -> dict[str, Any]:
                 pinned.append([rel])
     _write_csv(out / "labels.csv", ["path", "label", "patient", "medmnist_split"], labels)
     _write_csv(out / "pinned_test.csv", ["path"], pinned)
-    return {"studies": len(labels), "patients": n_patients, "root": str(root), "labels": str(out / "labels.csv"),
-            "pinned_test": str(out / "pinned_test.csv"), "format": "nifti"}
+    return {
+        "studies": len(labels),
+        "patients": n_patients,
+        "root": str(root),
+        "labels": str(out / "labels.csv"),
+        "pinned_test": str(out / "pinned_test.csv"),
+        "format": "nifti",
+    }
 
 
 def write_demo(out: Path, limit: int | None = None) -> DemoResult:

@@ -146,14 +146,22 @@ def _get(ds: Any, keyword: str, default: Any = None) -> Any:
 # Text whose meaning depends on SpecificCharacterSet (PatientID, AccessionNumber, SeriesDescription)
 # still goes through pydicom. Keyword -> (tag, VR, multi-valued).
 _RAW = {
-    "SOPClassUID": (0x00080016, "UI", False), "StudyInstanceUID": (0x0020000D, "UI", False),
-    "SeriesInstanceUID": (0x0020000E, "UI", False), "FrameOfReferenceUID": (0x00200052, "UI", False),
-    "Modality": (0x00080060, "CS", False), "ImageType": (0x00080008, "CS", True),
-    "SeriesNumber": (0x00200011, "IS", False), "InstanceNumber": (0x00200013, "IS", False),
-    "NumberOfFrames": (0x00280008, "IS", False), "Rows": (0x00280010, "US", False),
-    "Columns": (0x00280011, "US", False), "SamplesPerPixel": (0x00280002, "US", False),
-    "PixelSpacing": (0x00280030, "DS", True), "ImagerPixelSpacing": (0x00181164, "DS", True),
-    "ImageOrientationPatient": (0x00200037, "DS", True), "ImagePositionPatient": (0x00200032, "DS", True),
+    "SOPClassUID": (0x00080016, "UI", False),
+    "StudyInstanceUID": (0x0020000D, "UI", False),
+    "SeriesInstanceUID": (0x0020000E, "UI", False),
+    "FrameOfReferenceUID": (0x00200052, "UI", False),
+    "Modality": (0x00080060, "CS", False),
+    "ImageType": (0x00080008, "CS", True),
+    "SeriesNumber": (0x00200011, "IS", False),
+    "InstanceNumber": (0x00200013, "IS", False),
+    "NumberOfFrames": (0x00280008, "IS", False),
+    "Rows": (0x00280010, "US", False),
+    "Columns": (0x00280011, "US", False),
+    "SamplesPerPixel": (0x00280002, "US", False),
+    "PixelSpacing": (0x00280030, "DS", True),
+    "ImagerPixelSpacing": (0x00181164, "DS", True),
+    "ImageOrientationPatient": (0x00200037, "DS", True),
+    "ImagePositionPatient": (0x00200032, "DS", True),
 }
 
 
@@ -293,10 +301,27 @@ def _pixel_data_truncated(fh: Any, pos: int, size: int, little: bool, implicit: 
 # The only elements ingest looks at. pydicom skips every other value by seeking (nested sequences of
 # defined length included) and never converts it, which is most of the cost of reading a header.
 HEADER_TAGS = (
-    "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "AccessionNumber", "PatientID",
-    "Modality", "SeriesDescription", "ImageType", "SeriesNumber", "InstanceNumber", "Rows", "Columns",
-    "NumberOfFrames", "SamplesPerPixel", "PixelSpacing", "ImagerPixelSpacing", "SequenceOfUltrasoundRegions",
-    "ImageOrientationPatient", "ImagePositionPatient", "PerFrameFunctionalGroupsSequence",
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "AccessionNumber",
+    "PatientID",
+    "Modality",
+    "SeriesDescription",
+    "ImageType",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SequenceOfUltrasoundRegions",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PerFrameFunctionalGroupsSequence",
     "SharedFunctionalGroupsSequence",
 )
 
@@ -350,8 +375,16 @@ def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo
         return _fail(h, "no_pixel_data", "DICOM object without pixel data (e.g. DICOMDIR, report)")
     study_uid, series_uid = _raw(ds, "StudyInstanceUID"), _raw(ds, "SeriesInstanceUID")
     if not study_uid or not series_uid or not rows or not cols:
-        missing = [k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
-                                  ("Rows", rows), ("Columns", cols)) if not v]
+        missing = [
+            k
+            for k, v in (
+                ("StudyInstanceUID", study_uid),
+                ("SeriesInstanceUID", series_uid),
+                ("Rows", rows),
+                ("Columns", cols),
+            )
+            if not v
+        ]
         return _fail(h, "missing_tags", "missing " + ", ".join(missing))
     h.transfer_syntax = tsyntax
     h.study = pseudo.study_key(str(study_uid))
@@ -365,8 +398,9 @@ def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo
     h.modality = str(_raw(ds, "Modality") or "").upper()
     h.description = str(_get(ds, "SeriesDescription", "") or "")
     it = _raw(ds, "ImageType") or []
-    h.image_type = [str(x).upper() for x in (it if isinstance(it, list | tuple | pydicom.multival.MultiValue)
-                                               else [it])]
+    h.image_type = [
+        str(x).upper() for x in (it if isinstance(it, list | tuple | pydicom.multival.MultiValue) else [it])
+    ]
     h.series_number = _int(_raw(ds, "SeriesNumber"))
     h.instance_number = _int(_raw(ds, "InstanceNumber"))
     h.rows, h.cols = rows, cols
@@ -423,8 +457,9 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def scan_headers(paths: list[str], pseudo: _Pseudo, workers: int | None = None,
-                 description: str = "reading DICOM headers") -> list[Header]:
+def scan_headers(
+    paths: list[str], pseudo: _Pseudo, workers: int | None = None, description: str = "reading DICOM headers"
+) -> list[Header]:
     """Headers of many files, with a progress bar.
 
     Parsing a header is CPU-bound Python (pydicom walks every element), so threads only overlap file
@@ -444,15 +479,17 @@ def scan_headers(paths: list[str], pseudo: _Pseudo, workers: int | None = None,
 def _scan_processes(paths: list[str], pseudo: _Pseudo, cpus: int, description: str) -> list[Header]:
     global _FORKED_PSEUDO
     size = max(16, -(-len(paths) // (cpus * 8)))
-    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
     _FORKED_PSEUDO = pseudo
     try:
         with ProcessPoolExecutor(max_workers=cpus, mp_context=mp.get_context("fork")) as ex:
+
             def flat() -> Iterable[Header]:
                 for headers, calls in ex.map(_scan_chunk, chunks):
                     for method, original in calls:  # the parent's map must know every pseudonym
                         getattr(pseudo, method)(original)
                     yield from headers
+
             return list(ui.progress(flat(), total=len(paths), description=description))
     finally:
         _FORKED_PSEUDO = None
@@ -502,8 +539,10 @@ class Candidate:
         if self.single:
             inst = self.first.instance_number
             what += f", instance {inst}" if inst is not None else ""
-        return f"{what} ({self.modality or 'no modality'}, {self.n_slices} image(s) of {self.first.rows}x" \
-               f"{self.first.cols})"
+        return (
+            f"{what} ({self.modality or 'no modality'}, {self.n_slices} image(s) of {self.first.rows}x"
+            f"{self.first.cols})"
+        )
 
 
 def group_by_study(headers: Iterable[Header]) -> dict[str, list[Header]]:
@@ -587,8 +626,13 @@ def select_series(cands: list[Candidate], rules: Any, dims: int) -> tuple[Candid
 
     def rank(c: Candidate) -> tuple[Any, ...]:
         pref = next((i for i, p in enumerate(rules.prefer) if re.search(p, c.description)), len(rules.prefer))
-        return (pref, -c.n_slices, c.first.series_number if c.first.series_number is not None else 1 << 30,
-                c.first.instance_number if c.first.instance_number is not None else 1 << 30, c.key)
+        return (
+            pref,
+            -c.n_slices,
+            c.first.series_number if c.first.series_number is not None else 1 << 30,
+            c.first.instance_number if c.first.instance_number is not None else 1 << 30,
+            c.key,
+        )
 
     passing.sort(key=rank)
     chosen = passing[0]
@@ -597,7 +641,8 @@ def select_series(cands: list[Candidate], rules: Any, dims: int) -> tuple[Candid
         r = rank(c)
         if r[0] != best[0]:
             msg = f"prefer rule #{best[0]} matched the chosen series; this one matched " + (
-                f"rule #{r[0]}" if r[0] < len(rules.prefer) else "no prefer rule")
+                f"rule #{r[0]}" if r[0] < len(rules.prefer) else "no prefer rule"
+            )
         elif r[1] != best[1]:
             msg = f"fewer slices than the chosen series ({c.n_slices} < {chosen.n_slices})"
         else:
@@ -705,12 +750,21 @@ def stack_order(orient: list[float], positions: np.ndarray, tolerance: float) ->
                 problems.append(("gantry_tilt", f"slices advance {angle:.1f} degrees off the slice normal"))
         gaps = real[real >= 1.5 * med]
         if len(gaps):
-            problems.append(("missing_slices", f"{len(gaps)} gap(s) of up to {float(gaps.max()) / med:.1f}x the "
-                                               f"typical {med:.3g} mm step"))
+            problems.append(
+                (
+                    "missing_slices",
+                    f"{len(gaps)} gap(s) of up to {float(gaps.max()) / med:.1f}x the typical {med:.3g} mm step",
+                )
+            )
         dev = np.abs(real[real < 1.5 * med] - med)
         if len(dev) and float(dev.max()) > tolerance * med:
-            problems.append(("uneven_spacing", f"slice steps vary by up to {float(dev.max()):.3g} mm around "
-                                               f"{med:.3g} mm (series.spacing_tolerance {tolerance:g})"))
+            problems.append(
+                (
+                    "uneven_spacing",
+                    f"slice steps vary by up to {float(dev.max()):.3g} mm around "
+                    f"{med:.3g} mm (series.spacing_tolerance {tolerance:g})",
+                )
+            )
     if problems:
         raise GeometryError(problems[0][0], "; ".join(m for _, m in problems))
     step = (pos[-1] - pos[0]) / max(n - 1, 1)
@@ -727,16 +781,19 @@ def check_geometry(cand: Candidate, dims: int, tolerance: float) -> Geometry:
         return Geometry([h.path], [h.rows, h.cols], [float(s) for s in spacing], aff, orient, 1)
     if cand.multiframe:
         if h.frame_positions is None or h.orientation is None:
-            raise GeometryError("multiframe_no_geometry",
-                                f"multi-frame file with {h.n_frames} frames but no per-frame position/orientation")
+            raise GeometryError(
+                "multiframe_no_geometry",
+                f"multi-frame file with {h.n_frames} frames but no per-frame position/orientation",
+            )
         positions = np.asarray(h.frame_positions, float)
         orient, spacing, files = h.orientation, h.pixel_spacing, [h.path]
     else:
         hs = cand.headers
         if not _has_geometry(hs):
             missing = sum(1 for x in hs if x.position is None or x.orientation is None)
-            raise GeometryError("missing_position",
-                                f"{missing} of {len(hs)} slices lack ImagePositionPatient/ImageOrientationPatient")
+            raise GeometryError(
+                "missing_position", f"{missing} of {len(hs)} slices lack ImagePositionPatient/ImageOrientationPatient"
+            )
         o = np.asarray([x.orientation for x in hs], float)
         spread = float(np.max(np.abs(o - o[0])))
         if spread > _ORIENT_TOL:
@@ -755,8 +812,14 @@ def check_geometry(cand: Candidate, dims: int, tolerance: float) -> Geometry:
     n = len(positions)
     ordered = files if cand.multiframe else [files[i] for i in order]
     slice_sp = float(np.linalg.norm(step))
-    return Geometry(ordered, [n, h.rows, h.cols], [round(slice_sp, 6), float(spacing[0]), float(spacing[1])],
-                    aff, axcodes(aff, 3), n)
+    return Geometry(
+        ordered,
+        [n, h.rows, h.cols],
+        [round(slice_sp, 6), float(spacing[0]), float(spacing[1])],
+        aff,
+        axcodes(aff, 3),
+        n,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,8 +849,11 @@ def _pixels(ds: Any) -> np.ndarray:
     except Exception as exc:  # decoder plugin missing, corrupt stream, wrong length
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", None) or str(ts or "unknown")
-        raise GeometryError("undecodable", f"pixel data could not be decoded ({name}; {type(exc).__name__}); "
-                                           "install the matching pylibjpeg plugin or convert the series") from None
+        raise GeometryError(
+            "undecodable",
+            f"pixel data could not be decoded ({name}; {type(exc).__name__}); "
+            "install the matching pylibjpeg plugin or convert the series",
+        ) from None
     frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
     samples = _int(_get(ds, "SamplesPerPixel")) or 1
     photometric = str(_get(ds, "PhotometricInterpretation", "") or "")
@@ -899,8 +965,9 @@ def generate_uid(*entropy: object) -> str:
     return pydicom.uid.generate_uid()
 
 
-def write_2d_image(path: str | os.PathLike[str], pixels: np.ndarray, attrs: dict[str, Any],
-                   sop_class: str = US_IMAGE_STORAGE) -> None:
+def write_2d_image(
+    path: str | os.PathLike[str], pixels: np.ndarray, attrs: dict[str, Any], sop_class: str = US_IMAGE_STORAGE
+) -> None:
     """Write one single-frame MONOCHROME2 image (uint8/uint16) with the given top-level attributes."""
     from pydicom.dataset import FileDataset, FileMetaDataset
 

@@ -60,8 +60,10 @@ from pipeline import metrics as M
 from pipeline.calibration import fit_temperature, softmax
 
 FORMAT = 1
-NEGATIVE_TRANSFER_RULE = ("flag when the pretrained (main) model is not shown better than the control: "
-                          "AUROC gain point estimate <= 0 or its 95% paired patient-bootstrap CI lower bound <= 0")
+NEGATIVE_TRANSFER_RULE = (
+    "flag when the pretrained (main) model is not shown better than the control: "
+    "AUROC gain point estimate <= 0 or its 95% paired patient-bootstrap CI lower bound <= 0"
+)
 HEADLINE = (*M.METRIC_NAMES, "ece", "brier")
 
 
@@ -121,8 +123,14 @@ def _calibration_block(y: np.ndarray, before: np.ndarray, after: np.ndarray, pos
         before, after = M.binary_prob(before, pos), M.binary_prob(after, pos)
     else:
         yb = y
-    return {"ece_before": M.ece(yb, before), "ece_after": M.ece(yb, after), "brier_before": M.brier(yb, before),
-            "brier_after": M.brier(yb, after), "nll_before": M.nll(yb, before), "nll_after": M.nll(yb, after)}
+    return {
+        "ece_before": M.ece(yb, before),
+        "ece_after": M.ece(yb, after),
+        "brier_before": M.brier(yb, before),
+        "brier_after": M.brier(yb, after),
+        "nll_before": M.nll(yb, before),
+        "nll_after": M.nll(yb, after),
+    }
 
 
 def _decision(prob: np.ndarray, threshold: float | None, pos: int | None) -> np.ndarray:
@@ -133,11 +141,21 @@ def _decision(prob: np.ndarray, threshold: float | None, pos: int | None) -> np.
     return np.where(positive, pos, other if other is not None else prob.argmax(axis=1))
 
 
-def compute_evaluation(val: SplitOutputs, test: SplitOutputs, classes: Sequence[str], positive_class: str | None,
-                       task: str, policy: str = "youden", target: float | None = None, n_bootstrap: int = 1000,
-                       seed: int = 0, control_val: SplitOutputs | None = None,
-                       control_test: SplitOutputs | None = None, control_kind: str | None = None,
-                       control_run_id: str | None = None) -> Computed:
+def compute_evaluation(
+    val: SplitOutputs,
+    test: SplitOutputs,
+    classes: Sequence[str],
+    positive_class: str | None,
+    task: str,
+    policy: str = "youden",
+    target: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    control_val: SplitOutputs | None = None,
+    control_test: SplitOutputs | None = None,
+    control_kind: str | None = None,
+    control_run_id: str | None = None,
+) -> Computed:
     """Everything in ``evaluation.json`` that follows from the model outputs (pure numpy, no I/O)."""
     classes = list(classes)
     binary = task == "binary"
@@ -176,23 +194,34 @@ def compute_evaluation(val: SplitOutputs, test: SplitOutputs, classes: Sequence[
         "threshold": threshold,
         "threshold_policy": threshold_policy,
         "temperature": t,
-        "calibration": {**fit.as_dict(), "n_bins": 15,
-                        "ece_definition": ("positive-class probability vs observed frequency" if binary
-                                           else "top-label confidence vs accuracy"),
-                        "val": _calibration_block(val.y, p_val_raw, p_val, pos),
-                        "test": _calibration_block(test.y, p_test_raw, p_test, pos)},
-        "confusion_matrix": {"labels": classes, "rows": "true", "columns": "predicted",
-                             "test": M.confusion_matrix(test.y, decision, len(classes)).tolist()},
+        "calibration": {
+            **fit.as_dict(),
+            "n_bins": 15,
+            "ece_definition": (
+                "positive-class probability vs observed frequency" if binary else "top-label confidence vs accuracy"
+            ),
+            "val": _calibration_block(val.y, p_val_raw, p_val, pos),
+            "test": _calibration_block(test.y, p_test_raw, p_test, pos),
+        },
+        "confusion_matrix": {
+            "labels": classes,
+            "rows": "true",
+            "columns": "predicted",
+            "test": M.confusion_matrix(test.y, decision, len(classes)).tolist(),
+        },
         "bootstrap": {k: v for k, v in boot.as_dict().items() if k != "intervals"},
         "transfer": None,
     }
     if not binary:
-        evaluation["per_class"] = {"val": M.multiclass_metrics(val.y, p_val, classes)["per_class"],
-                                   "test": M.multiclass_metrics(test.y, p_test, classes)["per_class"]}
+        evaluation["per_class"] = {
+            "val": M.multiclass_metrics(val.y, p_val, classes)["per_class"],
+            "test": M.multiclass_metrics(test.y, p_test, classes)["per_class"],
+        }
     evaluation["warnings"] = _warnings(val, test, evaluation, fit.temperature)
     if control_test is not None:
-        evaluation["transfer"] = _transfer(test, p_test, control_val, control_test, pos, n_bootstrap, seed,
-                                           control_kind, control_run_id)
+        evaluation["transfer"] = _transfer(
+            test, p_test, control_val, control_test, pos, n_bootstrap, seed, control_kind, control_run_id
+        )
     return Computed(json_safe(evaluation), p_test_raw, p_test, p_val, decision)
 
 
@@ -203,29 +232,50 @@ def _warnings(val: SplitOutputs, test: SplitOutputs, ev: dict[str, Any], tempera
     for name, s in (("validation", val), ("test", test)):
         per_class = np.bincount(s.y, minlength=k)
         if s.y.size < 30 or per_class.min() < 10:
-            out.append(f"{name} has {s.y.size} studies (fewest per class: {per_class.min()}): "
-                       + ("the threshold and the temperature fitted on it are noisy" if name == "validation"
-                          else "expect wide confidence intervals"))
-    separated = ev["val"]["auroc"]["value"] == 1.0 if ev["positive_class"] else bool(
-        (val.logits.argmax(1) == val.y).all())
+            out.append(
+                f"{name} has {s.y.size} studies (fewest per class: {per_class.min()}): "
+                + (
+                    "the threshold and the temperature fitted on it are noisy"
+                    if name == "validation"
+                    else "expect wide confidence intervals"
+                )
+            )
+    separated = (
+        ev["val"]["auroc"]["value"] == 1.0 if ev["positive_class"] else bool((val.logits.argmax(1) == val.y).all())
+    )
     if separated and temperature < 1.0:
-        out.append("validation is perfectly separated, so temperature scaling is ill-posed (its NLL keeps "
-                   f"falling as T -> 0); T = {temperature:.3g} sharpens probabilities, check the reliability plot")
+        out.append(
+            "validation is perfectly separated, so temperature scaling is ill-posed (its NLL keeps "
+            f"falling as T -> 0); T = {temperature:.3g} sharpens probabilities, check the reliability plot"
+        )
     cal = ev["calibration"]["val"]
     if cal["ece_after"] is not None and cal["ece_before"] is not None and cal["ece_after"] > cal["ece_before"]:
-        out.append(f"temperature scaling lowered validation NLL but raised validation ECE "
-                   f"({cal['ece_before']:.3f} -> {cal['ece_after']:.3f})")
+        out.append(
+            f"temperature scaling lowered validation NLL but raised validation ECE "
+            f"({cal['ece_before']:.3f} -> {cal['ece_after']:.3f})"
+        )
     b = ev["bootstrap"]
     if b["n_skipped"] > 0.1 * max(b["n_resamples"], 1):
         out.append(f"{b['n_skipped']} of {b['n_resamples']} bootstrap resamples lacked a class and were skipped")
     if ev["threshold_policy"].get("target_achieved") is False:
-        out.append(f"no validation threshold reaches {ev['threshold_policy']['policy']} "
-                   f"{ev['threshold_policy']['target']}; the strictest observed one is used")
+        out.append(
+            f"no validation threshold reaches {ev['threshold_policy']['policy']} "
+            f"{ev['threshold_policy']['target']}; the strictest observed one is used"
+        )
     return out
 
 
-def _transfer(test: SplitOutputs, p_test: np.ndarray, control_val: SplitOutputs | None, control_test: SplitOutputs,
-              pos: int | None, n_bootstrap: int, seed: int, kind: str | None, run_id: str | None) -> dict[str, Any]:
+def _transfer(
+    test: SplitOutputs,
+    p_test: np.ndarray,
+    control_val: SplitOutputs | None,
+    control_test: SplitOutputs,
+    pos: int | None,
+    n_bootstrap: int,
+    seed: int,
+    kind: str | None,
+    run_id: str | None,
+) -> dict[str, Any]:
     """Paired comparison on the studies both arms scored (normally all test studies)."""
     common = [s for s in test.studies if s in set(control_test.studies)]
     if not common:
@@ -253,11 +303,23 @@ def _transfer(test: SplitOutputs, p_test: np.ndarray, control_val: SplitOutputs 
     else:
         verdict = "not shown better"
     negative = bool(not np.isfinite(gain.ci_low) or gain.value <= 0 or gain.ci_low <= 0)
-    return {"control_run_id": run_id, "control_kind": kind, "metric": "auroc" if pos is not None else "macro_auroc",
-            "main": res["a"], "control": res["b"], "gain": gain.as_dict(), "p_not_better": res["p_not_better"],
-            "negative_transfer": negative, "verdict": verdict, "rule": NEGATIVE_TRANSFER_RULE,
-            "control_temperature": t_ctrl, "n_resamples": res["n_resamples"], "n_skipped": res["n_skipped"],
-            "n_studies": len(common), "missing_in_control": int(test.studies.size - len(common))}
+    return {
+        "control_run_id": run_id,
+        "control_kind": kind,
+        "metric": "auroc" if pos is not None else "macro_auroc",
+        "main": res["a"],
+        "control": res["b"],
+        "gain": gain.as_dict(),
+        "p_not_better": res["p_not_better"],
+        "negative_transfer": negative,
+        "verdict": verdict,
+        "rule": NEGATIVE_TRANSFER_RULE,
+        "control_temperature": t_ctrl,
+        "n_resamples": res["n_resamples"],
+        "n_skipped": res["n_skipped"],
+        "n_studies": len(common),
+        "missing_in_control": int(test.studies.size - len(common)),
+    }
 
 
 def write_plots(out_dir: Path, computed: Computed, test: SplitOutputs) -> list[Path]:
@@ -283,13 +345,15 @@ def write_plots(out_dir: Path, computed: Computed, test: SplitOutputs) -> list[P
     ]
 
 
-def predictions_table(split: str, out: SplitOutputs, prob: np.ndarray, classes: Sequence[str],
-                      decision: np.ndarray | None = None):
+def predictions_table(
+    split: str, out: SplitOutputs, prob: np.ndarray, classes: Sequence[str], decision: np.ndarray | None = None
+):
     """Per-study outputs keyed by pseudonyms only (no paths): for notebooks and error analysis."""
     import pandas as pd
 
-    df = pd.DataFrame({"study_key": out.studies, "patient_key": out.patients, "split": split,
-                       "label": [classes[i] for i in out.y]})
+    df = pd.DataFrame(
+        {"study_key": out.studies, "patient_key": out.patients, "split": split, "label": [classes[i] for i in out.y]}
+    )
     for i, c in enumerate(classes):
         df[f"prob_{c}"] = prob[:, i]
     if decision is not None:
@@ -337,6 +401,7 @@ def dump_json(obj: Any, path: Path) -> Path:
 
 # ---------------------------------------------------------------------------- the stage
 
+
 @dataclass
 class EvalResult:
     run_id: str
@@ -348,13 +413,24 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         ev = self.evaluation
         cal = ev["calibration"]
-        return {"run_id": self.run_id, "task": ev["task"], "classes": ev["classes"],
-                "positive_class": ev["positive_class"], "test": ev["test"], "threshold": ev["threshold"],
-                "threshold_policy": ev["threshold_policy"], "temperature": ev["temperature"],
-                "calibration": {"test": cal["test"], "val": cal["val"]}, "val": ev["val"],
-                "counts": ev.get("counts"), "bootstrap": ev["bootstrap"], "transfer": ev.get("transfer"),
-                "failed_studies": ev.get("failed_studies"), "evaluation_json": str(self.path),
-                "logged_to_mlflow": self.logged}
+        return {
+            "run_id": self.run_id,
+            "task": ev["task"],
+            "classes": ev["classes"],
+            "positive_class": ev["positive_class"],
+            "test": ev["test"],
+            "threshold": ev["threshold"],
+            "threshold_policy": ev["threshold_policy"],
+            "temperature": ev["temperature"],
+            "calibration": {"test": cal["test"], "val": cal["val"]},
+            "val": ev["val"],
+            "counts": ev.get("counts"),
+            "bootstrap": ev["bootstrap"],
+            "transfer": ev.get("transfer"),
+            "failed_studies": ev.get("failed_studies"),
+            "evaluation_json": str(self.path),
+            "logged_to_mlflow": self.logged,
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         ev = self.evaluation
@@ -362,24 +438,44 @@ class EvalResult:
         for k in HEADLINE:
             m, v = ev["test"][k], ev["val"][k]["value"]
             ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else ""
-            rows.append((f"test {k}", (f"{m['value']:.3f}" if m["value"] is not None else "n/a") + ci
-                         + (f"   (val {v:.3f})" if v is not None else "")))
+            rows.append(
+                (
+                    f"test {k}",
+                    (f"{m['value']:.3f}" if m["value"] is not None else "n/a")
+                    + ci
+                    + (f"   (val {v:.3f})" if v is not None else ""),
+                )
+            )
         if ev["threshold"] is not None:
             tp = ev["threshold_policy"]
-            rows.append(("threshold", f"{ev['threshold']:.4f} ({tp['policy']}"
-                         + (f" {tp['target']}" if tp.get("target") else "") + ", from validation)"))
+            rows.append(
+                (
+                    "threshold",
+                    f"{ev['threshold']:.4f} ({tp['policy']}"
+                    + (f" {tp['target']}" if tp.get("target") else "")
+                    + ", from validation)",
+                )
+            )
         else:
             rows.append(("decision", "argmax"))
         c = ev["calibration"]["test"]
-        rows.append(("calibration", f"T={ev['temperature']:.3f}; ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
-                     f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}"))
+        rows.append(
+            (
+                "calibration",
+                f"T={ev['temperature']:.3f}; ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
+                f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}",
+            )
+        )
         tr = ev.get("transfer")
         if tr:
             g = tr["gain"]
-            rows.append((f"transfer vs {tr['control_kind'] or 'control'}",
-                         f"AUROC gain {g['value']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]; "
-                         + (f"NEGATIVE-TRANSFER FLAG ({tr['verdict']})" if tr["negative_transfer"]
-                            else "pretrained better")))
+            rows.append(
+                (
+                    f"transfer vs {tr['control_kind'] or 'control'}",
+                    f"AUROC gain {g['value']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]; "
+                    + (f"NEGATIVE-TRANSFER FLAG ({tr['verdict']})" if tr["negative_transfer"] else "pretrained better"),
+                )
+            )
         b = ev["bootstrap"]
         rows.append(("CIs", f"patient bootstrap, {b['n_resamples']} resamples, {b['n_skipped']} skipped"))
         if ev.get("failed_studies"):
@@ -401,8 +497,9 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def infer_split(model: Any, rows: Any, spec: Any, recipe: Any, device: str, description: str,
-                batch_size: int = 16) -> tuple[SplitOutputs, int]:
+def infer_split(
+    model: Any, rows: Any, spec: Any, recipe: Any, device: str, description: str, batch_size: int = 16
+) -> tuple[SplitOutputs, int]:
     """Deterministic preprocessing + forward pass for the studies in `rows` (manifest rows with split info).
 
     Returns the outputs of the studies that loaded and the number that failed: a study that ingest
@@ -443,7 +540,7 @@ def infer_split(model: Any, rows: Any, spec: Any, recipe: Any, device: str, desc
         with ThreadPoolExecutor(max_workers=2) as pool:
             window = 2 * batch_size
             for start in range(0, len(records), window):
-                yield from pool.map(load, records[start:start + window])
+                yield from pool.map(load, records[start : start + window])
 
     for i, x in enumerate(ui.progress(loaded(), total=len(records), description=description)):
         if x is None:
@@ -459,9 +556,12 @@ def infer_split(model: Any, rows: Any, spec: Any, recipe: Any, device: str, desc
     k = int(getattr(model, "num_classes", 0)) or (logits[0].shape[1] if logits else 1)
     z = np.concatenate(logits) if logits else np.zeros((0, k))
     sel = [records[i] for i in keep]
-    return SplitOutputs(z, np.array([int(r["label_index"]) for r in sel], dtype=int),
-                        np.array([str(r["patient_key"]) for r in sel]),
-                        np.array([str(r["study_key"]) for r in sel])), failed
+    return SplitOutputs(
+        z,
+        np.array([int(r["label_index"]) for r in sel], dtype=int),
+        np.array([str(r["patient_key"]) for r in sel]),
+        np.array([str(r["study_key"]) for r in sel]),
+    ), failed
 
 
 def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
@@ -473,8 +573,10 @@ def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
         return local
     got = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", tmp / run_id)
     if got is None:
-        raise StageError(f"run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the "
-                         "workspace nor the checkpoints/best.pt artifact); did training finish?")
+        raise StageError(
+            f"run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the "
+            "workspace nor the checkpoints/best.pt artifact); did training finish?"
+        )
     return got
 
 
@@ -484,14 +586,18 @@ def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
     from pipeline.errors import StageError
 
     if not ws.manifest.is_file() or not ws.splits.is_file():
-        raise StageError(f"the workspace has no manifest/split for '{spec.name}'; evaluate needs the workspace the "
-                         "run was trained in (--workspace)")
+        raise StageError(
+            f"the workspace has no manifest/split for '{spec.name}'; evaluate needs the workspace the "
+            "run was trained in (--workspace)"
+        )
     report = json.loads(ws.split_report.read_text()) if ws.split_report.is_file() else {}
     trained_on = (ckpt.get("hashes") or {}).get("split")
     if trained_on and report.get("split_hash") and report["split_hash"] != trained_on:
         # A re-split can move training studies into test: numbers would be optimistic without warning.
-        raise StageError("the split changed since this run was trained (split hash differs); evaluating would "
-                         "mix training studies into the test set. Retrain, or restore the original split")
+        raise StageError(
+            "the split changed since this run was trained (split hash differs); evaluating would "
+            "mix training studies into the test set. Retrain, or restore the original split"
+        )
     manifest = pd.read_parquet(ws.manifest)
     splits = pd.read_csv(ws.splits)
     rows = manifest.merge(splits[["study_key", "split"]], on="study_key", how="inner")
@@ -543,8 +649,10 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
         rows, counts, patients = _split_rows(ws, spec, ckpt)
         val_rows, test_rows = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
         if val_rows.empty or test_rows.empty:
-            raise StageError(f"the split has {len(val_rows)} val and {len(test_rows)} test studies; evaluate needs "
-                             "both (k-fold splits without a test fraction cannot be evaluated here)")
+            raise StageError(
+                f"the split has {len(val_rows)} val and {len(test_rows)} test studies; evaluate needs "
+                "both (k-fold splits without a test fraction cannot be evaluated here)"
+            )
         ui.info(f"evaluating run {run_id[:12]} on {len(val_rows)} val + {len(test_rows)} test studies ({dev})")
         model = inference_model(model, spec, recipe)
         val, val_failed = infer_split(model, val_rows, spec, recipe, dev, "val")
@@ -558,27 +666,48 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
             cmodel = inference_model(cmodel, spec, crecipe)
             cval, _ = infer_split(cmodel, val_rows, spec, crecipe, dev, "control val")
             ctest, _ = infer_split(cmodel, test_rows, spec, crecipe, dev, "control test")
-            control_kw = {"control_val": cval, "control_test": ctest, "control_run_id": control_id,
-                          "control_kind": cckpt.get("control") or run["tags"].get(tracking.TAG_CONTROL)}
+            control_kw = {
+                "control_val": cval,
+                "control_test": ctest,
+                "control_run_id": control_id,
+                "control_kind": cckpt.get("control") or run["tags"].get(tracking.TAG_CONTROL),
+            }
     if val.y.size == 0 or test.y.size == 0:
         raise StageError("no val or test study could be read; check that the source files are still in place")
-    computed = compute_evaluation(val, test, spec.classes, spec.positive_class, spec.task,
-                                  policy=recipe.evaluation.threshold, target=recipe.evaluation.target,
-                                  n_bootstrap=recipe.evaluation.bootstrap if n_bootstrap is None else n_bootstrap,
-                                  seed=recipe.seed, **control_kw)
+    computed = compute_evaluation(
+        val,
+        test,
+        spec.classes,
+        spec.positive_class,
+        spec.task,
+        policy=recipe.evaluation.threshold,
+        target=recipe.evaluation.target,
+        n_bootstrap=recipe.evaluation.bootstrap if n_bootstrap is None else n_bootstrap,
+        seed=recipe.seed,
+        **control_kw,
+    )
     ev = computed.evaluation
     best = ckpt.get("best") or {}
     views = tta_views(spec, recipe)
-    ev = {"run_id": run_id, **ev, "counts": counts, "patients": patients,
-          "evaluated": {"val": int(val.y.size), "test": int(test.y.size)},
-          "tta": {"views": 1 + len(views), "flip_dims": [list(v) for v in views]},
-          "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
-          "checkpoint": {"epoch": best.get("epoch", ckpt.get("epoch")), "best_metric": ckpt.get("best_metric"),
-                         "select_metric": recipe.select_metric},
-          "hashes": ckpt.get("hashes")}
+    ev = {
+        "run_id": run_id,
+        **ev,
+        "counts": counts,
+        "patients": patients,
+        "evaluated": {"val": int(val.y.size), "test": int(test.y.size)},
+        "tta": {"views": 1 + len(views), "flip_dims": [list(v) for v in views]},
+        "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
+        "checkpoint": {
+            "epoch": best.get("epoch", ckpt.get("epoch")),
+            "best_metric": ckpt.get("best_metric"),
+            "select_metric": recipe.select_metric,
+        },
+        "hashes": ckpt.get("hashes"),
+    }
     if val_failed or test_failed:
-        ev["warnings"].append(f"{val_failed} val and {test_failed} test studies could not be read and are not "
-                              "in the metrics")
+        ev["warnings"].append(
+            f"{val_failed} val and {test_failed} test studies could not be read and are not in the metrics"
+        )
     for w in ev["warnings"]:
         ui.warn(w)
 
@@ -595,8 +724,9 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     return EvalResult(run_id, json.loads(path.read_text()), path, uri, logged)
 
 
-def _log_to_run(uri: str, run: dict[str, Any], spec: Any, ws: Any, ev: dict[str, Any], out_dir: Path,
-                rows: Any) -> bool:
+def _log_to_run(
+    uri: str, run: dict[str, Any], spec: Any, ws: Any, ev: dict[str, Any], out_dir: Path, rows: Any
+) -> bool:
     """Everything into the training run itself (see the module docstring for names)."""
     from pipeline import tracking
 

@@ -54,21 +54,36 @@ class ExportResult:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
 
     def summary(self) -> dict[str, Any]:
-        return {"out": str(self.out), "model_uri": self.model_uri, "run_id": self.run_id,
-                "model_name": self.model_name, "model_version": self.model_version, "program": self.program,
-                "files": self.files}
+        return {
+            "out": str(self.out),
+            "model_uri": self.model_uri,
+            "run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "program": self.program,
+            "files": self.files,
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         p = self.program
-        check = (f"max |logit diff| {p['max_abs_diff']:.2e} (atol {p['atol']:g}, rtol {p['rtol']:g}) on "
-                 f"{p['verified_on']}") if p.get("max_abs_diff") is not None else "not verified"
-        rows = [("source", self.model_uri), ("folder", str(self.out)),
-                ("program", p["file"] + (f"  (fallback: {p['fallback_reason']})" if p.get("fallback_reason") else "")),
-                ("check", check), ("files", ", ".join(sorted(self.files))), ("manifest", f"{SUMS} (sha256)")]
+        check = (
+            (f"max |logit diff| {p['max_abs_diff']:.2e} (atol {p['atol']:g}, rtol {p['rtol']:g}) on {p['verified_on']}")
+            if p.get("max_abs_diff") is not None
+            else "not verified"
+        )
+        rows = [
+            ("source", self.model_uri),
+            ("folder", str(self.out)),
+            ("program", p["file"] + (f"  (fallback: {p['fallback_reason']})" if p.get("fallback_reason") else "")),
+            ("check", check),
+            ("files", ", ".join(sorted(self.files))),
+            ("manifest", f"{SUMS} (sha256)"),
+        ]
         return "export", rows
 
 
 # ---------------------------------------------------------------------------- resolving the source
+
 
 def resolve_bundle(model_uri: str, workspace: Path, dst: Path) -> tuple[Path, dict[str, str | None]]:
     """The bundle folder behind `model_uri` (under `dst`) and {run_id, model_name, model_version}.
@@ -86,14 +101,20 @@ def resolve_bundle(model_uri: str, workspace: Path, dst: Path) -> tuple[Path, di
         return write_run_bundle(ra, dst / "bundle"), {"run_id": run_id, "model_name": None, "model_version": None}
     src = resolve_model(model_uri, workspace, dst)
     if not (src.bundle / B.EVALUATION).is_file():
-        raise StageError(f"{model_uri}: the bundle has no evaluation.json (its model was never evaluated); "
-                         "evaluate the training run and export runs:/RUN_ID or a model registered after that")
+        raise StageError(
+            f"{model_uri}: the bundle has no evaluation.json (its model was never evaluated); "
+            "evaluate the training run and export runs:/RUN_ID or a model registered after that"
+        )
     cfg = B.load_config(src.bundle)
-    return src.bundle, {"run_id": cfg.get("run_id"), "model_name": src.name if src.kind == "registered" else None,
-                        "model_version": src.version}
+    return src.bundle, {
+        "run_id": cfg.get("run_id"),
+        "model_name": src.name if src.kind == "registered" else None,
+        "model_version": src.version,
+    }
 
 
 # ---------------------------------------------------------------------------- example input
+
 
 def example_input(predictor: B.Predictor, workspace: Path) -> tuple[Any, str]:
     """A real preprocessed study when the workspace has the model's data, else a random tensor of the input shape.
@@ -117,13 +138,16 @@ def example_input(predictor: B.Predictor, workspace: Path) -> tuple[Any, str]:
                 return predictor.load(list(r.files), r.source_kind)[None], "a preprocessed test-split study"
             except Exception:  # try the next study; the reason may quote a path, so it is not shown
                 continue
-    shape = predictor.config["input"]["shape"] or [predictor.config["model"]["in_chans"],
-                                                  *[64] * predictor.config["model"]["spatial_dims"]]
+    shape = predictor.config["input"]["shape"] or [
+        predictor.config["model"]["in_chans"],
+        *[64] * predictor.config["model"]["spatial_dims"],
+    ]
     gen = torch.Generator().manual_seed(0)
     return torch.rand(1, *shape, generator=gen), "a random input of the model's input shape (no workspace data)"
 
 
 # ---------------------------------------------------------------------------- programs
+
 
 def _close(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
@@ -139,9 +163,16 @@ def export_onnx(model: Any, x: Any, path: Path) -> tuple[bool, float, str | None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (batch,), str(path), dynamo=False, opset_version=OPSET,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (batch,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
         with torch.inference_mode():
             ref = model(batch).float().numpy()
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -173,6 +204,7 @@ def export_torchscript(model: Any, x: Any, path: Path) -> tuple[bool, float]:
 
 # ---------------------------------------------------------------------------- files
 
+
 def write_sums(folder: Path) -> dict[str, str]:
     files = {p.name: B.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != SUMS}
     (folder / SUMS).write_text("".join(f"{h}  {n}\n" for n, h in files.items()))
@@ -194,24 +226,31 @@ def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | 
     classes = cfg["classes"]
     example = "study_folder/" if cfg["spec"]["source"]["kind"] == "dicom" else "scan.nii.gz"
     onnx = program["file"] == "model.onnx"
-    title = f"{meta.get('model_name') or cfg['spec']['name']}" + (f" v{meta['model_version']}"
-                                                                   if meta.get("model_version") else "")
-    decision = (f"`{cfg['positive_class']}` when `prob_{cfg['positive_class']} >= {cfg['threshold']:.4f}`"
-                if cfg.get("threshold") is not None and cfg.get("positive_class") else "argmax")
+    title = f"{meta.get('model_name') or cfg['spec']['name']}" + (
+        f" v{meta['model_version']}" if meta.get("model_version") else ""
+    )
+    decision = (
+        f"`{cfg['positive_class']}` when `prob_{cfg['positive_class']} >= {cfg['threshold']:.4f}`"
+        if cfg.get("threshold") is not None and cfg.get("positive_class")
+        else "argmax"
+    )
     views = program.get("tta_flip_dims") or []
-    mirrored = (f" (already the mean over the input and its {len(views)} mirror image(s), flipped along batch-tensor "
-                f"dims {views}: test-time mirroring, as evaluated)" if views else "")
+    mirrored = (
+        f" (already the mean over the input and its {len(views)} mirror image(s), flipped along batch-tensor "
+        f"dims {views}: test-time mirroring, as evaluated)"
+        if views
+        else ""
+    )
     run_program = (
         "import onnxruntime as ort\n"
-        f"sess = ort.InferenceSession(\"{folder}/model.onnx\")\n"
-        "logits = sess.run([\"logits\"], {\"input\": x.numpy()})[0]"
-        if onnx else
-        "import torch\n"
-        f"prog = torch.jit.load(\"{folder}/model.torchscript.pt\")\n"
-        "logits = prog(x).detach().numpy()")
+        f'sess = ort.InferenceSession("{folder}/model.onnx")\n'
+        'logits = sess.run(["logits"], {"input": x.numpy()})[0]'
+        if onnx
+        else f'import torch\nprog = torch.jit.load("{folder}/model.torchscript.pt")\nlogits = prog(x).detach().numpy()'
+    )
     return f"""# {title}: medxfer hand-off
 
-{cfg['task']} classifier over {', '.join(classes)}; run {cfg.get('run_id')}. See `model_card.md` before use.
+{cfg["task"]} classifier over {", ".join(classes)}; run {cfg.get("run_id")}. See `model_card.md` before use.
 Check the files first: `sha256sum -c SHA256SUMS`.
 
 ## Predict in ten lines (with medxfer installed; no MLflow needed)
@@ -221,25 +260,25 @@ from pipeline.bundle import Predictor
 
 p = Predictor.from_dir("{folder}/")  # checks weights.safetensors against its SHA-256
 df = p.predict(["{example}"])  # DICOM series folders or files, NIfTI files, or a CSV with a path column
-print(df)  # input, {', '.join('prob_' + c for c in classes)}, decision, model_name, model_version, error
+print(df)  # input, {", ".join("prob_" + c for c in classes)}, decision, model_name, model_version, error
 ```
 
-## The exported program ({program['file']})
+## The exported program ({program["file"]})
 
-Input: float32 `{['batch', *(cfg['input']['shape'] or ['C', '...'])]}`, preprocessed exactly as
+Input: float32 `{["batch", *(cfg["input"]["shape"] or ["C", "..."])]}`, preprocessed exactly as
 `preprocessing.json` says (`Predictor.preprocess` does it). Output: raw logits{mirrored}; divide by the temperature
-{cfg['temperature']:.4f}, softmax, then decide: {decision}.
+{cfg["temperature"]:.4f}, softmax, then decide: {decision}.
 
 ```python
 import numpy as np
 from pipeline.bundle import Predictor
 x = Predictor.from_dir("{folder}/").preprocess("{example}")[None]   # (1, C, *spatial)
 {run_program}
-z = logits / {cfg['temperature']:.6f}
+z = logits / {cfg["temperature"]:.6f}
 prob = np.exp(z - z.max(1, keepdims=True)); prob /= prob.sum(1, keepdims=True)
 ```
 
-Verified: {program.get('check_text')}.
+Verified: {program.get("check_text")}.
 """
 
 
@@ -268,18 +307,26 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
         else:
             ts_ok, diff = export_torchscript(model, x, staging / "model.torchscript.pt")
             if not ts_ok:
-                raise StageError(f"neither ONNX ({reason}) nor TorchScript reproduces the eager model "
-                                 f"(max diff {diff:.2e}); the weights are fine, the network cannot be exported")
+                raise StageError(
+                    f"neither ONNX ({reason}) nor TorchScript reproduces the eager model "
+                    f"(max diff {diff:.2e}); the weights are fine, the network cannot be exported"
+                )
             program = {"file": "model.torchscript.pt", "format": "torchscript", "fallback_reason": reason}
         program["tta_flip_dims"] = [list(v) for v in getattr(model, "views", [])]
-        program.update(max_abs_diff=diff, atol=ONNX_ATOL, rtol=ONNX_RTOL, verified_on=verified_on,
-                       check_text=f"max |logit difference| {diff:.2e} vs eager PyTorch (tolerance atol "
-                                  f"{ONNX_ATOL:g} + rtol {ONNX_RTOL:g}) on {verified_on}")
+        program.update(
+            max_abs_diff=diff,
+            atol=ONNX_ATOL,
+            rtol=ONNX_RTOL,
+            verified_on=verified_on,
+            check_text=f"max |logit difference| {diff:.2e} vs eager PyTorch (tolerance atol "
+            f"{ONNX_ATOL:g} + rtol {ONNX_RTOL:g}) on {verified_on}",
+        )
         (staging / "README.md").write_text(_readme(predictor.config, program, meta, out.name))
         files = write_sums(staging)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, out)
-    return ExportResult(out.resolve(), model_uri, meta.get("run_id"), meta.get("model_name"),
-                        meta.get("model_version"), program, files)
+    return ExportResult(
+        out.resolve(), model_uri, meta.get("run_id"), meta.get("model_name"), meta.get("model_version"), program, files
+    )

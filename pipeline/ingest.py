@@ -46,9 +46,23 @@ from pipeline.phi import Pseudonymizer
 from pipeline.spec import DataSpec, SpecError, check_spec_files
 from pipeline.workspace import Workspace
 
-MANIFEST_COLUMNS = ["study_key", "patient_key", "label", "label_index", "modality", "source_kind", "files",
-                    "n_slices", "shape", "spacing", "orientation", "intensity_min", "intensity_max",
-                    "content_hash", "series_key"]
+MANIFEST_COLUMNS = [
+    "study_key",
+    "patient_key",
+    "label",
+    "label_index",
+    "modality",
+    "source_kind",
+    "files",
+    "n_slices",
+    "shape",
+    "spacing",
+    "orientation",
+    "intensity_min",
+    "intensity_max",
+    "content_hash",
+    "series_key",
+]
 REJECT_COLUMNS = ["input", "reason_code", "message", "study_key"]
 LABEL_REASONS = {
     "no_label": "a usable study has no row in the labels CSV",
@@ -252,8 +266,9 @@ def _stat(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _discover_dicom(files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None,
-                    workers: int | None, decode: str) -> Discovery:
+def _discover_dicom(
+    files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None, workers: int | None, decode: str
+) -> Discovery:
     """Headers -> studies -> chosen series -> geometry -> pixels.
 
     ``decode``: "full" (ingest: sampled slices decoded, hashed and ranged) or "check" (predict: one slice).
@@ -295,8 +310,7 @@ def _discover_dicom(files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cac
         patients = {h.patient for h in hs if h.patient}
         if not patients:
             disc.no_patient_id += 1
-        patient_key = (next(iter(patients)) if len(patients) == 1
-                       else pseudo.patient_key("study:" + study_uid_key))
+        patient_key = next(iter(patients)) if len(patients) == 1 else pseudo.patient_key("study:" + study_uid_key)
         st = Study(study_key, patient_key, _common_input(paths), "dicom")
         if len(patients) > 1:
             st.reason_code, st.message = "mixed_patients", f"the study's files carry {len(patients)} PatientIDs"
@@ -309,8 +323,15 @@ def _discover_dicom(files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cac
         cands = dicom.candidates(hs, spec.dims)
         pick, losers = dicom.select_series(cands, spec.series, spec.dims)
         for nc in losers:
-            disc.series_log.append({"study_key": study_key, "series_key": nc.candidate.key, "chosen": False,
-                                    "reason_code": nc.code, "message": f"{nc.candidate.label()}: {nc.message}"})
+            disc.series_log.append(
+                {
+                    "study_key": study_key,
+                    "series_key": nc.candidate.key,
+                    "chosen": False,
+                    "reason_code": nc.code,
+                    "message": f"{nc.candidate.label()}: {nc.message}",
+                }
+            )
         if pick is None:
             detail = "; ".join(f"{nc.candidate.label()}: {nc.message}" for nc in losers[:5])
             more = f"; and {len(losers) - 5} more" if len(losers) > 5 else ""
@@ -318,8 +339,9 @@ def _discover_dicom(files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cac
             st.message = f"{len(cands)} candidate(s), none passed the series rules: {detail}{more}"
             disc.studies.append(st)
             continue
-        disc.series_log.append({"study_key": study_key, "series_key": pick.key, "chosen": True,
-                                "reason_code": "", "message": pick.label()})
+        disc.series_log.append(
+            {"study_key": study_key, "series_key": pick.key, "chosen": True, "reason_code": "", "message": pick.label()}
+        )
         st.input = _common_input([h.path for h in pick.headers])
         st.modality = pick.modality or "unknown"
         st.series_key = pick.key
@@ -332,8 +354,9 @@ def _discover_dicom(files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cac
         st.files, st.n_slices, st.shape = geom.files, geom.n_slices, geom.shape
         st.spacing, st.orientation = geom.spacing, geom.orientation
         sizes = {h.path: (h.size, h.mtime_ns) for h in pick.headers}
-        st.signature = hashlib.sha256("\n".join(f"{f}|{sizes[f][0]}|{sizes[f][1]}" for f in geom.files)
-                                      .encode()).hexdigest()
+        st.signature = hashlib.sha256(
+            "\n".join(f"{f}|{sizes[f][0]}|{sizes[f][1]}" for f in geom.files).encode()
+        ).hexdigest()
         chosen.append((st, pick, geom))
         disc.studies.append(st)
 
@@ -370,9 +393,10 @@ def _decode_study(st: Study, decode: str) -> dict[str, Any]:
         return {"reason_code": "undecodable", "message": f"pixel data could not be read ({type(exc).__name__})"}
     shape = [int(s) for s in st.shape]
     if list(arr.shape[-2:]) != shape[-2:]:
-        return {"reason_code": "undecodable",
-                "message": f"decoded slices are {arr.shape[-2]}x{arr.shape[-1]}, the header says "
-                           f"{shape[-2]}x{shape[-1]}"}
+        return {
+            "reason_code": "undecodable",
+            "message": f"decoded slices are {arr.shape[-2]}x{arr.shape[-1]}, the header says {shape[-2]}x{shape[-1]}",
+        }
     if not np.isfinite(arr).all():
         return {"reason_code": "undecodable", "message": "decoded pixels contain NaN/Inf"}
     h = hashlib.sha256(f"{shape}|{st.n_slices}|{arr.shape}".encode())
@@ -380,8 +404,9 @@ def _decode_study(st: Study, decode: str) -> dict[str, Any]:
     return {"content_hash": h.hexdigest(), "min": float(arr.min()), "max": float(arr.max()), "shape": shape}
 
 
-def _discover_nifti(files: list[str], root: Path, spec: DataSpec, pseudo: Pseudonymizer,
-                    cache: ScanCache | None, workers: int | None) -> Discovery:
+def _discover_nifti(
+    files: list[str], root: Path, spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None, workers: int | None
+) -> Discovery:
     from pipeline import nifti
 
     vols = [f for f in files if nifti.is_nifti(f)]
@@ -392,15 +417,27 @@ def _discover_nifti(files: list[str], root: Path, spec: DataSpec, pseudo: Pseudo
         # root is reached through a symlink.
         rel = normalise_key(Path(os.path.relpath(path, root)).as_posix(), "nifti")
         size, mtime = _stat(path)
-        st = Study(pseudo.study_key(rel), None, path, "nifti", files=[path],
-                   modality=spec.source.modality.upper() if spec.source.modality else "unknown")
+        st = Study(
+            pseudo.study_key(rel),
+            None,
+            path,
+            "nifti",
+            files=[path],
+            modality=spec.source.modality.upper() if spec.source.modality else "unknown",
+        )
         rec = cache.get("n", path, size, mtime) if cache else None
         was_cached = rec is not None
         if rec is None:
             try:
                 info = nifti.inspect(path, spec.dims)
-                rec = {"shape": info.shape, "spacing": info.spacing, "orientation": info.orientation,
-                       "min": info.intensity_min, "max": info.intensity_max, "content_hash": info.content_hash}
+                rec = {
+                    "shape": info.shape,
+                    "spacing": info.spacing,
+                    "orientation": info.orientation,
+                    "min": info.intensity_min,
+                    "max": info.intensity_max,
+                    "content_hash": info.content_hash,
+                }
             except nifti.NiftiError as exc:
                 rec = {"reason_code": exc.code, "message": exc.message}
             if cache:
@@ -435,8 +472,9 @@ class LabelRow:
     patient: str | None  # pseudonym
 
 
-def read_labels(spec: DataSpec, pseudo: Pseudonymizer, csv_path: Path | None = None,
-                need_label: bool = True) -> list[LabelRow]:
+def read_labels(
+    spec: DataSpec, pseudo: Pseudonymizer, csv_path: Path | None = None, need_label: bool = True
+) -> list[LabelRow]:
     """Rows of the labels CSV (or a pinned-test CSV) with keys pseudonymised. Column problems raise SpecError."""
     path = csv_path or spec.labels_csv
     try:
@@ -448,8 +486,10 @@ def read_labels(spec: DataSpec, pseudo: Pseudonymizer, csv_path: Path | None = N
         wanted.append(spec.labels.patient)
     missing = [c for c in wanted if c not in df.columns]
     if missing:
-        raise SpecError(f"{path}: no column(s) {missing}; it has {list(df.columns)[:20]}. "
-                        "fix: rename the column or set labels.key/labels.column/labels.patient in the spec")
+        raise SpecError(
+            f"{path}: no column(s) {missing}; it has {list(df.columns)[:20]}. "
+            "fix: rename the column or set labels.key/labels.column/labels.patient in the spec"
+        )
     rows = []
     for i, rec in enumerate(df.to_dict(orient="records"), start=2):  # line 1 is the header
         raw_key = normalise_key(rec[spec.labels.key], spec.source.kind)
@@ -466,8 +506,9 @@ def _short(s: str, n: int = 40) -> str:
     return repr(s if len(s) <= n else s[: n - 1] + "…")
 
 
-def _join(disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: Path,
-          pseudo: Pseudonymizer) -> tuple[list[dict[str, Any]], list[Reject]]:
+def _join(
+    disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: Path, pseudo: Pseudonymizer
+) -> tuple[list[dict[str, Any]], list[Reject]]:
     rejects = list(disc.rejects)
     where = str(labels_csv)
     by_key: dict[str, list[LabelRow]] = defaultdict(list)
@@ -487,11 +528,20 @@ def _join(disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: P
             bad[key] = ("duplicate_label", f"labels rows at lines {lines} give different labels/patients", first.line)
             continue
         for extra in rows[1:]:
-            rejects.append(Reject(f"{where}:{extra.line}", "duplicate_label",
-                                  f"same key and label as line {first.line}; kept line {first.line}", key))
+            rejects.append(
+                Reject(
+                    f"{where}:{extra.line}",
+                    "duplicate_label",
+                    f"same key and label as line {first.line}; kept line {first.line}",
+                    key,
+                )
+            )
         if first.label not in spec.classes:
-            msg = (f"label {_short(first.label)} (line {first.line}) is not one of classes {spec.classes}"
-                   if first.label else f"empty label (line {first.line})")
+            msg = (
+                f"label {_short(first.label)} (line {first.line}) is not one of classes {spec.classes}"
+                if first.label
+                else f"empty label (line {first.line})"
+            )
             bad[key] = ("unknown_class", msg, first.line)
             continue
         resolved[key] = first
@@ -501,8 +551,9 @@ def _join(disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: P
         group = studies_by_key[key]
         if len(group) > 1:
             for st in group:
-                rejects.append(Reject(st.input, "duplicate_study_key",
-                                      f"{len(group)} different studies share this label key", key))
+                rejects.append(
+                    Reject(st.input, "duplicate_study_key", f"{len(group)} different studies share this label key", key)
+                )
             continue
         st = group[0]
         if st.reason_code:
@@ -518,14 +569,25 @@ def _join(disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: P
             continue
         # DICOM patients come from PatientID (in the header), NIfTI patients from labels.patient.
         patient = st.patient_key or row.patient or pseudo.patient_key("study:" + key)
-        manifest.append({
-            "study_key": key, "patient_key": patient, "label": row.label,
-            "label_index": spec.classes.index(row.label), "modality": st.modality, "source_kind": st.source_kind,
-            "files": _resolve_all(st.files), "n_slices": int(st.n_slices),
-            "shape": [int(s) for s in st.shape], "spacing": [float(s) for s in st.spacing],
-            "orientation": st.orientation, "intensity_min": float(st.intensity_min),
-            "intensity_max": float(st.intensity_max), "content_hash": st.content_hash, "series_key": st.series_key,
-        })
+        manifest.append(
+            {
+                "study_key": key,
+                "patient_key": patient,
+                "label": row.label,
+                "label_index": spec.classes.index(row.label),
+                "modality": st.modality,
+                "source_kind": st.source_kind,
+                "files": _resolve_all(st.files),
+                "n_slices": int(st.n_slices),
+                "shape": [int(s) for s in st.shape],
+                "spacing": [float(s) for s in st.spacing],
+                "orientation": st.orientation,
+                "intensity_min": float(st.intensity_min),
+                "intensity_max": float(st.intensity_max),
+                "content_hash": st.content_hash,
+                "series_key": st.series_key,
+            }
+        )
     for key, rows in sorted(by_key.items(), key=lambda kv: kv[1][0].line):
         if key in studies_by_key:
             continue
@@ -533,8 +595,14 @@ def _join(disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: P
             code, msg, line = bad[key]
             rejects.append(Reject(f"{where}:{line}", code, msg + "; and no study has this key", key))
         else:
-            rejects.append(Reject(f"{where}:{rows[0].line}", "label_without_study",
-                                  "no study under source.root has this key (its files may be rejected above)", key))
+            rejects.append(
+                Reject(
+                    f"{where}:{rows[0].line}",
+                    "label_without_study",
+                    "no study under source.root has this key (its files may be rejected above)",
+                    key,
+                )
+            )
     return manifest, rejects
 
 
@@ -551,8 +619,11 @@ def _stats(values: list[list[float]]) -> dict[str, Any]:
         by_len[len(v)].append(v)
     n, vs = max(by_len.items(), key=lambda kv: len(kv[1]))
     a = np.asarray(vs, float)
-    return {"min": a.min(axis=0).round(4).tolist(), "median": np.median(a, axis=0).round(4).tolist(),
-            "max": a.max(axis=0).round(4).tolist()}
+    return {
+        "min": a.min(axis=0).round(4).tolist(),
+        "median": np.median(a, axis=0).round(4).tolist(),
+        "max": a.max(axis=0).round(4).tolist(),
+    }
 
 
 def _common(values: list[list[Any]], fmt: str = "{}") -> dict[str, int]:
@@ -571,23 +642,49 @@ class IngestResult:
 
     def summary(self) -> dict[str, Any]:
         r = self.report
-        keys = ("n_studies", "n_patients", "class_counts", "imbalance_ratio", "n_rejects", "rejects_by_reason",
-                "files", "spec_hash", "manifest_hash", "elapsed_s", "source_kind")
-        return {"stage": "ingest", "spec": self.spec_name, **{k: r[k] for k in keys},
-                "outputs": {"manifest": str(self.manifest_path), "rejects": str(self.rejects_path),
-                            "report": str(self.report_path)}}
+        keys = (
+            "n_studies",
+            "n_patients",
+            "class_counts",
+            "imbalance_ratio",
+            "n_rejects",
+            "rejects_by_reason",
+            "files",
+            "spec_hash",
+            "manifest_hash",
+            "elapsed_s",
+            "source_kind",
+        )
+        return {
+            "stage": "ingest",
+            "spec": self.spec_name,
+            **{k: r[k] for k in keys},
+            "outputs": {
+                "manifest": str(self.manifest_path),
+                "rejects": str(self.rejects_path),
+                "report": str(self.report_path),
+            },
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         r = self.report
-        rows = [("studies", f"{r['n_studies']} usable ({r['n_patients']} patients)"),
-                ("classes", ", ".join(f"{k} {v}" for k, v in r["class_counts"].items())),
-                ("imbalance", f"{r['imbalance_ratio']:.2f}" if r["imbalance_ratio"] else "n/a"),
-                ("rejected", f"{r['n_rejects']}" + (" (" + ", ".join(f"{k} {v}" for k, v in
-                                                                    r["rejects_by_reason"].items()) + ")"
-                                                    if r["n_rejects"] else "")),
-                ("files", f"{r['files']['seen']} seen, {r['files']['read']} read, {r['files']['cached']} cached"),
-                ("time", f"{r['elapsed_s']:.1f} s"),
-                ("manifest", str(self.manifest_path))]
+        rows = [
+            ("studies", f"{r['n_studies']} usable ({r['n_patients']} patients)"),
+            ("classes", ", ".join(f"{k} {v}" for k, v in r["class_counts"].items())),
+            ("imbalance", f"{r['imbalance_ratio']:.2f}" if r["imbalance_ratio"] else "n/a"),
+            (
+                "rejected",
+                f"{r['n_rejects']}"
+                + (
+                    " (" + ", ".join(f"{k} {v}" for k, v in r["rejects_by_reason"].items()) + ")"
+                    if r["n_rejects"]
+                    else ""
+                ),
+            ),
+            ("files", f"{r['files']['seen']} seen, {r['files']['read']} read, {r['files']['cached']} cached"),
+            ("time", f"{r['elapsed_s']:.1f} s"),
+            ("manifest", str(self.manifest_path)),
+        ]
         return f"ingest {self.spec_name}", rows
 
 
@@ -619,12 +716,12 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("study_key").reset_index(drop=True)
     manifest.to_parquet(ws.manifest, index=False)
-    rej_df = pd.DataFrame([(r.input, r.reason_code, r.message, r.study_key) for r in rejects],
-                          columns=REJECT_COLUMNS)
+    rej_df = pd.DataFrame([(r.input, r.reason_code, r.message, r.study_key) for r in rejects], columns=REJECT_COLUMNS)
     rej_df.to_csv(ws.rejects, index=False)
     if spec.source.kind == "dicom":
-        pd.DataFrame(disc.series_log, columns=["study_key", "series_key", "chosen", "reason_code", "message"]) \
-            .to_csv(ws.series_selection, index=False)
+        pd.DataFrame(disc.series_log, columns=["study_key", "series_key", "chosen", "reason_code", "message"]).to_csv(
+            ws.series_selection, index=False
+        )
     pseudo.write_map(ws.pseudonym_map)
     cache.save()
 
@@ -634,17 +731,22 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
     if disc.no_patient_id:
         warnings.append(f"{disc.no_patient_id} studies have no PatientID; each is treated as its own patient")
     if spec.source.kind == "nifti" and not spec.labels.patient:
-        warnings.append("labels.patient is not set: every volume is treated as a different patient, so one "
-                        "patient's volumes may end up in different splits")
+        warnings.append(
+            "labels.patient is not set: every volume is treated as a different patient, so one "
+            "patient's volumes may end up in different splits"
+        )
     if disc.hidden_skipped:
         warnings.append(f"{disc.hidden_skipped} hidden files/folders (names starting with '.') were skipped")
     if disc.ignored_files:
         warnings.append(f"{disc.ignored_files} files under source.root are not NIfTI and were ignored")
     not_chosen = Counter(r["reason_code"] for r in disc.series_log if not r["chosen"])
     report = {
-        "spec": spec.name, "spec_hash": spec.content_hash(), "source_kind": spec.source.kind,
+        "spec": spec.name,
+        "spec_hash": spec.content_hash(),
+        "source_kind": spec.source.kind,
         "manifest_hash": manifest_hash(manifest),
-        "n_studies": len(manifest), "n_patients": int(manifest["patient_key"].nunique()),
+        "n_studies": len(manifest),
+        "n_patients": int(manifest["patient_key"].nunique()),
         "class_counts": counts,
         "imbalance_ratio": round(max(nonzero) / min(nonzero), 4) if len(nonzero) == len(counts) else None,
         "n_rejects": len(rejects),
@@ -656,8 +758,13 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
         "spacing": {"common": _common(manifest["spacing"].tolist(), "{:g}"), **_stats(manifest["spacing"].tolist())},
         "orientation": dict(Counter(manifest["orientation"])),
         "duplicate_content_groups": int((manifest["content_hash"].value_counts() > 1).sum()),
-        "files": {"seen": disc.files_seen, "read": disc.files_read, "cached": disc.files_cached,
-                  "hidden_skipped": disc.hidden_skipped, "ignored": disc.ignored_files},
+        "files": {
+            "seen": disc.files_seen,
+            "read": disc.files_read,
+            "cached": disc.files_cached,
+            "hidden_skipped": disc.hidden_skipped,
+            "ignored": disc.ignored_files,
+        },
         "warnings": warnings,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
@@ -668,15 +775,18 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
 
     top = ", ".join(f"{k} {v}" for k, v in Counter(r.reason_code for r in rejects).most_common(4))
     if manifest.empty:
-        raise StageError(f"ingest {spec.name}: nothing usable; {len(rejects)} input(s) rejected ({top}). "
-                         f"See {ws.rejects} for each input and its reason.")
+        raise StageError(
+            f"ingest {spec.name}: nothing usable; {len(rejects)} input(s) rejected ({top}). "
+            f"See {ws.rejects} for each input and its reason."
+        )
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
-        raise StageError(f"ingest {spec.name}: class(es) {empty} have no usable studies ({counts}). Check "
-                         f"labels.column and the class names in the spec, and {ws.rejects} for rejected studies.")
+        raise StageError(
+            f"ingest {spec.name}: class(es) {empty} have no usable studies ({counts}). Check "
+            f"labels.column and the class names in the spec, and {ws.rejects} for rejected studies."
+        )
     if strict and rejects:
-        raise StageError(f"ingest {spec.name} --strict: {len(rejects)} input(s) rejected ({top}); "
-                         f"see {ws.rejects}")
+        raise StageError(f"ingest {spec.name} --strict: {len(rejects)} input(s) rejected ({top}); see {ws.rejects}")
     return result
 
 

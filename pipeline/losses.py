@@ -31,8 +31,10 @@ def class_alpha(counts: Sequence[int], alpha: str | Sequence[float] | None) -> l
             raise SpecError(f"focal.alpha {alpha!r}: use 'auto', a list of {k} floats, or null")
         if any(c <= 0 for c in counts):
             empty = [i for i, c in enumerate(counts) if c <= 0]
-            raise SpecError(f"focal.alpha auto: class index(es) {empty} have no training samples; "
-                            "check the split or give focal.alpha as a list")
+            raise SpecError(
+                f"focal.alpha auto: class index(es) {empty} have no training samples; "
+                "check the split or give focal.alpha as a list"
+            )
         n = float(sum(counts))
         return [n / (k * c) for c in counts]
     values = [float(a) for a in alpha]
@@ -90,8 +92,9 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma}, alpha={a}"
 
 
-def build_loss(kind: str, gamma: float, alpha: str | Sequence[float] | None,
-               counts: Sequence[int]) -> tuple[FocalLoss, list[float] | None]:
+def build_loss(
+    kind: str, gamma: float, alpha: str | Sequence[float] | None, counts: Sequence[int]
+) -> tuple[FocalLoss, list[float] | None]:
     """The training loss and its effective class weights (logged to MLflow).
 
     "ce" is cross-entropy with the same class weighting rule, expressed as a focal

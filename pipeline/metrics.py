@@ -31,6 +31,7 @@ METRIC_NAMES = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specifici
 
 # ---------------------------------------------------------------------------- rank metrics
 
+
 def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve for binary labels (1 = positive); ties count one half. nan if a class is absent."""
     y = np.asarray(y_true).astype(bool)
@@ -97,6 +98,7 @@ def pr_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nda
 
 # ---------------------------------------------------------------------------- threshold metrics
 
+
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
@@ -104,8 +106,7 @@ def _ratio(num: float, den: float) -> float:
 def confusion_counts(y_true: np.ndarray, decision: np.ndarray) -> dict[str, int]:
     y = np.asarray(y_true).astype(bool)
     d = np.asarray(decision).astype(bool)
-    return {"tp": int((y & d).sum()), "fp": int((~y & d).sum()), "tn": int((~y & ~d).sum()),
-            "fn": int((y & ~d).sum())}
+    return {"tp": int((y & d).sum()), "fp": int((~y & d).sum()), "tn": int((~y & ~d).sum()), "fn": int((y & ~d).sum())}
 
 
 def rates(y_true: np.ndarray, decision: np.ndarray) -> dict[str, float]:
@@ -113,8 +114,13 @@ def rates(y_true: np.ndarray, decision: np.ndarray) -> dict[str, float]:
     c = confusion_counts(y_true, decision)
     sens = _ratio(c["tp"], c["tp"] + c["fn"])
     spec = _ratio(c["tn"], c["tn"] + c["fp"])
-    return {"sensitivity": sens, "specificity": spec, "ppv": _ratio(c["tp"], c["tp"] + c["fp"]),
-            "npv": _ratio(c["tn"], c["tn"] + c["fn"]), "balanced_accuracy": (sens + spec) / 2.0}
+    return {
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": _ratio(c["tp"], c["tp"] + c["fp"]),
+        "npv": _ratio(c["tn"], c["tn"] + c["fn"]),
+        "balanced_accuracy": (sens + spec) / 2.0,
+    }
 
 
 def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
@@ -126,8 +132,7 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> d
     return {k: out[k] for k in METRIC_NAMES}
 
 
-def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes: Sequence[str] | None = None
-                       ) -> dict[str, Any]:
+def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, Any]:
     """Macro (headline) and one-vs-rest per-class metrics; the decision is argmax.
 
     Returns ``{<metric>: macro value, ..., "per_class": {class: {<metric>: value}}}``. The macro
@@ -142,9 +147,15 @@ def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes: Sequence[s
     for c in range(k):
         yc = y == c
         r = rates(yc, pred == c)
-        per_class[names[c]] = {"auroc": auroc(yc, p[:, c]), "auprc": average_precision(yc, p[:, c]),
-                               "sensitivity": r["sensitivity"], "specificity": r["specificity"],
-                               "ppv": r["ppv"], "npv": r["npv"], "support": int(yc.sum())}
+        per_class[names[c]] = {
+            "auroc": auroc(yc, p[:, c]),
+            "auprc": average_precision(yc, p[:, c]),
+            "sensitivity": r["sensitivity"],
+            "specificity": r["specificity"],
+            "ppv": r["ppv"],
+            "npv": r["npv"],
+            "support": int(yc.sum()),
+        }
     out: dict[str, Any] = {}
     for m in ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv"):
         out[m] = _nanmean([per_class[n][m] for n in names])
@@ -166,6 +177,7 @@ def confusion_matrix(y_true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------- calibration metrics
+
 
 def ece(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
     """Expected calibration error with equal-width bins.
@@ -190,8 +202,9 @@ def _reliability_inputs(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     return p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
 
 
-def reliability_curve(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability_curve(
+    y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin: (mean predicted, observed frequency, count); empty bins are nan."""
     conf, hit = _reliability_inputs(np.asarray(y_true).astype(int), np.asarray(prob, dtype=np.float64))
     bins = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
@@ -223,6 +236,7 @@ def nll(y_true: np.ndarray, prob: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------- thresholds
 
+
 @dataclass
 class ThresholdChoice:
     threshold: float
@@ -233,13 +247,19 @@ class ThresholdChoice:
     achieved: bool = True  # False when no threshold reaches the target on validation
 
     def as_dict(self) -> dict[str, Any]:
-        return {"value": self.threshold, "policy": self.policy, "target": self.target,
-                "val_sensitivity": self.val_sensitivity, "val_specificity": self.val_specificity,
-                "target_achieved": self.achieved}
+        return {
+            "value": self.threshold,
+            "policy": self.policy,
+            "target": self.target,
+            "val_sensitivity": self.val_sensitivity,
+            "val_specificity": self.val_specificity,
+            "target_achieved": self.achieved,
+        }
 
 
-def choose_threshold(y_true: np.ndarray, score: np.ndarray, policy: str = "youden",
-                     target: float | None = None) -> ThresholdChoice:
+def choose_threshold(
+    y_true: np.ndarray, score: np.ndarray, policy: str = "youden", target: float | None = None
+) -> ThresholdChoice:
     """Pick the operating threshold on validation scores (decision: ``score >= threshold``).
 
     youden: maximise sensitivity + specificity - 1 (ties: the higher threshold, i.e. fewer positives).
@@ -276,6 +296,7 @@ def choose_threshold(y_true: np.ndarray, score: np.ndarray, policy: str = "youde
 
 # ---------------------------------------------------------------------------- bootstrap
 
+
 @dataclass
 class Interval:
     value: float
@@ -283,8 +304,11 @@ class Interval:
     ci_high: float
 
     def as_dict(self) -> dict[str, float | None]:
-        return {"value": _finite_or_none(self.value), "ci_low": _finite_or_none(self.ci_low),
-                "ci_high": _finite_or_none(self.ci_high)}
+        return {
+            "value": _finite_or_none(self.value),
+            "ci_low": _finite_or_none(self.ci_low),
+            "ci_high": _finite_or_none(self.ci_high),
+        }
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -301,13 +325,21 @@ class BootstrapResult:
     samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"intervals": {k: v.as_dict() for k, v in self.intervals.items()},
-                "n_resamples": self.n_resamples, "n_skipped": self.n_skipped, "n_patients": self.n_patients,
-                "seed": self.seed, "unit": "patient", "method": "percentile", "level": 0.95}
+        return {
+            "intervals": {k: v.as_dict() for k, v in self.intervals.items()},
+            "n_resamples": self.n_resamples,
+            "n_skipped": self.n_skipped,
+            "n_patients": self.n_patients,
+            "seed": self.seed,
+            "unit": "patient",
+            "method": "percentile",
+            "level": 0.95,
+        }
 
 
-def patient_resample_indices(patients: Sequence[Any], n_resamples: int, seed: int
-                             ) -> tuple[int, Callable[[], np.ndarray]]:
+def patient_resample_indices(
+    patients: Sequence[Any], n_resamples: int, seed: int
+) -> tuple[int, Callable[[], np.ndarray]]:
     """A generator of study-index arrays, each drawn by resampling patients with replacement."""
     _, codes = np.unique(np.asarray(patients, dtype=object).astype(str), return_inverse=True)
     n_pat = int(codes.max()) + 1 if codes.size else 0
@@ -322,9 +354,15 @@ def patient_resample_indices(patients: Sequence[Any], n_resamples: int, seed: in
     return n_pat, draw
 
 
-def bootstrap(y_true: np.ndarray, prob: np.ndarray, patients: Sequence[Any],
-              statistic: Callable[[np.ndarray, np.ndarray], dict[str, float]],
-              n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> BootstrapResult:
+def bootstrap(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    patients: Sequence[Any],
+    statistic: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> BootstrapResult:
     """Patient-level percentile bootstrap of every value ``statistic(y, prob)`` returns.
 
     The point estimate is the statistic on the full data. A resample in which any class of
@@ -359,9 +397,16 @@ def bootstrap(y_true: np.ndarray, prob: np.ndarray, patients: Sequence[Any],
     return BootstrapResult(intervals, n_resamples, skipped, n_pat, seed, samples)
 
 
-def paired_bootstrap_diff(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, patients: Sequence[Any],
-                          metric: Callable[[np.ndarray, np.ndarray], float],
-                          n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+def paired_bootstrap_diff(
+    y_true: np.ndarray,
+    prob_a: np.ndarray,
+    prob_b: np.ndarray,
+    patients: Sequence[Any],
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
     """metric(a) - metric(b) on the same studies, with a paired patient-level bootstrap CI.
 
     Both arms see the identical resample each time, so study difficulty cancels and the interval
@@ -385,15 +430,24 @@ def paired_bootstrap_diff(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.nda
     d = d[np.isfinite(d)]
     alpha = (1.0 - level) / 2.0
     lo, hi = (float(x) for x in np.quantile(d, [alpha, 1.0 - alpha])) if d.size else (float("nan"),) * 2
-    return {"a": ma, "b": mb, "diff": Interval(ma - mb, lo, hi),
-            "p_not_better": float(np.mean(d <= 0)) if d.size else float("nan"),
-            "n_resamples": n_resamples, "n_skipped": skipped, "n_patients": n_pat, "seed": seed}
+    return {
+        "a": ma,
+        "b": mb,
+        "diff": Interval(ma - mb, lo, hi),
+        "p_not_better": float(np.mean(d <= 0)) if d.size else float("nan"),
+        "n_resamples": n_resamples,
+        "n_skipped": skipped,
+        "n_patients": n_pat,
+        "seed": seed,
+    }
 
 
 # ---------------------------------------------------------------------------- task-level helpers
 
-def headline_statistic(threshold: float | None, positive_index: int = 1
-                       ) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
+
+def headline_statistic(
+    threshold: float | None, positive_index: int = 1
+) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
     """The statistic bootstrapped for the report: headline metrics plus ECE and Brier.
 
     Binary (threshold given): scores are ``prob[:, positive_index]`` and labels are 1 for the

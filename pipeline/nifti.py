@@ -101,12 +101,17 @@ def check_header(img: nib.Nifti1Image, dims: int) -> tuple[int, ...]:
     if qcode > 0 and scode > 0:
         q, s = hdr.get_qform(), hdr.get_sform()
         # Compare where they send the corners of the volume, in mm: robust to how each is stored.
-        corners = np.array([[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1])
-                            for k in (0, shape[2] if dims == 3 else 1)], float).T
+        corners = np.array(
+            [[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2] if dims == 3 else 1)],
+            float,
+        ).T
         diff = float(np.max(np.abs(q @ corners - s @ corners)))
         if diff > max(_QS_TOL_MM, 1e-4 * float(np.max(np.abs(s @ corners)))):
-            raise NiftiError("qform_sform_mismatch", f"qform and sform disagree by up to {diff:.3g} mm; "
-                                                     "fix the header (e.g. set qform = sform) or re-export")
+            raise NiftiError(
+                "qform_sform_mismatch",
+                f"qform and sform disagree by up to {diff:.3g} mm; "
+                "fix the header (e.g. set qform = sform) or re-export",
+            )
     return shape
 
 
@@ -131,8 +136,14 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return _data(img), np.asarray(img.affine, float)
 
 
-def write_volume(path: str | Path, array: np.ndarray, spacing: tuple[float, ...] | None = None,
-                 affine: np.ndarray | None = None, qform_code: int = 1, sform_code: int = 1) -> Path:
+def write_volume(
+    path: str | Path,
+    array: np.ndarray,
+    spacing: tuple[float, ...] | None = None,
+    affine: np.ndarray | None = None,
+    qform_code: int = 1,
+    sform_code: int = 1,
+) -> Path:
     """Write a NIfTI-1 volume with spacing and affine set (qform and sform agree)."""
     if affine is None:
         sp = list(spacing or [1.0] * array.ndim)[:3] + [1.0] * (3 - min(array.ndim, 3))

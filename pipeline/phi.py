@@ -39,12 +39,14 @@ def load_key(key_file: Path) -> bytes:
         mode = stat.S_IMODE(key_file.stat().st_mode)
         if mode & 0o077:
             raise MedxferError(
-                f"pseudonym key file {key_file} is readable by others (mode {mode:o}); "
-                f"fix: chmod 600 {key_file}")
+                f"pseudonym key file {key_file} is readable by others (mode {mode:o}); fix: chmod 600 {key_file}"
+            )
         key = key_file.read_bytes().strip()
         if len(key) < 32:
-            raise MedxferError(f"pseudonym key file {key_file} is too short; delete it only if no pseudonyms "
-                               "made with it are still needed, or set MEDXFER_PSEUDONYM_KEY")
+            raise MedxferError(
+                f"pseudonym key file {key_file} is too short; delete it only if no pseudonyms "
+                "made with it are still needed, or set MEDXFER_PSEUDONYM_KEY"
+            )
         return key
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
@@ -126,8 +128,9 @@ class PhiHit:
     needle: str
 
 
-def scan_for_phi(paths_or_text: str | Path | Iterable[str | Path], needles: Iterable[str],
-                 exclude: Iterable[str | Path] = ()) -> list[PhiHit]:
+def scan_for_phi(
+    paths_or_text: str | Path | Iterable[str | Path], needles: Iterable[str], exclude: Iterable[str | Path] = ()
+) -> list[PhiHit]:
     """Find planted strings in text, files or whole folders (binary files too: sqlite, parquet).
 
     Matching is case-insensitive and also tries the DICOM person-name form with '^' replaced

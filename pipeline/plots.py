@@ -18,8 +18,9 @@ import numpy as np  # noqa: E402
 from pipeline import metrics as M  # noqa: E402
 
 
-def _curves(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], positive_index: int | None
-            ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _curves(
+    y: np.ndarray, prob: np.ndarray, classes: Sequence[str], positive_index: int | None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(label, binary truth, score) per curve: the positive class for binary, one-vs-rest per class otherwise."""
     if positive_index is not None:
         return [(classes[positive_index], (y == positive_index).astype(int), prob[:, positive_index])]
@@ -34,8 +35,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def roc_plot(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], positive_index: int | None, path: Path,
-             operating_point: tuple[float, float] | None = None, title: str = "ROC (test)") -> Path:
+def roc_plot(
+    y: np.ndarray,
+    prob: np.ndarray,
+    classes: Sequence[str],
+    positive_index: int | None,
+    path: Path,
+    operating_point: tuple[float, float] | None = None,
+    title: str = "ROC (test)",
+) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for label, yb, s in _curves(y, prob, classes, positive_index):
         fpr, tpr, _ = M.roc_points(yb, s)
@@ -48,8 +56,14 @@ def roc_plot(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], positive_i
     return _save(fig, path)
 
 
-def pr_plot(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], positive_index: int | None, path: Path,
-            title: str = "Precision-recall (test)") -> Path:
+def pr_plot(
+    y: np.ndarray,
+    prob: np.ndarray,
+    classes: Sequence[str],
+    positive_index: int | None,
+    path: Path,
+    title: str = "Precision-recall (test)",
+) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for label, yb, s in _curves(y, prob, classes, positive_index):
         rec, prec = M.pr_points(yb, s)
@@ -60,8 +74,14 @@ def pr_plot(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], positive_in
     return _save(fig, path)
 
 
-def reliability_plot(y: np.ndarray, prob_before: np.ndarray, prob_after: np.ndarray, path: Path,
-                     n_bins: int = 15, title: str = "Reliability (test)") -> Path:
+def reliability_plot(
+    y: np.ndarray,
+    prob_before: np.ndarray,
+    prob_after: np.ndarray,
+    path: Path,
+    n_bins: int = 15,
+    title: str = "Reliability (test)",
+) -> Path:
     """Both inputs are (N, 2) [negative, positive] for binary (positive-class calibration) or (N, K)."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     binary = prob_after.shape[1] == 2
@@ -71,8 +91,7 @@ def reliability_plot(y: np.ndarray, prob_before: np.ndarray, prob_after: np.ndar
         ax.plot(mean_p[ok], freq[ok], style, ms=4, label=f"{name} (ECE {M.ece(y, p, n_bins):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     what = "predicted probability of the positive class" if binary else "confidence (top class)"
-    ax.set(xlabel=what, ylabel="observed frequency" if binary else "accuracy", title=title, xlim=(0, 1),
-           ylim=(0, 1.01))
+    ax.set(xlabel=what, ylabel="observed frequency" if binary else "accuracy", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 

@@ -34,6 +34,7 @@ from pipeline.errors import MedxferError, StageError
 
 # --------------------------------------------------------------------------- any-format predictor
 
+
 class FlexiblePredictor(Predictor):
     """A Predictor that reads DICOM and NIfTI inputs whatever format the model was trained from."""
 
@@ -72,6 +73,7 @@ def load_predictor(bundle_dir: Path | str, device: str | None = None) -> Flexibl
 
 # --------------------------------------------------------------------------- model URI -> bundle
 
+
 @dataclass
 class ModelSource:
     uri: str
@@ -109,11 +111,14 @@ def resolve_model(model_uri: str, workspace: Path, tmp: Path) -> ModelSource:
     if path.is_dir():
         bundle = find_bundle(path)
         if bundle is None:
-            raise MedxferError(f"{path.name}: no medxfer bundle (preprocessing.json + weights.safetensors) in this "
-                               "folder; pass an exported folder, models:/NAME@alias or runs:/RUN_ID")
+            raise MedxferError(
+                f"{path.name}: no medxfer bundle (preprocessing.json + weights.safetensors) in this "
+                "folder; pass an exported folder, models:/NAME@alias or runs:/RUN_ID"
+            )
         return ModelSource(model_uri, "folder", bundle, *_folder_identity(bundle))
-    raise MedxferError(f"model {model_uri!r}: expected models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID or an "
-                       "exported folder")
+    raise MedxferError(
+        f"model {model_uri!r}: expected models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID or an exported folder"
+    )
 
 
 def _folder_identity(bundle: Path) -> tuple[str | None, str | None]:
@@ -135,6 +140,7 @@ def _folder_identity(bundle: Path) -> tuple[str | None, str | None]:
 
 # --------------------------------------------------------------------------- saliency
 
+
 def _target_class(predictor: Predictor, row: dict[str, Any]) -> int:
     """Binary: the positive class, whatever the decision ("what pushed towards malignant"); a map for the
     negative class mostly shows the absence of evidence. Multiclass: the predicted class."""
@@ -144,8 +150,9 @@ def _target_class(predictor: Predictor, row: dict[str, Any]) -> int:
     return classes.index(row["decision"]) if row.get("decision") in classes else 0
 
 
-def saliency_map(predictor: Predictor, files: list[str], source_kind: str, class_idx: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def saliency_map(
+    predictor: Predictor, files: list[str], source_kind: str, class_idx: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Grad-CAM for one study on the source grid: (cam in [0, 1], source image, source 4x4 affine).
 
     The preprocessing is run with MONAI's metadata tracking and the CAM (computed at the model's input
@@ -224,8 +231,9 @@ def write_saliency(out_dir: Path, index: int, predictor: Predictor, item: Any, r
     k = _target_class(predictor, row)
     cam, src, affine = saliency_map(predictor, item.files, item.source_kind, k)
     p = row.get(f"prob_{classes[k]}")
-    title = (f"#{index:04d}  Grad-CAM for '{classes[k]}'"
-             + (f"  (p={p:.3f}; decision: {row.get('decision')})" if p is not None and not math.isnan(p) else ""))
+    title = f"#{index:04d}  Grad-CAM for '{classes[k]}'" + (
+        f"  (p={p:.3f}; decision: {row.get('decision')})" if p is not None and not math.isnan(p) else ""
+    )
     if src.ndim == 2:
         name = f"{index:04d}.png"
         write_overlay_png(out_dir / name, src, cam, title)
@@ -236,6 +244,7 @@ def write_saliency(out_dir: Path, index: int, predictor: Predictor, item: Any, r
 
 
 # --------------------------------------------------------------------------- the stage
+
 
 @dataclass
 class PredictResult:
@@ -253,17 +262,28 @@ class PredictResult:
     threshold: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"model_uri": self.model_uri, "model_name": self.model_name, "model_version": self.model_version,
-                "out": str(self.out), "n_rows": self.n_rows, "n_predicted": self.n_rows - self.n_errors,
-                "n_errors": self.n_errors, "decisions": self.decisions, "errors_by_reason": self.errors,
-                "threshold": self.threshold,
-                "saliency_dir": str(self.saliency_dir) if self.saliency_dir else None,
-                "n_saliency": self.n_saliency, "saliency_failed": self.saliency_failed}
+        return {
+            "model_uri": self.model_uri,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "out": str(self.out),
+            "n_rows": self.n_rows,
+            "n_predicted": self.n_rows - self.n_errors,
+            "n_errors": self.n_errors,
+            "decisions": self.decisions,
+            "errors_by_reason": self.errors,
+            "threshold": self.threshold,
+            "saliency_dir": str(self.saliency_dir) if self.saliency_dir else None,
+            "n_saliency": self.n_saliency,
+            "saliency_failed": self.saliency_failed,
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         who = self.model_name or self.model_uri
-        rows = [("model", f"{who}" + (f" v{self.model_version}" if self.model_version else "")),
-                ("studies", f"{self.n_rows - self.n_errors} predicted, {self.n_errors} unusable")]
+        rows = [
+            ("model", f"{who}" + (f" v{self.model_version}" if self.model_version else "")),
+            ("studies", f"{self.n_rows - self.n_errors} predicted, {self.n_errors} unusable"),
+        ]
         if self.decisions:
             rows.append(("decisions", ", ".join(f"{k} {v}" for k, v in self.decisions.items())))
         if self.threshold is not None:
@@ -271,14 +291,25 @@ class PredictResult:
         if self.errors:
             rows.append(("unusable", ", ".join(f"{k} {v}" for k, v in self.errors.items())))
         if self.saliency_dir is not None:
-            rows.append(("saliency", f"{self.n_saliency} map(s) in {self.saliency_dir}"
-                         + (f", {self.saliency_failed} failed" if self.saliency_failed else "")))
+            rows.append(
+                (
+                    "saliency",
+                    f"{self.n_saliency} map(s) in {self.saliency_dir}"
+                    + (f", {self.saliency_failed} failed" if self.saliency_failed else ""),
+                )
+            )
         rows.append(("written", str(self.out)))
         return "predict", rows
 
 
-def predict(model_uri: str, inputs: list[Path], out: Path, saliency: Path | None = None,
-            workspace: Path = Path("medxfer-work"), device: str | None = None) -> PredictResult:
+def predict(
+    model_uri: str,
+    inputs: list[Path],
+    out: Path,
+    saliency: Path | None = None,
+    workspace: Path = Path("medxfer-work"),
+    device: str | None = None,
+) -> PredictResult:
     from pipeline import ui
 
     if not inputs:
@@ -287,15 +318,21 @@ def predict(model_uri: str, inputs: list[Path], out: Path, saliency: Path | None
         src = resolve_model(model_uri, workspace, Path(tmp))
         predictor = load_predictor(src.bundle, device=device)
         items = predictor.resolve([str(p) for p in inputs])
-        ui.info(f"predicting {len(items)} stud{'y' if len(items) == 1 else 'ies'} with {src.name or model_uri}"
-                + (f" v{src.version}" if src.version else ""))
+        ui.info(
+            f"predicting {len(items)} stud{'y' if len(items) == 1 else 'ies'} with {src.name or model_uri}"
+            + (f" v{src.version}" if src.version else "")
+        )
         # Predictor.predict resolves again; hand it the resolved inputs so both passes see the same studies.
         df = _predict_items(predictor, items, src)
         if saliency is not None:
             saliency.mkdir(parents=True, exist_ok=True)
             names, failed = [], 0
-            for i, (item, row) in enumerate(ui.progress(list(zip(items, df.to_dict("records"), strict=True)),
-                                                        total=len(items), description="saliency"), start=1):
+            for i, (item, row) in enumerate(
+                ui.progress(
+                    list(zip(items, df.to_dict("records"), strict=True)), total=len(items), description="saliency"
+                ),
+                start=1,
+            ):
                 if isinstance(row.get("error"), str) or not item.files:
                     names.append(None)
                     continue
@@ -315,8 +352,20 @@ def predict(model_uri: str, inputs: list[Path], out: Path, saliency: Path | None
         codes[code] = codes.get(code, 0) + 1
     decisions = {str(k): int(v) for k, v in df["decision"].dropna().value_counts().items()}
     n_sal = int(df["saliency"].notna().sum()) if "saliency" in df else 0
-    return PredictResult(model_uri, src.name, src.version, out, len(df), int(len(errs)), decisions, codes,
-                         saliency, n_sal, (failed if saliency is not None else 0), predictor.threshold)
+    return PredictResult(
+        model_uri,
+        src.name,
+        src.version,
+        out,
+        len(df),
+        int(len(errs)),
+        decisions,
+        codes,
+        saliency,
+        n_sal,
+        (failed if saliency is not None else 0),
+        predictor.threshold,
+    )
 
 
 class _Resolved(FlexiblePredictor):
@@ -331,5 +380,6 @@ class _Resolved(FlexiblePredictor):
 
 
 def _predict_items(predictor: Predictor, items: list[Any], src: ModelSource):
-    return _Resolved(predictor, items).predict([it.input for it in items], model_name=src.name,
-                                               model_version=src.version, progress=True)
+    return _Resolved(predictor, items).predict(
+        [it.input for it in items], model_name=src.name, model_version=src.version, progress=True
+    )

@@ -51,8 +51,7 @@ class MedxferModel(tracking.python_model_base()):
 
     # pd.DataFrame: a hint MLflow accepts without deriving a schema from it (the logged signature is the contract).
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.predictor.predict(_paths(model_input), model_name=self.model_name,
-                                      model_version=self.model_version)
+        return self.predictor.predict(_paths(model_input), model_name=self.model_name, model_version=self.model_version)
 
 
 tracking.set_model(MedxferModel())

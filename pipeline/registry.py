@@ -63,6 +63,7 @@ def _uri(workspace: Path) -> str:
 
 # --------------------------------------------------------------------------- the run -> a bundle
 
+
 @dataclass
 class RunArtifacts:
     """What registration and ``predict runs:/...`` need from a finished training run."""
@@ -84,8 +85,10 @@ def load_run(run_id: str, workspace: Path, tmp: Path, require_evaluation: bool =
     if not ckpt_path.is_file():
         ckpt_path = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", tmp / "ckpt")
         if ckpt_path is None:
-            raise StageError(f"run {run_id}: no best checkpoint (neither in the workspace nor as the run's "
-                             "checkpoints/best.pt artifact); did training finish?")
+            raise StageError(
+                f"run {run_id}: no best checkpoint (neither in the workspace nor as the run's "
+                "checkpoints/best.pt artifact); did training finish?"
+            )
     evaluation = None
     ev_path = ws.run_dir(run_id) / "evaluation.json"
     if not ev_path.is_file():
@@ -93,8 +96,10 @@ def load_run(run_id: str, workspace: Path, tmp: Path, require_evaluation: bool =
     if ev_path is not None and ev_path.is_file():
         evaluation = json.loads(ev_path.read_text())
     if require_evaluation and (evaluation is None or run["tags"].get("medxfer.evaluated") != "true"):
-        raise StageError(f"run {run_id} has not been evaluated: registration needs its test metrics, calibration "
-                         f"and threshold. Run `medxfer evaluate {run_id}` first")
+        raise StageError(
+            f"run {run_id} has not been evaluated: registration needs its test metrics, calibration "
+            f"and threshold. Run `medxfer evaluate {run_id}` first"
+        )
     return RunArtifacts(run, ws, load(ckpt_path), evaluation)
 
 
@@ -102,18 +107,25 @@ def _ingest_facts(ws: Workspace) -> dict[str, Any] | None:
     if not ws.ingest_report.is_file():
         return None
     r = json.loads(ws.ingest_report.read_text())
-    return {"n_studies": r.get("n_studies"), "n_rejected": r.get("n_rejects"),
-            "reject_reasons": r.get("rejects_by_reason"), "modalities": r.get("modalities")}
+    return {
+        "n_studies": r.get("n_studies"),
+        "n_rejected": r.get("n_rejects"),
+        "reject_reasons": r.get("rejects_by_reason"),
+        "modalities": r.get("modalities"),
+    }
 
 
-def card_run_info(ra: RunArtifacts, model_name: str | None = None, model_version: str | None = None
-                  ) -> dict[str, Any]:
+def card_run_info(ra: RunArtifacts, model_name: str | None = None, model_version: str | None = None) -> dict[str, Any]:
     """The model card's run metadata (pipeline.modelcard), PHI-free: pseudonymous facts only."""
     from pipeline.evaluate import medxfer_version
     from pipeline.modelcard import run_info_from_checkpoint
 
-    extra: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
-                             "medxfer_version": medxfer_version(), "ingest": _ingest_facts(ra.ws)}
+    extra: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "medxfer_version": medxfer_version(),
+        "ingest": _ingest_facts(ra.ws),
+    }
     if ra.ws.split_report.is_file():
         extra["split_report"] = json.loads(ra.ws.split_report.read_text())
     info = run_info_from_checkpoint(ra.ckpt, tags=ra.run["tags"], extra=extra)
@@ -123,12 +135,17 @@ def card_run_info(ra: RunArtifacts, model_name: str | None = None, model_version
 
 def training_commit(ra: RunArtifacts) -> str | None:
     """The commit the model was *trained* at (train logs it as a param); registration time is the fallback."""
-    return (ra.run["params"].get("git.commit") or ra.run["tags"].get("medxfer.git_commit")
-            or ra.run["tags"].get("mlflow.source.git.commit") or tracking.git_commit())
+    return (
+        ra.run["params"].get("git.commit")
+        or ra.run["tags"].get("medxfer.git_commit")
+        or ra.run["tags"].get("mlflow.source.git.commit")
+        or tracking.git_commit()
+    )
 
 
-def write_run_bundle(ra: RunArtifacts, out: Path, model_name: str | None = None,
-                     model_version: str | None = None) -> Path:
+def write_run_bundle(
+    ra: RunArtifacts, out: Path, model_name: str | None = None, model_version: str | None = None
+) -> Path:
     from pipeline.bundle import write_bundle
 
     return write_bundle(ra.ckpt, ra.evaluation, out, run_info=card_run_info(ra, model_name, model_version))
@@ -147,17 +164,22 @@ def _guard(ra: RunArtifacts) -> tracking.PHIGuard:
 
 # --------------------------------------------------------------------------- register
 
+
 def _fmt(v: Any) -> str:
     return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
 
 
 def version_tags(ra: RunArtifacts, bundle_cfg: dict[str, Any]) -> dict[str, str]:
     ev = ra.evaluation or {}
-    tags: dict[str, str] = {"run_id": ra.run["run_id"], "spec": ra.ws.name,
-                            "encoder": bundle_cfg["model"]["encoder"], "task": bundle_cfg["task"],
-                            "classes": ",".join(bundle_cfg["classes"]),
-                            "medxfer_version": bundle_cfg.get("medxfer_version") or "",
-                            "weights_sha256": bundle_cfg["weights"]["sha256"]}
+    tags: dict[str, str] = {
+        "run_id": ra.run["run_id"],
+        "spec": ra.ws.name,
+        "encoder": bundle_cfg["model"]["encoder"],
+        "task": bundle_cfg["task"],
+        "classes": ",".join(bundle_cfg["classes"]),
+        "medxfer_version": bundle_cfg.get("medxfer_version") or "",
+        "weights_sha256": bundle_cfg["weights"]["sha256"],
+    }
     for m in METRIC_TAGS:
         block = (ev.get("test") or {}).get(m) or {}
         for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
@@ -187,8 +209,11 @@ def _description(ra: RunArtifacts, cfg: dict[str, Any]) -> str:
     auroc = (ev.get("test") or {}).get("auroc") or {}
     text = f"{cfg['model']['encoder']} on '{ra.ws.name}' ({', '.join(cfg['classes'])})"
     if auroc.get("value") is not None:
-        ci = (f" [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]" if auroc.get("ci_low") is not None
-              and auroc.get("ci_high") is not None else "")
+        ci = (
+            f" [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]"
+            if auroc.get("ci_low") is not None and auroc.get("ci_high") is not None
+            else ""
+        )
         text += f"; test AUROC {auroc['value']:.3f}{ci}"
     if cfg.get("threshold") is not None:
         text += f"; threshold {cfg['threshold']:.3f} on calibrated P({cfg['positive_class']})"
@@ -198,9 +223,14 @@ def _description(ra: RunArtifacts, cfg: dict[str, Any]) -> str:
 def signature_columns(classes: list[str]) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str, bool]]]:
     """(inputs, outputs) as (column, MLflow type, required): what `Predictor.predict` returns."""
     inputs = [("path", "string", True)]
-    outputs = [("input", "string", True), *[(f"prob_{c}", "double", False) for c in classes],
-               ("decision", "string", False), ("model_name", "string", False),
-               ("model_version", "string", False), ("error", "string", False)]
+    outputs = [
+        ("input", "string", True),
+        *[(f"prob_{c}", "double", False) for c in classes],
+        ("decision", "string", False),
+        ("model_name", "string", False),
+        ("model_version", "string", False),
+        ("error", "string", False),
+    ]
     return inputs, outputs
 
 
@@ -239,24 +269,38 @@ class RegisterResult:
         return f"models:/{self.model_name}/{self.model_version}"
 
     def summary(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "model_name": self.model_name, "model_version": self.model_version,
-                "model_uri": self.model_uri, "alias_uri": f"models:/{self.model_name}@{self.alias}",
-                "alias": self.alias, "model_id": self.model_id, "tags": self.tags,
-                "tracking_uri": self.tracking_uri}
+        return {
+            "run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_uri": self.model_uri,
+            "alias_uri": f"models:/{self.model_name}@{self.alias}",
+            "alias": self.alias,
+            "model_id": self.model_id,
+            "tags": self.tags,
+            "tracking_uri": self.tracking_uri,
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         t = self.tags
         auroc = t.get("test_auroc")
         rows = [("model", f"{self.model_uri}  (alias {self.alias})"), ("run", self.run_id)]
         if auroc:
-            rows.append(("test AUROC", f"{float(auroc):.3f} [{float(t['test_auroc_ci_low']):.3f}, "
-                                       f"{float(t['test_auroc_ci_high']):.3f}]"
-                         if "test_auroc_ci_low" in t and "test_auroc_ci_high" in t else f"{float(auroc):.3f}"))
+            rows.append(
+                (
+                    "test AUROC",
+                    f"{float(auroc):.3f} [{float(t['test_auroc_ci_low']):.3f}, {float(t['test_auroc_ci_high']):.3f}]"
+                    if "test_auroc_ci_low" in t and "test_auroc_ci_high" in t
+                    else f"{float(auroc):.3f}",
+                )
+            )
         if "threshold" in t:
             rows.append(("threshold", f"{float(t['threshold']):.4f} ({t.get('threshold_policy', '')})"))
-        rows += [("weights", f"pretrained from: {t.get('weight_source')}; bundle sha256 {t['weights_sha256'][:12]}..."),
-                 ("load", f'mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")'),
-                 ("promote", f"medxfer promote {self.model_name} {self.model_version} --alias champion")]
+        rows += [
+            ("weights", f"pretrained from: {t.get('weight_source')}; bundle sha256 {t['weights_sha256'][:12]}..."),
+            ("load", f'mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")'),
+            ("promote", f"medxfer promote {self.model_name} {self.model_version} --alias champion"),
+        ]
         return f"register: {self.model_name} v{self.model_version}", rows
 
 
@@ -280,13 +324,23 @@ def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
             _check_bundle_text(guard, bundle)
             cfg = load_config(bundle)
             inputs, outputs = signature_columns(cfg["classes"])
-            tracking.log_pyfunc(uri, model_id, run_id, PYFUNC_CODE, {"bundle": bundle},
-                                {"model_name": name, "model_version": version}, inputs, outputs,
-                                pd.DataFrame({"path": [INPUT_EXAMPLE_PATH]}), pip_requirements())
+            tracking.log_pyfunc(
+                uri,
+                model_id,
+                run_id,
+                PYFUNC_CODE,
+                {"bundle": bundle},
+                {"model_name": name, "model_version": version},
+                inputs,
+                outputs,
+                pd.DataFrame({"path": [INPUT_EXAMPLE_PATH]}),
+                pip_requirements(),
+            )
             tags = version_tags(ra, cfg)
             tracking.set_model_version_tags(uri, name, version, tags, guard)
-            tracking.set_model_version_description(uri, name, version, guard.check("description",
-                                                                                    _description(ra, cfg)))
+            tracking.set_model_version_description(
+                uri, name, version, guard.check("description", _description(ra, cfg))
+            )
         except BaseException:
             tracking.abandon_model_version(uri, name, version, model_id)
             raise
@@ -300,6 +354,7 @@ def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
 
 # --------------------------------------------------------------------------- promote
 
+
 @dataclass
 class Check:
     floor: str
@@ -312,8 +367,13 @@ class Check:
         return self.actual is not None and self.actual >= self.required
 
     def as_dict(self) -> dict[str, Any]:
-        return {"floor": self.floor, "metric": self.what, "required": self.required, "actual": self.actual,
-                "ok": self.ok}
+        return {
+            "floor": self.floor,
+            "metric": self.what,
+            "required": self.required,
+            "actual": self.actual,
+            "ok": self.ok,
+        }
 
     def text(self) -> str:
         actual = "missing" if self.actual is None else f"{self.actual:.3f}"
@@ -339,9 +399,14 @@ class PromoteResult:
     checks: list[Check]
 
     def summary(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "model_version": self.model_version, "alias": self.alias,
-                "model_uri": f"models:/{self.model_name}@{self.alias}", "promoted": True,
-                "checks": [c.as_dict() for c in self.checks]}
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "alias": self.alias,
+            "model_uri": f"models:/{self.model_name}@{self.alias}",
+            "promoted": True,
+            "checks": [c.as_dict() for c in self.checks],
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         rows = [("alias", f"models:/{self.model_name}@{self.alias} -> version {self.model_version}")]
@@ -356,9 +421,11 @@ def promote(name: str, version: int | str, alias: str, workspace: Path) -> Promo
     checks = promotion_checks(mv["tags"])
     failed = [c for c in checks if not c.ok]
     if failed:
-        raise PromotionRefused(f"refusing to set alias '{alias}' on {name} version {mv['version']}: "
-                               + "; ".join(c.text() for c in failed)
-                               + ". Improve the model (more data, another recipe) or, if the floor is wrong for "
-                                 "this task, change recipe promotion floors and retrain/re-register")
+        raise PromotionRefused(
+            f"refusing to set alias '{alias}' on {name} version {mv['version']}: "
+            + "; ".join(c.text() for c in failed)
+            + ". Improve the model (more data, another recipe) or, if the floor is wrong for "
+            "this task, change recipe promotion floors and retrain/re-register"
+        )
     tracking.set_model_alias(uri, name, alias, mv["version"])
     return PromoteResult(name, mv["version"], alias, checks)

@@ -69,14 +69,17 @@ class RunAllResult:
         }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
-        rows = [("run id", self.run_id),
-                ("model", f"models:/{self.model_name}/{self.model_version}  (alias candidate)")]
+        rows = [
+            ("run id", self.run_id),
+            ("model", f"models:/{self.model_name}/{self.model_version}  (alias candidate)"),
+        ]
         rows += [(f"test {k}", _fmt_metric(self.test.get(k))) for k in TEST_METRICS if k in self.test]
         if self.threshold is not None:
             rows.append(("threshold", f"{self.threshold:.3f}"))
         total = sum(self.seconds.values())
-        rows.append(("time", f"{total / 60:.1f} min (" +
-                     ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()) + ")"))
+        rows.append(
+            ("time", f"{total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()) + ")")
+        )
         rows.append(("review", self.ui_command))
         return f"medxfer run: {self.spec_name}", rows
 
@@ -96,8 +99,13 @@ def _test_metrics(eval_summary: dict[str, Any]) -> dict[str, dict[str, float | N
     return {k: v for k, v in test.items() if isinstance(v, dict)}
 
 
-def run_all(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides: list[str] | None = None,
-            name: str | None = None) -> RunAllResult:
+def run_all(
+    spec: DataSpec,
+    workspace: Path,
+    recipe: Path | None = None,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+) -> RunAllResult:
     # Imported here so `medxfer --help` and this module's import stay light.
     from pipeline.evaluate import evaluate
     from pipeline.ingest import ingest
@@ -114,12 +122,18 @@ def run_all(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrid
 
     stages["ingest"] = _stage("ingest", lambda: ingest(spec, workspace), seconds).summary()
     stages["split"] = _stage("split", lambda: split(spec, workspace), seconds).summary()
-    trained = _stage("train", lambda: train(spec, workspace, recipe=recipe, overrides=overrides, weights=None,
-                                            resume=False, control=None, device=None), seconds)
+    trained = _stage(
+        "train",
+        lambda: train(
+            spec, workspace, recipe=recipe, overrides=overrides, weights=None, resume=False, control=None, device=None
+        ),
+        seconds,
+    )
     stages["train"] = trained.summary()
     run_id = stages["train"]["run_id"]
-    evaluated = _stage("evaluate", lambda: evaluate(run_id, workspace, n_bootstrap=resolved.evaluation.bootstrap),
-                       seconds)
+    evaluated = _stage(
+        "evaluate", lambda: evaluate(run_id, workspace, n_bootstrap=resolved.evaluation.bootstrap), seconds
+    )
     stages["evaluate"] = evaluated.summary()
     model_name = name or spec.name
     registered = _stage("register", lambda: register(run_id, model_name, workspace), seconds)

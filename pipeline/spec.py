@@ -261,14 +261,25 @@ class CheckSpecResult(BaseModel):
     problems: list[str]
 
     def summary(self) -> dict[str, Any]:
-        return {"spec": self.spec.name, "valid": not self.problems, "problems": self.problems,
-                "spec_hash": self.spec.content_hash(), "task": self.spec.task, "dims": self.spec.dims,
-                "classes": self.spec.classes, "source_kind": self.spec.source.kind}
+        return {
+            "spec": self.spec.name,
+            "valid": not self.problems,
+            "problems": self.problems,
+            "spec_hash": self.spec.content_hash(),
+            "task": self.spec.task,
+            "dims": self.spec.dims,
+            "classes": self.spec.classes,
+            "source_kind": self.spec.source.kind,
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
-        rows = [("name", self.spec.name), ("task", f"{self.spec.task}, {self.spec.dims}D"),
-                ("source", self.spec.source.kind), ("classes", ", ".join(self.spec.classes)),
-                ("status", "ok" if not self.problems else f"{len(self.problems)} problem(s)")]
+        rows = [
+            ("name", self.spec.name),
+            ("task", f"{self.spec.task}, {self.spec.dims}D"),
+            ("source", self.spec.source.kind),
+            ("classes", ", ".join(self.spec.classes)),
+            ("status", "ok" if not self.problems else f"{len(self.problems)} problem(s)"),
+        ]
         return "check-spec", rows
 
 

@@ -71,8 +71,9 @@ def _groups(df: pd.DataFrame, by_patient: bool) -> tuple[list[list[int]], int]:
     return [out[k] for k in sorted(out)], merged_by_content
 
 
-def _deal(groups: list[list[int]], y: np.ndarray, n_classes: int, targets: dict[str, float],
-          rng: np.random.Generator) -> dict[int, str]:
+def _deal(
+    groups: list[list[int]], y: np.ndarray, n_classes: int, targets: dict[str, float], rng: np.random.Generator
+) -> dict[int, str]:
     """Assign groups (by index into ``groups``) to target names, keeping class proportions."""
     vecs = [np.bincount(y[g], minlength=n_classes).astype(float) for g in groups]
     total = np.sum(vecs, axis=0) if vecs else np.zeros(n_classes)
@@ -85,8 +86,14 @@ def _deal(groups: list[list[int]], y: np.ndarray, n_classes: int, targets: dict[
     out: dict[int, str] = {}
     for gi in order:
         v = vecs[gi]
-        best = max(names, key=lambda s: (float(np.sum(v * (want[s] - have[s]) * weight)),
-                                         float(np.sum(want[s] - have[s])), -names.index(s)))
+        best = max(
+            names,
+            key=lambda s: (
+                float(np.sum(v * (want[s] - have[s]) * weight)),
+                float(np.sum(want[s] - have[s])),
+                -names.index(s),
+            ),
+        )
         out[gi] = best
         have[best] += v
     return out
@@ -101,19 +108,33 @@ class SplitResult:
 
     def summary(self) -> dict[str, Any]:
         r = self.report
-        return {"stage": "split", "spec": self.spec_name, "split_hash": r["split_hash"], "counts": r["counts"],
-                "patients": r["patients"], "folds": r["folds"], "seed": r["seed"],
-                "outputs": {"splits": str(self.splits_path), "report": str(self.report_path)}}
+        return {
+            "stage": "split",
+            "spec": self.spec_name,
+            "split_hash": r["split_hash"],
+            "counts": r["counts"],
+            "patients": r["patients"],
+            "folds": r["folds"],
+            "seed": r["seed"],
+            "outputs": {"splits": str(self.splits_path), "report": str(self.report_path)},
+        }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         r = self.report
-        rows = [(name, ", ".join(f"{c} {n}" for c, n in counts.items()) + f"  ({r['patients'][name]} patients)")
-                for name, counts in r["counts"].items()]
+        rows = [
+            (name, ", ".join(f"{c} {n}" for c, n in counts.items()) + f"  ({r['patients'][name]} patients)")
+            for name, counts in r["counts"].items()
+        ]
         if r["folds"]:
-            rows += [(f"fold {f}", ", ".join(f"{c} {n}" for c, n in counts.items()))
-                     for f, counts in r["fold_counts"].items()]
-        rows += [("groups", f"{r['n_groups']} ({r['content_duplicate_merges']} merged for identical pixels)"),
-                 ("split hash", r["split_hash"]), ("splits", str(self.splits_path))]
+            rows += [
+                (f"fold {f}", ", ".join(f"{c} {n}" for c, n in counts.items()))
+                for f, counts in r["fold_counts"].items()
+            ]
+        rows += [
+            ("groups", f"{r['n_groups']} ({r['content_duplicate_merges']} merged for identical pixels)"),
+            ("split hash", r["split_hash"]),
+            ("splits", str(self.splits_path)),
+        ]
         return f"split {self.spec_name}", rows
 
 
@@ -123,8 +144,9 @@ def _pinned_keys(spec: DataSpec, ws: Workspace) -> set[str]:
 
     path = spec.resolve(spec.split.pinned_test)
     if not path.is_file():
-        raise SpecError(f"{spec.spec_path}: split.pinned_test file {path} does not exist; fix the path "
-                        "(relative to the spec)")
+        raise SpecError(
+            f"{spec.spec_path}: split.pinned_test file {path} does not exist; fix the path (relative to the spec)"
+        )
     pseudo = Pseudonymizer.for_workspace_root(ws.root)
     return {r.key for r in read_labels(spec, pseudo, csv_path=path, need_label=False)}
 
@@ -168,8 +190,12 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
                 pulled += len(set(g) - pinned_rows)
             else:
                 free.append(gi)
-        pinned_info = {"listed": len(keys), "in_manifest": len(keys & in_manifest),
-                       "not_in_manifest": len(keys - in_manifest), "pulled_in_with_their_group": pulled}
+        pinned_info = {
+            "listed": len(keys),
+            "in_manifest": len(keys & in_manifest),
+            "not_in_manifest": len(keys - in_manifest),
+            "pulled_in_with_their_group": pulled,
+        }
         fractions = {k: v for k, v in (policy.fractions or {"train": 1.0}).items() if k != "test"}
     else:
         fractions = dict(policy.fractions or {})
@@ -193,8 +219,15 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
         for gi, name in _deal(free_groups, y, len(classes), targets, rng).items():
             split_of[free_groups[gi]] = name
 
-    out = pd.DataFrame({"study_key": df["study_key"], "patient_key": df["patient_key"], "label": df["label"],
-                        "split": split_of, "fold": fold_of})
+    out = pd.DataFrame(
+        {
+            "study_key": df["study_key"],
+            "patient_key": df["patient_key"],
+            "label": df["label"],
+            "split": split_of,
+            "fold": fold_of,
+        }
+    )
     _refuse_if_missing_classes(out, spec)
     leaks = int((out.groupby("patient_key")["split"].nunique() > 1).sum())
     if policy.group_by_patient and leaks:  # cannot happen by construction; guard against regressions
@@ -202,19 +235,35 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
 
     names = [s for s in ("train", "val", "test") if (out["split"] == s).any()]
     counts = {s: {c: int(((out["split"] == s) & (out["label"] == c)).sum()) for c in classes} for s in names}
-    fold_counts = ({str(f): {c: int(((out["fold"] == f) & (out["label"] == c)).sum()) for c in classes}
-                    for f in range(policy.folds)} if policy.folds else {})
+    fold_counts = (
+        {
+            str(f): {c: int(((out["fold"] == f) & (out["label"] == c)).sum()) for c in classes}
+            for f in range(policy.folds)
+        }
+        if policy.folds
+        else {}
+    )
     lines = "\n".join(f"{r.study_key},{r.split},{r.fold}" for r in out.itertuples(index=False))
     split_hash = hashlib.sha256(lines.encode()).hexdigest()[:16]
     report = {
-        "spec": spec.name, "spec_hash": spec.content_hash(), "manifest_hash": manifest_hash(df),
-        "split_hash": split_hash, "seed": policy.seed, "folds": policy.folds,
-        "group_by_patient": policy.group_by_patient, "fractions_requested": policy.fractions,
+        "spec": spec.name,
+        "spec_hash": spec.content_hash(),
+        "manifest_hash": manifest_hash(df),
+        "split_hash": split_hash,
+        "seed": policy.seed,
+        "folds": policy.folds,
+        "group_by_patient": policy.group_by_patient,
+        "fractions_requested": policy.fractions,
         "fractions_actual": {s: round(float((out["split"] == s).mean()), 4) for s in names},
-        "counts": counts, "fold_counts": fold_counts,
+        "counts": counts,
+        "fold_counts": fold_counts,
         "patients": {s: int(out.loc[out["split"] == s, "patient_key"].nunique()) for s in names},
-        "n_studies": len(out), "n_groups": len(groups), "content_duplicate_merges": merged,
-        "largest_group": max(len(g) for g in groups), "patients_spanning_splits": leaks, "pinned_test": pinned_info,
+        "n_studies": len(out),
+        "n_groups": len(groups),
+        "content_duplicate_merges": merged,
+        "largest_group": max(len(g) for g in groups),
+        "patients_spanning_splits": leaks,
+        "pinned_test": pinned_info,
     }
     ws.ensure()
     out.to_csv(ws.splits, index=False)

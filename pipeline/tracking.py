@@ -32,8 +32,19 @@ TAG_ROLE = "medxfer.role"  # main | control
 TAG_CONTROL = "medxfer.control"  # scratch | probe (on both the parent and the control run)
 TAG_CONTROL_RUN = "medxfer.control_run_id"  # on the parent
 TAG_SPEC = "medxfer.spec"
-PACKAGES = ("medxfer", "torch", "torchvision", "monai", "timm", "mlflow", "numpy", "pydicom", "nibabel",
-            "albumentations", "scikit-learn")
+PACKAGES = (
+    "medxfer",
+    "torch",
+    "torchvision",
+    "monai",
+    "timm",
+    "mlflow",
+    "numpy",
+    "pydicom",
+    "nibabel",
+    "albumentations",
+    "scikit-learn",
+)
 MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
 
 
@@ -45,8 +56,25 @@ class PHIRefused(StageError):
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9._^\-]+")
 _PSEUDONYM = re.compile(r"^(st|pt)-[0-9a-f]{20}$")
 # Words that legitimately appear in what we log and may also name folders in a source tree.
-_ALWAYS_SAFE = {"dicom", "nifti", "train", "val", "test", "images", "image", "data", "dcm", "nii", "nii.gz",
-                "labels.csv", "series", "study", "studies", "patient", "patients"}
+_ALWAYS_SAFE = {
+    "dicom",
+    "nifti",
+    "train",
+    "val",
+    "test",
+    "images",
+    "image",
+    "data",
+    "dcm",
+    "nii",
+    "nii.gz",
+    "labels.csv",
+    "series",
+    "study",
+    "studies",
+    "patient",
+    "patients",
+}
 
 
 def _word_ok_to_guard(w: str, safe: set[str]) -> bool:
@@ -66,8 +94,13 @@ class PHIGuard:
         self.words = {w.lower() for w in words if w and _word_ok_to_guard(w, safe_set)}
 
     @classmethod
-    def for_training(cls, spec: Any, files: Iterable[Iterable[str]] = (), pseudonym_map: Path | None = None,
-                     originals: Iterable[str] = ()) -> PHIGuard:
+    def for_training(
+        cls,
+        spec: Any,
+        files: Iterable[Iterable[str]] = (),
+        pseudonym_map: Path | None = None,
+        originals: Iterable[str] = (),
+    ) -> PHIGuard:
         """Guard for a training run: the spec's local paths, source-path components, and the original
         identifiers in the workspace's pseudonym map (the local-only ``pseudonym,kind,original`` CSV)."""
         originals = list(originals)
@@ -113,8 +146,10 @@ class PHIGuard:
         text = value if isinstance(value, str) else str(value)
         why = self.problem(text)
         if why:
-            raise PHIRefused(f"refusing to log {what} to MLflow: {why}. This is a bug or a spec/recipe value "
-                             "that names a source file; remove it and rerun")
+            raise PHIRefused(
+                f"refusing to log {what} to MLflow: {why}. This is a bug or a spec/recipe value "
+                "that names a source file; remove it and rerun"
+            )
         return text
 
     def check_tree(self, what: str, obj: Any) -> None:
@@ -138,8 +173,13 @@ def git_commit() -> str | None:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -195,8 +235,9 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def find_unfinished_runs(tracking_uri: str, experiment: str, role: str = "main",
-                         parent_run_id: str | None = None, max_results: int = 20) -> list[str]:
+def find_unfinished_runs(
+    tracking_uri: str, experiment: str, role: str = "main", parent_run_id: str | None = None, max_results: int = 20
+) -> list[str]:
     """Runs of this experiment that started but did not finish (killed, crashed, interrupted), newest first."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -205,13 +246,15 @@ def find_unfinished_runs(tracking_uri: str, experiment: str, role: str = "main",
     flt = f"tags.`{TAG_ROLE}` = '{role}' and tags.`{TAG_STATUS}` != 'finished'"
     if parent_run_id is not None:
         flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                              max_results=max_results)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=max_results
+    )
     return [r.info.run_id for r in runs]
 
 
-def find_unfinished_run(tracking_uri: str, experiment: str, role: str = "main",
-                        parent_run_id: str | None = None) -> str | None:
+def find_unfinished_run(
+    tracking_uri: str, experiment: str, role: str = "main", parent_run_id: str | None = None
+) -> str | None:
     runs = find_unfinished_runs(tracking_uri, experiment, role, parent_run_id, max_results=1)
     return runs[0] if runs else None
 
@@ -224,8 +267,9 @@ def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
 class Tracker:
     """One MLflow run. With ``enabled=False`` (DDP ranks other than 0) every method is a no-op."""
 
-    def __init__(self, tracking_uri: str, experiment: str, guard: PHIGuard, enabled: bool = True,
-                 system_metrics: bool = True):
+    def __init__(
+        self, tracking_uri: str, experiment: str, guard: PHIGuard, enabled: bool = True, system_metrics: bool = True
+    ):
         self.uri = tracking_uri
         self.experiment = experiment
         self.guard = guard
@@ -238,8 +282,9 @@ class Tracker:
     def _tags(self, tags: Mapping[str, Any]):
         from mlflow.entities import RunTag
 
-        return [RunTag(self.guard.check(f"tag key {k!r}", k), self.guard.check(f"tag {k!r}", v))
-                for k, v in tags.items()]
+        return [
+            RunTag(self.guard.check(f"tag key {k!r}", k), self.guard.check(f"tag {k!r}", v)) for k, v in tags.items()
+        ]
 
     def start(self, run_name: str, tags: Mapping[str, Any], parent_run_id: str | None = None) -> str | None:
         if not self.enabled:
@@ -249,8 +294,7 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self.guard.check("run name", run_name)
-        run = self._client.create_run(exp_id, run_name=run_name,
-                                      tags={t.key: t.value for t in self._tags(all_tags)})
+        run = self._client.create_run(exp_id, run_name=run_name, tags={t.key: t.value for t in self._tags(all_tags)})
         self.run_id = run.info.run_id
         self._start_monitor(resume=False)
         return self.run_id
@@ -282,10 +326,12 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(self.guard.check(f"param key {k!r}", k)[:250], self.guard.check(f"param {k!r}", v)[:6000])
-                 for k, v in params.items()]
+        items = [
+            Param(self.guard.check(f"param key {k!r}", k)[:250], self.guard.check(f"param {k!r}", v)[:6000])
+            for k, v in params.items()
+        ]
         for i in range(0, len(items), MAX_PARAMS_PER_CALL):
-            self._client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_CALL], synchronous=True)
+            self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_CALL], synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -341,8 +387,9 @@ class Tracker:
                 raise
 
 
-def plot_learning_curves(history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path,
-                         select_metric: str) -> Path:
+def plot_learning_curves(
+    history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path, select_metric: str
+) -> Path:
     """Loss and validation metrics per epoch, with stage changes marked."""
     import matplotlib
 
@@ -404,8 +451,11 @@ class _GlobalURIs:
         from mlflow.tracking._tracking_service import utils as tracking_utils
 
         _quiet_mlflow()
-        self._saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
-                       {k: os.environ.get(k) for k in self._ENV})
+        self._saved = (
+            tracking_utils._tracking_uri,
+            registry_utils._registry_uri,
+            {k: os.environ.get(k) for k in self._ENV},
+        )
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         return self
@@ -431,8 +481,9 @@ def _registry_client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def reserve_model_version(tracking_uri: str, run_id: str, experiment_id: str, name: str,
-                          description: str | None = None) -> dict[str, str]:
+def reserve_model_version(
+    tracking_uri: str, run_id: str, experiment_id: str, name: str, description: str | None = None
+) -> dict[str, str]:
     """Create (pending) logged model + registered model version first, so the version number is known
     before the model's files are written (the pyfunc reports it in every prediction row)."""
     import mlflow
@@ -449,14 +500,24 @@ def reserve_model_version(tracking_uri: str, run_id: str, experiment_id: str, na
     # The sqlite registry looks the logged model up through the *global* tracking URI.
     with _GlobalURIs(tracking_uri):
         lm = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment_id)
-        mv = client.create_model_version(name, source=f"models:/{lm.model_id}", run_id=run_id,
-                                         model_id=lm.model_id, description=description)
+        mv = client.create_model_version(
+            name, source=f"models:/{lm.model_id}", run_id=run_id, model_id=lm.model_id, description=description
+        )
     return {"name": name, "version": str(mv.version), "model_id": lm.model_id}
 
 
-def log_pyfunc(tracking_uri: str, model_id: str, run_id: str, code_path: Path, artifacts: Mapping[str, Path],
-               model_config: Mapping[str, Any], inputs: list[tuple[str, str, bool]],
-               outputs: list[tuple[str, str, bool]], input_example: Any, pip_requirements: list[str]) -> None:
+def log_pyfunc(
+    tracking_uri: str,
+    model_id: str,
+    run_id: str,
+    code_path: Path,
+    artifacts: Mapping[str, Path],
+    model_config: Mapping[str, Any],
+    inputs: list[tuple[str, str, bool]],
+    outputs: list[tuple[str, str, bool]],
+    input_example: Any,
+    pip_requirements: list[str],
+) -> None:
     """Write the pyfunc's files into the reserved logged model and link it to the run's outputs.
 
     inputs/outputs: (column, mlflow type, required). MLflow loads the model once here to check the input
@@ -479,9 +540,15 @@ def log_pyfunc(tracking_uri: str, model_id: str, run_id: str, code_path: Path, a
         # MLflow nags about type hints on predict(); the explicit signature below is the contract.
         warnings.simplefilter("ignore", UserWarning)
         mlflow.pyfunc.log_model(
-            name="model", python_model=str(code_path), artifacts={k: str(v) for k, v in artifacts.items()},
-            model_config=dict(model_config), signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
-            input_example=input_example, pip_requirements=pip_requirements, model_id=model_id)
+            name="model",
+            python_model=str(code_path),
+            artifacts={k: str(v) for k, v in artifacts.items()},
+            model_config=dict(model_config),
+            signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
+            input_example=input_example,
+            pip_requirements=pip_requirements,
+            model_id=model_id,
+        )
     _registry_client(tracking_uri).log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
 
 
@@ -500,12 +567,14 @@ def abandon_model_version(tracking_uri: str, name: str, version: str, model_id: 
             client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
 
 
-def set_model_version_tags(tracking_uri: str, name: str, version: str, tags: Mapping[str, Any],
-                           guard: PHIGuard) -> None:
+def set_model_version_tags(
+    tracking_uri: str, name: str, version: str, tags: Mapping[str, Any], guard: PHIGuard
+) -> None:
     client = _registry_client(tracking_uri)
     for k, v in tags.items():
-        client.set_model_version_tag(name, version, guard.check(f"version tag key {k!r}", k),
-                                     guard.check(f"version tag {k!r}", v))
+        client.set_model_version_tag(
+            name, version, guard.check(f"version tag key {k!r}", k), guard.check(f"version tag {k!r}", v)
+        )
 
 
 def set_model_version_description(tracking_uri: str, name: str, version: str, description: str) -> None:
@@ -530,11 +599,18 @@ def get_model_version(tracking_uri: str, name: str, version: str | int) -> dict[
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException:
-        raise StageError(f"no registered model {name!r} version {version} in {tracking_uri}; "
-                         "`mlflow ui` lists registered models") from None
-    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or "", "tags": dict(mv.tags or {}),
-            "aliases": list(mv.aliases or []), "source": mv.source, "status": mv.status}
-
+        raise StageError(
+            f"no registered model {name!r} version {version} in {tracking_uri}; `mlflow ui` lists registered models"
+        ) from None
+    return {
+        "name": mv.name,
+        "version": str(mv.version),
+        "run_id": mv.run_id or "",
+        "tags": dict(mv.tags or {}),
+        "aliases": list(mv.aliases or []),
+        "source": mv.source,
+        "status": mv.status,
+    }
 
 
 def download_registered_model(tracking_uri: str, model_uri: str, dst: Path) -> Path:
@@ -549,10 +625,14 @@ def download_registered_model(tracking_uri: str, model_uri: str, dst: Path) -> P
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with _GlobalURIs(tracking_uri):
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
-                                                            tracking_uri=tracking_uri, registry_uri=tracking_uri))
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+                )
+            )
     except MlflowException as exc:
         raise StageError(f"{model_uri}: could not download from {tracking_uri}: {exc.message}") from None
+
 
 # --- evaluation ---
 # (appended by the evaluation/export stage: reading a finished run back, logging evaluation results into it,
@@ -565,12 +645,22 @@ def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise StageError(f"no MLflow run {run_id!r} in {tracking_uri}; check the id (`mlflow ui` lists runs) "
-                         "and --workspace / MLFLOW_TRACKING_URI") from None
+        raise StageError(
+            f"no MLflow run {run_id!r} in {tracking_uri}; check the id (`mlflow ui` lists runs) "
+            "and --workspace / MLFLOW_TRACKING_URI"
+        ) from None
     exp = client.get_experiment(run.info.experiment_id)
-    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "experiment": exp.name,
-            "status": run.info.status, "run_name": run.info.run_name, "artifact_uri": run.info.artifact_uri,
-            "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+    return {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "experiment": exp.name,
+        "status": run.info.status,
+        "run_name": run.info.run_name,
+        "artifact_uri": run.info.artifact_uri,
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+    }
 
 
 def download_run_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path | None:
@@ -579,8 +669,9 @@ def download_run_artifact(tracking_uri: str, run_id: str, artifact_path: str, ds
     from mlflow.exceptions import MlflowException
 
     try:
-        out = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
-                                                  tracking_uri=tracking_uri)
+        out = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri
+        )
     except (MlflowException, OSError):
         return None
     return Path(out) if Path(out).exists() else None

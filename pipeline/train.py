@@ -64,11 +64,19 @@ class ArmResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"role": self.role, "run_id": self.run_id, "best_epoch": self.best_epoch + 1,
-                "select_metric": self.select_metric, "val": _finite(self.val), "epochs": self.epochs,
-                "wall_s": round(self.wall_s, 2), "checkpoint": self.checkpoint,
-                "epoch_s_mean": round(self.epoch_s, 3), "samples_per_s": round(self.samples_per_s, 2),
-                "resumed_from_epoch": self.resumed_from_epoch}
+        return {
+            "role": self.role,
+            "run_id": self.run_id,
+            "best_epoch": self.best_epoch + 1,
+            "select_metric": self.select_metric,
+            "val": _finite(self.val),
+            "epochs": self.epochs,
+            "wall_s": round(self.wall_s, 2),
+            "checkpoint": self.checkpoint,
+            "epoch_s_mean": round(self.epoch_s, 3),
+            "samples_per_s": round(self.samples_per_s, 2),
+            "resumed_from_epoch": self.resumed_from_epoch,
+        }
 
 
 @dataclass
@@ -88,11 +96,22 @@ class TrainResult:
         return self.main.run_id
 
     def summary(self) -> dict[str, Any]:
-        out = {"stage": "train", "spec": self.spec, "run_id": self.main.run_id, "experiment": self.experiment,
-               "best_epoch": self.main.best_epoch + 1, "select_metric": self.main.select_metric,
-               "val": _finite(self.main.val), "wall_s": round(self.main.wall_s, 2), "checkpoint": self.main.checkpoint,
-               "device": self.device, "world_size": self.world_size, "tracking_uri": self.tracking_uri,
-               "mlflow_ui": tracking.ui_command(self.tracking_uri), "main": self.main.summary()}
+        out = {
+            "stage": "train",
+            "spec": self.spec,
+            "run_id": self.main.run_id,
+            "experiment": self.experiment,
+            "best_epoch": self.main.best_epoch + 1,
+            "select_metric": self.main.select_metric,
+            "val": _finite(self.main.val),
+            "wall_s": round(self.main.wall_s, 2),
+            "checkpoint": self.main.checkpoint,
+            "device": self.device,
+            "world_size": self.world_size,
+            "tracking_uri": self.tracking_uri,
+            "mlflow_ui": tracking.ui_command(self.tracking_uri),
+            "main": self.main.summary(),
+        }
         if self.control is not None:
             out["control"] = {"kind": self.control_kind, **self.control.summary()}
             out["control_run_id"] = self.control.run_id
@@ -103,14 +122,23 @@ class TrainResult:
         rows = [("run id", str(m.run_id)), ("best epoch", f"{m.best_epoch + 1} of {m.epochs} ({m.select_metric})")]
         rows += [(f"val {k}", f"{v:.4f}") for k, v in m.val.items()]
         resumed = f" (this session, resumed at epoch {m.resumed_from_epoch + 1})" if m.resumed_from_epoch else ""
-        rows += [("wall time", _fmt_s(m.wall_s) + resumed),
-                 ("throughput", f"{m.samples_per_s:.1f} samples/s, {m.epoch_s:.1f} s/epoch on {self.device}"
-                                + (f" x{self.world_size}" if self.world_size > 1 else "")),
-                 ("checkpoint", str(m.checkpoint))]
+        rows += [
+            ("wall time", _fmt_s(m.wall_s) + resumed),
+            (
+                "throughput",
+                f"{m.samples_per_s:.1f} samples/s, {m.epoch_s:.1f} s/epoch on {self.device}"
+                + (f" x{self.world_size}" if self.world_size > 1 else ""),
+            ),
+            ("checkpoint", str(m.checkpoint)),
+        ]
         if self.control is not None:
             c = self.control
-            rows.append((f"control ({self.control_kind})",
-                         f"run {c.run_id}; best val {c.select_metric} {c.val.get(c.select_metric, float('nan')):.4f}"))
+            rows.append(
+                (
+                    f"control ({self.control_kind})",
+                    f"run {c.run_id}; best val {c.select_metric} {c.val.get(c.select_metric, float('nan')):.4f}",
+                )
+            )
         rows.append(("open the UI", tracking.ui_command(self.tracking_uri)))
         return "train", rows
 
@@ -224,16 +252,20 @@ class Tables:
 
 def _read_tables(spec: DataSpec, ws: Workspace, fold: int | None = None) -> Tables:
     if not ws.manifest.is_file():
-        raise MedxferError(f"no manifest for spec '{spec.name}' in {ws.root}; run `medxfer ingest SPEC "
-                           f"--workspace {ws.root}` first")
+        raise MedxferError(
+            f"no manifest for spec '{spec.name}' in {ws.root}; run `medxfer ingest SPEC --workspace {ws.root}` first"
+        )
     if not ws.splits.is_file():
-        raise MedxferError(f"no split for spec '{spec.name}' in {ws.root}; run `medxfer split SPEC "
-                           f"--workspace {ws.root}` first")
+        raise MedxferError(
+            f"no split for spec '{spec.name}' in {ws.root}; run `medxfer split SPEC --workspace {ws.root}` first"
+        )
     manifest = pd.read_parquet(ws.manifest)
     splits = pd.read_csv(ws.splits)
     report = json.loads(ws.split_report.read_text()) if ws.split_report.is_file() else {}
-    split_hash = report.get("split_hash") or hashlib.sha256(
-        splits.sort_values("study_key").to_csv(index=False).encode()).hexdigest()[:16]
+    split_hash = (
+        report.get("split_hash")
+        or hashlib.sha256(splits.sort_values("study_key").to_csv(index=False).encode()).hexdigest()[:16]
+    )
     folds = sorted(int(f) for f in splits.loc[splits["split"] == "train", "fold"].unique() if int(f) >= 0)
     if folds:
         fold = 0 if fold is None else fold
@@ -247,21 +279,29 @@ def _read_tables(spec: DataSpec, ws: Workspace, fold: int | None = None) -> Tabl
         fold = None
     rows = manifest.merge(splits[["study_key", "split"]], on="study_key", how="inner")
     if len(rows) < len(splits):
-        raise MedxferError(f"splits.csv names {len(splits) - len(rows)} studies that are not in the manifest; "
-                           "the manifest changed after splitting: rerun `medxfer split`")
+        raise MedxferError(
+            f"splits.csv names {len(splits) - len(rows)} studies that are not in the manifest; "
+            "the manifest changed after splitting: rerun `medxfer split`"
+        )
     train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
     if train.empty or val.empty:
-        raise MedxferError(f"the split has {len(train)} train and {len(val)} val studies; training needs both. "
-                           "Check split.fractions in the spec and rerun `medxfer split`")
+        raise MedxferError(
+            f"the split has {len(train)} train and {len(val)} val studies; training needs both. "
+            "Check split.fractions in the spec and rerun `medxfer split`"
+        )
     k = len(spec.classes)
     counts = np.bincount(train["label_index"].to_numpy(dtype=np.int64), minlength=k).tolist()
-    split_counts = {s: {spec.classes[i]: int(n) for i, n in enumerate(np.bincount(g["label_index"], minlength=k))}
-                    for s, g in rows.groupby("split")}
-    manifest_hash = hashlib.sha256("\n".join(
-        sorted(f"{r.study_key},{r.content_hash},{r.label_index}" for r in manifest.itertuples())).encode())
+    split_counts = {
+        s: {spec.classes[i]: int(n) for i, n in enumerate(np.bincount(g["label_index"], minlength=k))}
+        for s, g in rows.groupby("split")
+    }
+    manifest_hash = hashlib.sha256(
+        "\n".join(sorted(f"{r.study_key},{r.content_hash},{r.label_index}" for r in manifest.itertuples())).encode()
+    )
     hashes = {"spec": spec.content_hash(), "manifest": manifest_hash.hexdigest()[:16], "split": str(split_hash)}
-    return Tables(manifest, splits, train.reset_index(drop=True), val.reset_index(drop=True), counts, hashes,
-                  split_counts, fold)
+    return Tables(
+        manifest, splits, train.reset_index(drop=True), val.reset_index(drop=True), counts, hashes, split_counts, fold
+    )
 
 
 @dataclass
@@ -345,9 +385,15 @@ class _EpochBar:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                                console=ui.console, transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=ui.console,
+                transient=True,
+            )
             self.bar.__enter__()
             self.task = self.bar.add_task(self.description, total=self.total, stats="")
         return self
@@ -370,9 +416,18 @@ def _wrap(model: nn.Module, d: Dist) -> nn.Module:
     return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def _train_epoch(net: nn.Module, unfreezer: Unfreezer, loader: Iterable[Any], loss_fn: nn.Module,
-                 scaler: torch.amp.GradScaler, amp: torch.dtype | None, d: Dist, fmt: torch.memory_format | None,
-                 bar: _EpochBar, ema: WeightEMA | None = None) -> tuple[float, int, int]:
+def _train_epoch(
+    net: nn.Module,
+    unfreezer: Unfreezer,
+    loader: Iterable[Any],
+    loss_fn: nn.Module,
+    scaler: torch.amp.GradScaler,
+    amp: torch.dtype | None,
+    d: Dist,
+    fmt: torch.memory_format | None,
+    bar: _EpochBar,
+    ema: WeightEMA | None = None,
+) -> tuple[float, int, int]:
     """One pass over this rank's shard. Returns (mean loss over all ranks, samples over all ranks, skipped)."""
     net.train()
     unfreezer.set_train_mode()
@@ -400,8 +455,9 @@ def _train_epoch(net: nn.Module, unfreezer: Unfreezer, loader: Iterable[Any], lo
         dist.all_reduce(stats)
     total_loss, seen_all, skipped_all = stats.tolist()
     if seen_all == 0:
-        raise StageError("every training batch gave a non-finite loss; lower optim.lr (e.g. --set optim.lr=1e-4) "
-                         "or set amp: off")
+        raise StageError(
+            "every training batch gave a non-finite loss; lower optim.lr (e.g. --set optim.lr=1e-4) or set amp: off"
+        )
     return total_loss / seen_all, int(seen_all), int(skipped_all / max(d.world, 1))
 
 
@@ -414,8 +470,14 @@ def _all_finite(loss: torch.Tensor, d: Dist) -> bool:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, loader: Iterable[Any], loss_fn: nn.Module, device: torch.device,
-             amp: torch.dtype | None, fmt: torch.memory_format | None) -> tuple[float, np.ndarray, np.ndarray]:
+def _predict(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: torch.dtype | None,
+    fmt: torch.memory_format | None,
+) -> tuple[float, np.ndarray, np.ndarray]:
     model.eval()
     losses, probs, labels = [], [], []
     for batch in loader:
@@ -425,8 +487,7 @@ def _predict(model: nn.Module, loader: Iterable[Any], loss_fn: nn.Module, device
         losses.append(loss_fn.per_sample(logits.float(), y).cpu())
         probs.append(torch.softmax(logits.float(), 1).cpu())
         labels.append(y.cpu())
-    return (torch.cat(losses).mean().item(), torch.cat(probs).numpy().astype(np.float64),
-            torch.cat(labels).numpy())
+    return (torch.cat(losses).mean().item(), torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).numpy())
 
 
 def val_metrics(prob: np.ndarray, y: np.ndarray, positive_index: int) -> dict[str, float]:
@@ -449,25 +510,43 @@ def _score(val: dict[str, float], metric: str) -> float:
     return v if math.isfinite(v) else -math.inf
 
 
-def _params(spec: DataSpec, recipe: Recipe, tables: Tables, loaders: Loaders, unfreezer: Unfreezer,
-            run: dict[str, Any]) -> dict[str, Any]:
+def _params(
+    spec: DataSpec, recipe: Recipe, tables: Tables, loaders: Loaders, unfreezer: Unfreezer, run: dict[str, Any]
+) -> dict[str, Any]:
     """Everything needed to reproduce the run, as MLflow params: no paths, no identifiers."""
     p: dict[str, Any] = dict(recipe.flat())
     stripped = ckpt_io.strip_spec_paths(spec.model_dump(mode="json"))
     p.update({k: v for k, v in _flatten(stripped, "spec").items() if v != "<local path>"})
-    p.update({"hash.spec": tables.hashes["spec"], "hash.manifest": tables.hashes["manifest"],
-              "hash.split": tables.hashes["split"], "git.commit": tracking.git_commit() or "unknown"})
+    p.update(
+        {
+            "hash.spec": tables.hashes["spec"],
+            "hash.manifest": tables.hashes["manifest"],
+            "hash.split": tables.hashes["split"],
+            "git.commit": tracking.git_commit() or "unknown",
+        }
+    )
     p.update({f"version.{k}": v for k, v in tracking.package_versions().items()})
     rep = run["weight_info"]
-    p.update({"model.encoder": recipe.encoder, "model.weights.source": rep.get("source", "none"),
-              "model.weights.sha256": rep.get("sha256") or "none",
-              "model.weights.missing_keys": len(rep.get("missing") or []),
-              "model.weights.unexpected_keys": len(rep.get("unexpected") or []),
-              "model.head_reinitialized": rep.get("head_reinitialized", True),
-              "model.layer_groups": ",".join(g.name for g in unfreezer.groups),
-              "model.parameters": run["n_params"]})
-    p.update({"data.n_train": loaders.n_train, "data.n_val": len(tables.val), "data.fold": tables.fold,
-              "data.steps_per_epoch": len(loaders.train)})
+    p.update(
+        {
+            "model.encoder": recipe.encoder,
+            "model.weights.source": rep.get("source", "none"),
+            "model.weights.sha256": rep.get("sha256") or "none",
+            "model.weights.missing_keys": len(rep.get("missing") or []),
+            "model.weights.unexpected_keys": len(rep.get("unexpected") or []),
+            "model.head_reinitialized": rep.get("head_reinitialized", True),
+            "model.layer_groups": ",".join(g.name for g in unfreezer.groups),
+            "model.parameters": run["n_params"],
+        }
+    )
+    p.update(
+        {
+            "data.n_train": loaders.n_train,
+            "data.n_val": len(tables.val),
+            "data.fold": tables.fold,
+            "data.steps_per_epoch": len(loaders.train),
+        }
+    )
     p.update({f"data.{k}": v for k, v in loaders.summary.items() if k in ("cache", "transform_hash", "failed")})
     weights = run["class_weights"]
     for i, c in enumerate(spec.classes):
@@ -489,8 +568,9 @@ def _flatten(obj: Any, prefix: str) -> dict[str, str]:
     return {prefix: str(obj)}
 
 
-def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loaders, d: Dist,
-         tracker: tracking.Tracker) -> ArmResult:
+def _fit(
+    spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loaders, d: Dist, tracker: tracking.Tracker
+) -> ArmResult:
     recipe = arm.recipe
     t_start = time.perf_counter()
     from models.registry import create_classifier
@@ -498,11 +578,15 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     # -- model, loss, schedule --
     torch.manual_seed(recipe.seed)
     weights = None if arm.resume is not None else recipe.weights  # a resumed run loads its own weights
-    model = create_classifier(recipe.encoder, num_classes=len(spec.classes), in_chans=1, spatial_dims=spec.dims,
-                              weights=weights)
+    model = create_classifier(
+        recipe.encoder, num_classes=len(spec.classes), in_chans=1, spatial_dims=spec.dims, weights=weights
+    )
     report = getattr(model, "weight_report", None)
-    weight_info = arm.resume["weight_report"] if arm.resume is not None else (
-        report.as_dict() if report is not None and hasattr(report, "as_dict") else {})
+    weight_info = (
+        arm.resume["weight_report"]
+        if arm.resume is not None
+        else (report.as_dict() if report is not None and hasattr(report, "as_dict") else {})
+    )
     seen_counts = sampled_counts(loaders.counts, recipe.data.balanced_sampling)
     loss_fn, class_weights = build_loss(recipe.loss, recipe.focal.gamma, recipe.focal.alpha, seen_counts)
     priors = init_head_bias(model, seen_counts)
@@ -512,8 +596,14 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     if fmt is not None:
         to_memory_format(model, fmt)
     loss_fn.to(d.device)
-    unfreezer = Unfreezer(model, recipe.stages, recipe.optim, epochs=recipe.epochs,
-                          steps_per_epoch=len(loaders.train), freeze_bn_stats=recipe.freeze_bn_stats)
+    unfreezer = Unfreezer(
+        model,
+        recipe.stages,
+        recipe.optim,
+        epochs=recipe.epochs,
+        steps_per_epoch=len(loaders.train),
+        freeze_bn_stats=recipe.freeze_bn_stats,
+    )
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     shipped = ema.module if ema is not None else model  # the weights that are validated and checkpointed
@@ -535,8 +625,10 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
         history, best, start_epoch = list(c["history"]), dict(c["best"]), int(c["epoch"]) + 1
         run_id = tracker.resume(arm.run_id) if d.main else None
         if d.main:
-            ui.info(f"resuming {arm.role} run {arm.run_id} at epoch {start_epoch + 1}/{recipe.epochs}, stage "
-                    f"{unfreezer.stage} ({', '.join(g['name'] for g in unfreezer.layout())} training)")
+            ui.info(
+                f"resuming {arm.role} run {arm.run_id} at epoch {start_epoch + 1}/{recipe.epochs}, stage "
+                f"{unfreezer.stage} ({', '.join(g['name'] for g in unfreezer.layout())} training)"
+            )
     else:
         run_name = f"{spec.name}-{recipe.encoder}" + (f"-control-{arm.control}" if arm.control else "")
         tags = {tracking.TAG_ROLE: arm.role, "medxfer.encoder": recipe.encoder, **arm.tags}
@@ -544,10 +636,17 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
         if d.main:
             if arm.on_start is not None:
                 arm.on_start(run_id)
-            facts = {"weight_info": weight_info, "class_weights": class_weights, "priors": priors,
-                     "n_params": sum(q.numel() for q in model.parameters()), "device": d.device.type,
-                     "world_size": d.world, "amp": str(amp).replace("torch.", ""), "role": arm.role,
-                     "control": arm.control or "none"}
+            facts = {
+                "weight_info": weight_info,
+                "class_weights": class_weights,
+                "priors": priors,
+                "n_params": sum(q.numel() for q in model.parameters()),
+                "device": d.device.type,
+                "world_size": d.world,
+                "amp": str(amp).replace("torch.", ""),
+                "role": arm.role,
+                "control": arm.control or "none",
+            }
             tracker.log_params(_params(spec, recipe, tables, loaders, unfreezer, facts))
             tracker.log_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
             tracker.log_text("\n".join(unfreezer.describe()) + "\n", "unfreeze_schedule.txt")
@@ -560,8 +659,10 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
         for line in unfreezer.describe():
             ui.info(f"  {line}")
         if class_weights:
-            ui.info("  class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(spec.classes, class_weights,
-                                                                                     strict=True)))
+            ui.info(
+                "  class weights: "
+                + ", ".join(f"{c} {w:.3g}" for c, w in zip(spec.classes, class_weights, strict=True))
+            )
     net = _wrap(model, d)
 
     # -- the epoch loop --
@@ -569,15 +670,18 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
         if unfreezer.begin_epoch(epoch):
             net = _wrap(model, d)
             if d.main:
-                ui.info(f"epoch {epoch + 1}: stage {unfreezer.stage}, training "
-                        + ", ".join(g["name"] for g in unfreezer.layout()))
+                ui.info(
+                    f"epoch {epoch + 1}: stage {unfreezer.stage}, training "
+                    + ", ".join(g["name"] for g in unfreezer.layout())
+                )
         _seed_epoch(recipe.seed, epoch, d.rank)
         loaders.train.set_epoch(epoch)
 
         t0 = time.perf_counter()
         with _EpochBar(len(loaders.train), f"epoch {epoch + 1}/{recipe.epochs}", d.main) as bar:
-            train_loss, seen, skipped = _train_epoch(net, unfreezer, loaders.train, loss_fn, scaler, amp, d, fmt, bar,
-                                                     ema)
+            train_loss, seen, skipped = _train_epoch(
+                net, unfreezer, loaders.train, loss_fn, scaler, amp, d, fmt, bar, ema
+            )
         train_s = time.perf_counter() - t0
 
         val = None
@@ -592,16 +696,29 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
             best = {"epoch": epoch, "score": score, "val": dict(val)}
         epoch_s = time.perf_counter() - t0
 
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_auroc": val["auroc"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "stage": unfreezer.stage,
-               "unfrozen_groups": len(unfreezer.layout()), "epoch_seconds": epoch_s,
-               "samples_per_s": seen / max(train_s, 1e-9), "skipped_batches": skipped}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_auroc": val["auroc"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "stage": unfreezer.stage,
+            "unfrozen_groups": len(unfreezer.layout()),
+            "epoch_seconds": epoch_s,
+            "samples_per_s": seen / max(train_s, 1e-9),
+            "skipped_batches": skipped,
+        }
         history.append(row)
         if d.main:
             lrs = {f"lr/{name}": lr for name, lr in unfreezer.lrs().items()}
             tracker.log_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"} | lrs)
-            ckpt_io.save_epoch(run_dir, _state(spec, recipe, arm, model, ema, unfreezer, scaler, tables, epoch,
-                                               history, best, run_id, weight_info), is_best=improved)
+            ckpt_io.save_epoch(
+                run_dir,
+                _state(
+                    spec, recipe, arm, model, ema, unfreezer, scaler, tables, epoch, history, best, run_id, weight_info
+                ),
+                is_best=improved,
+            )
             ui.info(_epoch_line(row, recipe, improved))
         _stop_for_test(epoch + 1)
 
@@ -609,62 +726,91 @@ def _fit(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loade
     wall = time.perf_counter() - t_start
     best_path = run_dir / ckpt_io.BEST
     if d.main:
-        tracker.log_epoch(max(int(best["epoch"]), 0), {"best_epoch": int(best["epoch"]) + 1,
-                                                       **{f"best_val_{k}": v for k, v in best["val"].items()}})
+        tracker.log_epoch(
+            max(int(best["epoch"]), 0),
+            {"best_epoch": int(best["epoch"]) + 1, **{f"best_val_{k}": v for k, v in best["val"].items()}},
+        )
         _log_final_artifacts(tracker, run_dir, history, unfreezer, recipe)
     done = [h for h in history if h["epoch"] >= start_epoch]
     return ArmResult(
-        role=arm.role, run_id=run_id, best_epoch=int(best["epoch"]), select_metric=recipe.select_metric,
-        val={k: float(v) for k, v in best["val"].items()}, epochs=recipe.epochs, wall_s=wall,
+        role=arm.role,
+        run_id=run_id,
+        best_epoch=int(best["epoch"]),
+        select_metric=recipe.select_metric,
+        val={k: float(v) for k, v in best["val"].items()},
+        epochs=recipe.epochs,
+        wall_s=wall,
         checkpoint=str(best_path) if d.main else None,
         epoch_s=float(np.mean([h["epoch_seconds"] for h in done])) if done else 0.0,
         samples_per_s=float(np.mean([h["samples_per_s"] for h in done])) if done else 0.0,
-        resumed_from_epoch=start_epoch if arm.resume is not None else None, history=history)
+        resumed_from_epoch=start_epoch if arm.resume is not None else None,
+        history=history,
+    )
 
 
-def _state(spec: DataSpec, recipe: Recipe, arm: Arm, model: nn.Module, ema: WeightEMA | None, unfreezer: Unfreezer,
-           scaler: torch.amp.GradScaler, tables: Tables, epoch: int, history: list[dict[str, float]],
-           best: dict[str, Any], run_id: str, weight_info: dict[str, Any]) -> dict[str, Any]:
+def _state(
+    spec: DataSpec,
+    recipe: Recipe,
+    arm: Arm,
+    model: nn.Module,
+    ema: WeightEMA | None,
+    unfreezer: Unfreezer,
+    scaler: torch.amp.GradScaler,
+    tables: Tables,
+    epoch: int,
+    history: list[dict[str, float]],
+    best: dict[str, Any],
+    run_id: str,
+    weight_info: dict[str, Any],
+) -> dict[str, Any]:
     def cpu(m: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
 
     # "model" is always what was validated and ships (the average under EMA); the raw weights and the
     # average's step count are only needed to resume.
     extra = {"train_model": cpu(model), "ema": ema.state_dict()} if ema is not None else {}
-    return ckpt_io.plain({
-        "model": cpu(ema.module if ema is not None else model),
-        **extra,
-        "optimizer": unfreezer.optimizer.state_dict(),
-        "scheduler": unfreezer.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        "epoch": epoch,
-        "rng": ckpt_io.rng_state(),
-        "stage": unfreezer.stage,
-        "param_groups": unfreezer.layout(),
-        "recipe": recipe.model_dump(mode="json"),
-        "spec": {**spec.model_dump(mode="json"), "spec_path": str(spec.spec_path) if spec.spec_path else None},
-        "classes": list(spec.classes),
-        "positive_index": spec.positive_index,
-        "encoder": recipe.encoder,
-        "model_args": {"name": recipe.encoder, "num_classes": len(spec.classes), "in_chans": 1,
-                       "spatial_dims": spec.dims},
-        "hashes": dict(tables.hashes),
-        "fold": tables.fold,
-        "run_id": run_id,
-        "role": arm.role,
-        "control": arm.control,
-        "weight_report": weight_info,
-        "best_metric": float(best["score"]) if math.isfinite(best["score"]) else float("nan"),
-        "best": {"epoch": int(best["epoch"]), "score": float(best["score"]), "val": dict(best["val"])},
-        "history": history,
-    })
+    return ckpt_io.plain(
+        {
+            "model": cpu(ema.module if ema is not None else model),
+            **extra,
+            "optimizer": unfreezer.optimizer.state_dict(),
+            "scheduler": unfreezer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "epoch": epoch,
+            "rng": ckpt_io.rng_state(),
+            "stage": unfreezer.stage,
+            "param_groups": unfreezer.layout(),
+            "recipe": recipe.model_dump(mode="json"),
+            "spec": {**spec.model_dump(mode="json"), "spec_path": str(spec.spec_path) if spec.spec_path else None},
+            "classes": list(spec.classes),
+            "positive_index": spec.positive_index,
+            "encoder": recipe.encoder,
+            "model_args": {
+                "name": recipe.encoder,
+                "num_classes": len(spec.classes),
+                "in_chans": 1,
+                "spatial_dims": spec.dims,
+            },
+            "hashes": dict(tables.hashes),
+            "fold": tables.fold,
+            "run_id": run_id,
+            "role": arm.role,
+            "control": arm.control,
+            "weight_report": weight_info,
+            "best_metric": float(best["score"]) if math.isfinite(best["score"]) else float("nan"),
+            "best": {"epoch": int(best["epoch"]), "score": float(best["score"]), "val": dict(best["val"])},
+            "history": history,
+        }
+    )
 
 
 def _epoch_line(row: dict[str, float], recipe: Recipe, improved: bool) -> str:
-    return (f"epoch {int(row['epoch']) + 1}/{recipe.epochs} stage {int(row['stage'])} "
-            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} val_auroc {row['val_auroc']:.4f} "
-            f"val_bal_acc {row['val_balanced_accuracy']:.4f} {row['epoch_seconds']:.1f}s "
-            f"{row['samples_per_s']:.1f} samples/s" + (" *" if improved else ""))
+    return (
+        f"epoch {int(row['epoch']) + 1}/{recipe.epochs} stage {int(row['stage'])} "
+        f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} val_auroc {row['val_auroc']:.4f} "
+        f"val_bal_acc {row['val_balanced_accuracy']:.4f} {row['epoch_seconds']:.1f}s "
+        f"{row['samples_per_s']:.1f} samples/s" + (" *" if improved else "")
+    )
 
 
 def _log_ingest_report(tracker: tracking.Tracker, ws: Workspace) -> None:
@@ -676,15 +822,17 @@ def _log_ingest_report(tracker: tracking.Tracker, ws: Workspace) -> None:
         ui.warn(f"ingest report not logged: {exc}")
 
 
-def _log_final_artifacts(tracker: tracking.Tracker, run_dir: Path, history: list[dict[str, float]],
-                         unfreezer: Unfreezer, recipe: Recipe) -> None:
+def _log_final_artifacts(
+    tracker: tracking.Tracker, run_dir: Path, history: list[dict[str, float]], unfreezer: Unfreezer, recipe: Recipe
+) -> None:
     if not tracker.enabled:
         return
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        curve = tracking.plot_learning_curves(history, unfreezer.transitions, Path(tmp) / "learning_curve.png",
-                                              recipe.select_metric)
+        curve = tracking.plot_learning_curves(
+            history, unfreezer.transitions, Path(tmp) / "learning_curve.png", recipe.select_metric
+        )
         tracker.log_file(curve, "plots")
         tracker.log_json(history, "history.json")
         best = ckpt_io.load(run_dir / ckpt_io.BEST)
@@ -724,21 +872,32 @@ def _resume_ckpt(ws: Workspace, uri: str, experiment: str, role: str, parent_run
     return None
 
 
-def _arm_to_resume(ws: Workspace, run_id: str, role: str, tables: Tables, d: Dist,
-                   control: str | None = None, parent: str | None = None) -> Arm:
+def _arm_to_resume(
+    ws: Workspace,
+    run_id: str,
+    role: str,
+    tables: Tables,
+    d: Dist,
+    control: str | None = None,
+    parent: str | None = None,
+) -> Arm:
     """An Arm continuing `run_id` from its newest readable checkpoint (every rank reads it from disk)."""
     ckpt, _ = ckpt_io.load_resume(ws.run_dir(run_id), warn=ui.warn if d.main else None)
     if ckpt["hashes"] != tables.hashes or ckpt.get("fold") != tables.fold:
         changed = [k for k in tables.hashes if ckpt["hashes"].get(k) != tables.hashes[k]]
         changed += ["validation fold"] if ckpt.get("fold") != tables.fold else []
-        raise MedxferError(f"cannot resume run {run_id}: the {', '.join(changed)} changed since it started; "
-                           "start a new run without --resume")
-    return Arm(role, recipe_from_dict(ckpt["recipe"]), control=control, run_id=run_id, resume=ckpt,
-               parent_run_id=parent)
+        raise MedxferError(
+            f"cannot resume run {run_id}: the {', '.join(changed)} changed since it started; "
+            "start a new run without --resume"
+        )
+    return Arm(
+        role, recipe_from_dict(ckpt["recipe"]), control=control, run_id=run_id, resume=ckpt, parent_run_id=parent
+    )
 
 
-def _run_arm(spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loaders, d: Dist,
-             tracker: tracking.Tracker) -> ArmResult:
+def _run_arm(
+    spec: DataSpec, ws: Workspace, arm: Arm, tables: Tables, loaders: Loaders, d: Dist, tracker: tracking.Tracker
+) -> ArmResult:
     """Train one arm, or pick up its stored result when a resumed run had already finished it."""
     done = _read_result(ws, arm.run_id)
     if done is not None:
@@ -774,9 +933,18 @@ def _tracker(uri: str, spec: DataSpec, guard: tracking.PHIGuard, d: Dist, track:
     return tracking.Tracker(uri, spec.name, guard, enabled=d.main) if track else _Untracked(uri, spec.name, guard)
 
 
-def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides: list[str] | None = None,
-          weights: Path | None = None, resume: bool = False, control: str | None = None,
-          device: str | None = None, fold: int | None = None, track: bool = True) -> TrainResult:
+def train(
+    spec: DataSpec,
+    workspace: Path,
+    recipe: Path | None = None,
+    overrides: list[str] | None = None,
+    weights: Path | None = None,
+    resume: bool = False,
+    control: str | None = None,
+    device: str | None = None,
+    fold: int | None = None,
+    track: bool = True,
+) -> TrainResult:
     """Train (or continue) a classifier for `spec`; returns run ids, best epoch and validation metrics.
 
     `fold` picks the validation fold when the spec splits into k folds (default 0). `track=False`
@@ -802,20 +970,27 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
         run_id = _resume_ckpt(ws, uri, spec.name, "main") if d.main else None
         run_id = _broadcast(run_id, d)
         if run_id is None:
-            raise MedxferError(f"no unfinished training run of spec '{spec.name}' with a checkpoint to resume; "
-                               "start one with `medxfer train SPEC`")
+            raise MedxferError(
+                f"no unfinished training run of spec '{spec.name}' with a checkpoint to resume; "
+                "start one with `medxfer train SPEC`"
+            )
         tags = tracking.run_tags(uri, run_id) if d.main else {}
         control = _broadcast(control or tags.get(tracking.TAG_CONTROL), d)
         if fold is None and tables.fold is not None:  # k-fold: continue on the run's own fold
             tables = _read_tables(spec, ws, ckpt_io.load_resume(ws.run_dir(run_id))[0].get("fold"))
         main_arm = _arm_to_resume(ws, run_id, "main", tables, d)
     else:
-        main_arm = Arm("main", load_recipe(recipe, spec.dims, overrides or [], weights=weights),
-                       tags={tracking.TAG_CONTROL: control} if control else {})
+        main_arm = Arm(
+            "main",
+            load_recipe(recipe, spec.dims, overrides or [], weights=weights),
+            tags={tracking.TAG_CONTROL: control} if control else {},
+        )
     rec = main_arm.recipe
     if d.main:
-        ui.info(f"train {spec.name}: {len(tables.train)} train / {len(tables.val)} val studies, {rec.encoder}, "
-                f"{rec.epochs} epochs on {d.device}" + (f" x{d.world}" if d.active else ""))
+        ui.info(
+            f"train {spec.name}: {len(tables.train)} train / {len(tables.val)} val studies, {rec.encoder}, "
+            f"{rec.epochs} epochs on {d.device}" + (f" x{d.world}" if d.active else "")
+        )
 
     main_tracker = _tracker(uri, spec, guard, d, track)
     status = "failed"
@@ -824,8 +999,7 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
         main = _run_arm(spec, ws, main_arm, tables, loaders, d, main_tracker)
         ctl = None
         if control is not None:
-            ctl = _run_control(spec, ws, main_arm, control, tables, loaders, d, uri, guard, main_tracker, resume,
-                               track)
+            ctl = _run_control(spec, ws, main_arm, control, tables, loaders, d, uri, guard, main_tracker, resume, track)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -836,13 +1010,33 @@ def train(spec: DataSpec, workspace: Path, recipe: Path | None = None, overrides
             dist.barrier()
         if started_group and dist.is_initialized():
             dist.destroy_process_group()
-    return TrainResult(spec=spec.name, experiment=spec.name, tracking_uri=uri, device=str(d.device),
-                       world_size=d.world, main=main, control=ctl, control_kind=control, rank=d.rank)
+    return TrainResult(
+        spec=spec.name,
+        experiment=spec.name,
+        tracking_uri=uri,
+        device=str(d.device),
+        world_size=d.world,
+        main=main,
+        control=ctl,
+        control_kind=control,
+        rank=d.rank,
+    )
 
 
-def _run_control(spec: DataSpec, ws: Workspace, main_arm: Arm, kind: str, tables: Tables, loaders: Loaders,
-                 d: Dist, uri: str, guard: tracking.PHIGuard, parent: tracking.Tracker, resume: bool,
-                 track: bool = True) -> ArmResult:
+def _run_control(
+    spec: DataSpec,
+    ws: Workspace,
+    main_arm: Arm,
+    kind: str,
+    tables: Tables,
+    loaders: Loaders,
+    d: Dist,
+    uri: str,
+    guard: tracking.PHIGuard,
+    parent: tracking.Tracker,
+    resume: bool,
+    track: bool = True,
+) -> ArmResult:
     """The control arm as a nested run; its id is tagged on the parent as soon as it exists."""
     parent_id = str(main_arm.run_id)
     child = None
@@ -852,9 +1046,14 @@ def _run_control(spec: DataSpec, ws: Workspace, main_arm: Arm, kind: str, tables
     if child is not None:
         arm = _arm_to_resume(ws, child, "control", tables, d, control=kind, parent=parent_id)
     else:
-        arm = Arm("control", control_recipe(main_arm.recipe, kind), control=kind, parent_run_id=parent_id,
-                  tags={tracking.TAG_CONTROL: kind},
-                  on_start=lambda run_id: parent.set_tags({tracking.TAG_CONTROL_RUN: run_id}))
+        arm = Arm(
+            "control",
+            control_recipe(main_arm.recipe, kind),
+            control=kind,
+            parent_run_id=parent_id,
+            tags={tracking.TAG_CONTROL: kind},
+            on_start=lambda run_id: parent.set_tags({tracking.TAG_CONTROL_RUN: run_id}),
+        )
     if d.main:
         ui.info(f"control arm ({kind}): " + ("continuing" if child else "starting") + " a nested run")
     tracker = _tracker(uri, spec, guard, d, track)

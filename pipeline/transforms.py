@@ -67,6 +67,7 @@ ZSCORE_CLIP = 3.0
 
 # ------------------------------------------------------------------------------------------- reading
 
+
 def read_study(files: Sequence[str], source_kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 array, 4x4 RAS+ affine) of one study, through the one module that owns the format."""
     if source_kind == "dicom":
@@ -148,13 +149,17 @@ class Augment2Dd(MapTransform, Randomizable):
             x = d[key]
             arr = (x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)).numpy()
             with self._lock:  # albumentations' generators are shared state
-                out = self.aug(arr[0].copy())[None] if arr.shape[0] == 1 else \
-                    self.aug(np.ascontiguousarray(arr.transpose(1, 2, 0))).transpose(2, 0, 1)
+                out = (
+                    self.aug(arr[0].copy())[None]
+                    if arr.shape[0] == 1
+                    else self.aug(np.ascontiguousarray(arr.transpose(1, 2, 0))).transpose(2, 0, 1)
+                )
             d[key] = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
         return d
 
 
 # ------------------------------------------------------------------------------------------- config
+
 
 def output_size(spec: DataSpec, recipe: Recipe) -> list[int] | None:
     size = recipe.data.size or spec.preprocess.size
@@ -192,17 +197,26 @@ def config_hash(spec: DataSpec, recipe: Recipe) -> str:
 
 # ------------------------------------------------------------------------------------------- building
 
+
 def _intensity(spec: DataSpec) -> list[Transform]:
     it = spec.preprocess.intensity
     if it.mode == "ct_window":
         level, width = it.window  # validated in spec.py
-        return [ScaleIntensityRanged("image", a_min=level - width / 2, a_max=level + width / 2,
-                                     b_min=0.0, b_max=1.0, clip=True)]
+        return [
+            ScaleIntensityRanged(
+                "image", a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True
+            )
+        ]
     if it.mode == "zscore":
-        return [NormalizeIntensityd("image"),
-                ScaleIntensityRanged("image", a_min=-ZSCORE_CLIP, a_max=ZSCORE_CLIP, b_min=0.0, b_max=1.0, clip=True)]
-    return [ScaleIntensityRangePercentilesd("image", lower=SCALE_PERCENTILES[0], upper=SCALE_PERCENTILES[1],
-                                            b_min=0.0, b_max=1.0, clip=True)]
+        return [
+            NormalizeIntensityd("image"),
+            ScaleIntensityRanged("image", a_min=-ZSCORE_CLIP, a_max=ZSCORE_CLIP, b_min=0.0, b_max=1.0, clip=True),
+        ]
+    return [
+        ScaleIntensityRangePercentilesd(
+            "image", lower=SCALE_PERCENTILES[0], upper=SCALE_PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True
+        )
+    ]
 
 
 def deterministic_transforms(spec: DataSpec, recipe: Recipe) -> Compose:
@@ -212,13 +226,13 @@ def deterministic_transforms(spec: DataSpec, recipe: Recipe) -> Compose:
     if dims == 3:
         steps.append(Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if spec.preprocess.spacing is not None:
-        steps.append(Spacingd("image", pixdim=list(spec.preprocess.spacing), mode="bilinear",
-                              padding_mode="border"))
+        steps.append(Spacingd("image", pixdim=list(spec.preprocess.spacing), mode="bilinear", padding_mode="border"))
     steps += _intensity(spec)
     size, fit = output_size(spec, recipe), fit_mode(spec, recipe)
     if fit == "resize":
-        steps.append(Resized("image", spatial_size=size, mode="bilinear" if dims == 2 else "trilinear",
-                             anti_aliasing=True))
+        steps.append(
+            Resized("image", spatial_size=size, mode="bilinear" if dims == 2 else "trilinear", anti_aliasing=True)
+        )
     elif fit == "crop_pad":
         steps.append(ResizeWithPadOrCropd("image", spatial_size=size, mode="constant"))
     steps.append(ToPlainTensord())
@@ -249,9 +263,18 @@ def random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
         # With a fixed output size the identity sampling grid is built once and reused (cache_grid): that
         # grid cost as much as the interpolation itself (64^3, one thread: ~37 ms -> ~21 ms per sample).
         size = output_size(spec, recipe)
-        steps.append(RandAffined("image", prob=1.0, rotate_range=(rot,) * 3, scale_range=(scale,) * 3,
-                                 mode="bilinear", padding_mode="zeros", spatial_size=size,
-                                 cache_grid=size is not None))
+        steps.append(
+            RandAffined(
+                "image",
+                prob=1.0,
+                rotate_range=(rot,) * 3,
+                scale_range=(scale,) * 3,
+                mode="bilinear",
+                padding_mode="zeros",
+                spatial_size=size,
+                cache_grid=size is not None,
+            )
+        )
     if cfg.get("intensity_shift"):
         steps.append(RandShiftIntensityd("image", offsets=float(cfg["intensity_shift"]), prob=1.0))
     if not steps:

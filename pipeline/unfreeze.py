@@ -74,8 +74,16 @@ class Unfreezer:
     step; ``record(score)`` after validation (higher is better) for plateau triggers.
     """
 
-    def __init__(self, model: nn.Module, stages: list[StageCfg], optim: OptimCfg, *, epochs: int,
-                 steps_per_epoch: int, freeze_bn_stats: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: list[StageCfg],
+        optim: OptimCfg,
+        *,
+        epochs: int,
+        steps_per_epoch: int,
+        freeze_bn_stats: bool = False,
+    ):
         self.model = model
         self.groups = model_groups(model)
         self.by_name = {g.name: g for g in self.groups}
@@ -84,8 +92,10 @@ class Unfreezer:
         self.stages = list(stages)
         for i, s in enumerate(self.stages[1:], start=1):
             if s.epoch is None and s.plateau_patience is None:
-                raise SpecError(f"stages[{i}]: give 'epoch' (start epoch) or 'plateau_patience' (epochs without "
-                                "improvement of the select metric), e.g. {epoch: 2, groups: 3}")
+                raise SpecError(
+                    f"stages[{i}]: give 'epoch' (start epoch) or 'plateau_patience' (epochs without "
+                    "improvement of the select metric), e.g. {epoch: 2, groups: 3}"
+                )
         self.cfg = optim
         self.epochs = epochs
         self.steps_per_epoch = max(1, int(steps_per_epoch))
@@ -121,7 +131,7 @@ class Unfreezer:
         return self.n_trainable(self.stage) <= 1
 
     def base_lr(self, group: Group) -> float:
-        return self.cfg.lr * self.cfg.lr_decay ** group.depth
+        return self.cfg.lr * self.cfg.lr_decay**group.depth
 
     def _apply_stage(self, stage: int) -> None:
         train = {g.name for g in self.trainable(stage)}
@@ -134,8 +144,14 @@ class Unfreezer:
                 self._add_group(g, start_step=self.step)
 
     def _add_group(self, g: Group, start_step: int) -> None:
-        pg = {"params": g.parameters(), "lr": 0.0, "name": g.name, "depth": g.depth,
-              "base_lr": self.base_lr(g), "start_step": start_step}
+        pg = {
+            "params": g.parameters(),
+            "lr": 0.0,
+            "name": g.name,
+            "depth": g.depth,
+            "base_lr": self.base_lr(g),
+            "start_step": start_step,
+        }
         if self.optimizer.param_groups and self.optimizer.param_groups[0].get("placeholder"):
             # torch optimizers cannot be built empty; the placeholder holds no real parameter
             self.optimizer.param_groups.clear()
@@ -144,8 +160,9 @@ class Unfreezer:
     def _new_optimizer(self) -> torch.optim.Optimizer:
         dummy = [{"params": [nn.Parameter(torch.zeros(1))], "placeholder": True}]
         if self.cfg.name == "sgd":
-            return torch.optim.SGD(dummy, lr=self.cfg.lr, momentum=0.9, nesterov=True,
-                                   weight_decay=self.cfg.weight_decay)
+            return torch.optim.SGD(
+                dummy, lr=self.cfg.lr, momentum=0.9, nesterov=True, weight_decay=self.cfg.weight_decay
+            )
         return torch.optim.AdamW(dummy, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def begin_epoch(self, epoch: int) -> bool:
@@ -154,16 +171,16 @@ class Unfreezer:
         while self.stage + 1 < len(self.stages):
             nxt = self.stages[self.stage + 1]
             by_epoch = nxt.epoch is not None and epoch >= nxt.epoch
-            by_plateau = (nxt.plateau_patience is not None and not changed
-                          and self.bad_epochs >= nxt.plateau_patience)
+            by_plateau = nxt.plateau_patience is not None and not changed and self.bad_epochs >= nxt.plateau_patience
             if not (by_epoch or by_plateau):
                 break
             self.stage += 1
             self.stage_epoch = epoch
             self.best, self.bad_epochs = None, 0
             self._apply_stage(self.stage)
-            self.transitions.append({"stage": self.stage, "epoch": epoch,
-                                     "trigger": "epoch" if by_epoch else "plateau"})
+            self.transitions.append(
+                {"stage": self.stage, "epoch": epoch, "trigger": "epoch" if by_epoch else "plateau"}
+            )
             changed = True
         return changed
 
@@ -238,26 +255,43 @@ class Unfreezer:
             prev |= {g.name for g in groups}
             when = f"epoch {s.epoch}" if s.epoch is not None else "start"
             if s.plateau_patience is not None:
-                when = (f"epoch {s.epoch} or " if s.epoch is not None else "") + \
-                       f"after {s.plateau_patience} epoch(s) without improvement"
+                when = (
+                    f"epoch {s.epoch} or " if s.epoch is not None else ""
+                ) + f"after {s.plateau_patience} epoch(s) without improvement"
             what = ", ".join(f"{g.name} (lr {self.base_lr(g):.2e})" for g in new) or "nothing new"
             frozen = len(self.groups) - len(groups)
-            lines.append(f"stage {i} from {when}: +{what}; {len(groups)}/{len(self.groups)} groups train, "
-                         f"{frozen} frozen" + (", encoder under no_grad" if len(groups) <= 1 else ""))
+            lines.append(
+                f"stage {i} from {when}: +{what}; {len(groups)}/{len(self.groups)} groups train, "
+                f"{frozen} frozen" + (", encoder under no_grad" if len(groups) <= 1 else "")
+            )
         if self.freeze_bn_stats:
             lines.append("BatchNorm statistics frozen in every group")
         return lines
 
     def layout(self) -> list[dict[str, Any]]:
         """Parameter-group layout of the optimizer, in order (stored in checkpoints)."""
-        return [{"name": pg["name"], "depth": int(pg["depth"]), "base_lr": float(pg["base_lr"]),
-                 "start_step": int(pg["start_step"]), "n_params": int(sum(p.numel() for p in pg["params"]))}
-                for pg in self.optimizer.param_groups]
+        return [
+            {
+                "name": pg["name"],
+                "depth": int(pg["depth"]),
+                "base_lr": float(pg["base_lr"]),
+                "start_step": int(pg["start_step"]),
+                "n_params": int(sum(p.numel() for p in pg["params"])),
+            }
+            for pg in self.optimizer.param_groups
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stage_epoch": self.stage_epoch, "step": self.step,
-                "best": self.best, "bad_epochs": self.bad_epochs, "transitions": list(self.transitions),
-                "steps_per_epoch": self.steps_per_epoch, "layout": self.layout()}
+        return {
+            "stage": self.stage,
+            "stage_epoch": self.stage_epoch,
+            "step": self.step,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "transitions": list(self.transitions),
+            "steps_per_epoch": self.steps_per_epoch,
+            "layout": self.layout(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore stage and counters and rebuild the optimizer's groups in their saved order.
@@ -273,7 +307,9 @@ class Unfreezer:
         self.optimizer = self._new_optimizer()
         for entry in state["layout"]:
             if entry["name"] not in self.by_name:
-                raise SpecError(f"checkpoint layer group {entry['name']!r} does not exist in this model; "
-                                "was the encoder changed since the run started?")
+                raise SpecError(
+                    f"checkpoint layer group {entry['name']!r} does not exist in this model; "
+                    "was the encoder changed since the run started?"
+                )
             self._add_group(self.by_name[entry["name"]], start_step=int(entry["start_step"]))
         self._apply_stage(self.stage)

@@ -35,16 +35,26 @@ def tiny_nifti3d(tmp_path: Path) -> Dataset:
 def shared_data() -> Path:
     """../shared/data (read-only real files); skips when this checkout has none."""
     if not (SHARED_DATA / "dicom").is_dir():
-        pytest.skip(f"real DICOM data not found at {SHARED_DATA} (../shared/data next to the repo); "
-                    "only present on the project's own machines")
+        pytest.skip(
+            f"real DICOM data not found at {SHARED_DATA} (../shared/data next to the repo); "
+            "only present on the project's own machines"
+        )
     return SHARED_DATA
 
 
 # --- a tiny registered run (registry, predict, runall, notebook tests) ---------------------------------------------
 # ONE end-to-end `run_all` (ingest -> split -> train -> evaluate -> register) per session, in an embedded sqlite
 # store. 64 px, not 32: EfficientNet-Lite0's last feature map is 1x1 at 32 px and goes all-zero, so nothing learns.
-TINY_RUN_RECIPE = ["epochs=2", "data.size=[64,64]", "data.batch_size=8", "optim.lr=3e-3", "optim.warmup_epochs=0",
-                   "stages=[{epoch: 0, groups: all}]", "data.augment={}", "evaluation.bootstrap=200"]
+TINY_RUN_RECIPE = [
+    "epochs=2",
+    "data.size=[64,64]",
+    "data.batch_size=8",
+    "optim.lr=3e-3",
+    "optim.warmup_epochs=0",
+    "stages=[{epoch: 0, groups: all}]",
+    "data.augment={}",
+    "evaluation.bootstrap=200",
+]
 TINY_MODEL_NAME = "tiny-us"
 
 
@@ -73,8 +83,9 @@ def registered_run(tmp_path_factory: pytest.TempPathFactory) -> RegisteredRun:
         mp.delenv("MEDXFER_PSEUDONYM_KEY", raising=False)
         mp.setenv("MEDXFER_SYSTEM_METRICS", "0")  # no background sampler thread in a 2-core CI
         result = run_all(ds.spec, ds.workspace, overrides=TINY_RUN_RECIPE, name=TINY_MODEL_NAME)
-    return RegisteredRun(ds, ds.workspace, result.tracking_uri, result.run_id, result.model_name,
-                         result.model_version, result)
+    return RegisteredRun(
+        ds, ds.workspace, result.tracking_uri, result.run_id, result.model_name, result.model_version, result
+    )
 
 
 @pytest.fixture

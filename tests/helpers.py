@@ -88,8 +88,15 @@ def _base(sop_class: str, attrs: dict[str, Any], transfer_syntax: str = Explicit
     ds.preamble = b"\0" * 128
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    defaults = {"PatientName": "TEST^PATIENT", "PatientID": "P0", "StudyDate": "20200101", "StudyTime": "120000",
-                "AccessionNumber": "", "ReferringPhysicianName": "", "StudyID": "1"}
+    defaults = {
+        "PatientName": "TEST^PATIENT",
+        "PatientID": "P0",
+        "StudyDate": "20200101",
+        "StudyTime": "120000",
+        "AccessionNumber": "",
+        "ReferringPhysicianName": "",
+        "StudyID": "1",
+    }
     for k, v in {**defaults, **attrs}.items():
         if k != "SOPInstanceUID" and v is not None:
             setattr(ds, k, v)
@@ -121,19 +128,40 @@ def _save(ds: DicomDataset, path: Path) -> Path:
     return path
 
 
-def write_image2d(path: Path, pixels: np.ndarray | None = None, *, modality: str = "US", sop_class: str = US_IMAGE,
-                  study_uid: str | None = None, series_uid: str | None = None, patient_id: str = "P0",
-                  patient_name: str = "TEST^PATIENT", series_number: int = 1, instance_number: int = 1,
-                  image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY"), description: str = "",
-                  pixel_spacing: tuple[float, float] | None = None, photometric: str | None = None,
-                  n_frames: int | None = None, **attrs: Any) -> Path:
+def write_image2d(
+    path: Path,
+    pixels: np.ndarray | None = None,
+    *,
+    modality: str = "US",
+    sop_class: str = US_IMAGE,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "P0",
+    patient_name: str = "TEST^PATIENT",
+    series_number: int = 1,
+    instance_number: int = 1,
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY"),
+    description: str = "",
+    pixel_spacing: tuple[float, float] | None = None,
+    photometric: str | None = None,
+    n_frames: int | None = None,
+    **attrs: Any,
+) -> Path:
     """One single-frame (or plain multi-frame with n_frames) 2D image."""
     if pixels is None:
         pixels = np.random.default_rng(0).integers(0, 200, (16, 16), dtype=np.uint8)
-    a = {"Modality": modality, "StudyInstanceUID": study_uid or _uid(), "SeriesInstanceUID": series_uid or _uid(),
-         "PatientID": patient_id, "PatientName": patient_name, "SeriesNumber": series_number,
-         "InstanceNumber": instance_number, "ImageType": list(image_type), "SeriesDescription": description,
-         **attrs}
+    a = {
+        "Modality": modality,
+        "StudyInstanceUID": study_uid or _uid(),
+        "SeriesInstanceUID": series_uid or _uid(),
+        "PatientID": patient_id,
+        "PatientName": patient_name,
+        "SeriesNumber": series_number,
+        "InstanceNumber": instance_number,
+        "ImageType": list(image_type),
+        "SeriesDescription": description,
+        **attrs,
+    }
     if pixel_spacing is not None:
         a["PixelSpacing" if modality not in ("CR", "DX", "MG") else "ImagerPixelSpacing"] = list(pixel_spacing)
     ds = _base(sop_class, a)
@@ -145,16 +173,35 @@ def write_image2d(path: Path, pixels: np.ndarray | None = None, *, modality: str
     return _save(ds, Path(path))
 
 
-def write_series(folder: Path, n: int = 6, *, rows: int = 16, cols: int = 16, spacing: float = 2.0,
-                 pixel_spacing: tuple[float, float] = (0.8, 0.8), orientation: tuple[float, ...] = AXIAL,
-                 origin: tuple[float, float, float] = (-10.0, -20.0, 30.0), positions: list[Any] | None = None,
-                 tilt_deg: float = 0.0, modality: str = "CT", study_uid: str | None = None,
-                 series_uid: str | None = None, frame_of_ref: str | None = None, patient_id: str = "P0",
-                 patient_name: str = "TEST^PATIENT", series_number: int = 2, description: str = "AX",
-                 image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"), slope: float = 1.0,
-                 intercept: float = -1024.0, orientations: list[tuple[float, ...]] | None = None,
-                 pixel_spacings: list[tuple[float, float]] | None = None, names: str = "shuffled",
-                 undecodable: bool = False, **attrs: Any) -> list[Path]:
+def write_series(
+    folder: Path,
+    n: int = 6,
+    *,
+    rows: int = 16,
+    cols: int = 16,
+    spacing: float = 2.0,
+    pixel_spacing: tuple[float, float] = (0.8, 0.8),
+    orientation: tuple[float, ...] = AXIAL,
+    origin: tuple[float, float, float] = (-10.0, -20.0, 30.0),
+    positions: list[Any] | None = None,
+    tilt_deg: float = 0.0,
+    modality: str = "CT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_ref: str | None = None,
+    patient_id: str = "P0",
+    patient_name: str = "TEST^PATIENT",
+    series_number: int = 2,
+    description: str = "AX",
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    orientations: list[tuple[float, ...]] | None = None,
+    pixel_spacings: list[tuple[float, float]] | None = None,
+    names: str = "shuffled",
+    undecodable: bool = False,
+    **attrs: Any,
+) -> list[Path]:
     """One CT/MR series; slice k has stored value 100 + 10*k everywhere (plus a small gradient).
 
     Files and InstanceNumbers are shuffled by default so that only ImagePositionPatient gives the order.
@@ -176,13 +223,24 @@ def write_series(folder: Path, n: int = 6, *, rows: int = 16, cols: int = 16, sp
     paths = []
     sop = CT_IMAGE if modality == "CT" else MR_IMAGE
     for k in range(n):
-        a = {"Modality": modality, "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
-             "FrameOfReferenceUID": frame_of_ref, "PatientID": patient_id, "PatientName": patient_name,
-             "SeriesNumber": series_number, "InstanceNumber": int(order[k]) + 1,
-             "SeriesDescription": description, "ImageType": list(image_type),
-             "ImageOrientationPatient": [float(x) for x in (orientations[k] if orientations else orientation)],
-             "PixelSpacing": list(pixel_spacings[k] if pixel_spacings else pixel_spacing),
-             "SliceThickness": spacing, "RescaleSlope": slope, "RescaleIntercept": intercept, **attrs}
+        a = {
+            "Modality": modality,
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": series_uid,
+            "FrameOfReferenceUID": frame_of_ref,
+            "PatientID": patient_id,
+            "PatientName": patient_name,
+            "SeriesNumber": series_number,
+            "InstanceNumber": int(order[k]) + 1,
+            "SeriesDescription": description,
+            "ImageType": list(image_type),
+            "ImageOrientationPatient": [float(x) for x in (orientations[k] if orientations else orientation)],
+            "PixelSpacing": list(pixel_spacings[k] if pixel_spacings else pixel_spacing),
+            "SliceThickness": spacing,
+            "RescaleSlope": slope,
+            "RescaleIntercept": intercept,
+            **attrs,
+        }
         if positions[k] is not None:
             a["ImagePositionPatient"] = [float(x) for x in positions[k]]
         ts = pydicom.uid.JPEGBaseline8Bit if undecodable else ExplicitVRLittleEndian
@@ -197,14 +255,34 @@ def write_series(folder: Path, n: int = 6, *, rows: int = 16, cols: int = 16, sp
     return paths
 
 
-def write_multiframe(path: Path, n_frames: int = 5, *, geometry: bool = True, rows: int = 12, cols: int = 12,
-                     spacing: float = 2.5, study_uid: str | None = None, patient_id: str = "P0",
-                     series_number: int = 3, modality: str = "CT", **attrs: Any) -> Path:
+def write_multiframe(
+    path: Path,
+    n_frames: int = 5,
+    *,
+    geometry: bool = True,
+    rows: int = 12,
+    cols: int = 12,
+    spacing: float = 2.5,
+    study_uid: str | None = None,
+    patient_id: str = "P0",
+    series_number: int = 3,
+    modality: str = "CT",
+    **attrs: Any,
+) -> Path:
     """An enhanced multi-frame volume (frames stored in reverse position order), optionally without geometry."""
-    a = {"Modality": modality, "StudyInstanceUID": study_uid or _uid(), "SeriesInstanceUID": _uid(),
-         "FrameOfReferenceUID": _uid(), "PatientID": patient_id, "SeriesNumber": series_number,
-         "InstanceNumber": 1, "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "SeriesDescription": "ENH",
-         "NumberOfFrames": n_frames, **attrs}
+    a = {
+        "Modality": modality,
+        "StudyInstanceUID": study_uid or _uid(),
+        "SeriesInstanceUID": _uid(),
+        "FrameOfReferenceUID": _uid(),
+        "PatientID": patient_id,
+        "SeriesNumber": series_number,
+        "InstanceNumber": 1,
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "SeriesDescription": "ENH",
+        "NumberOfFrames": n_frames,
+        **attrs,
+    }
     ds = _base(ENHANCED_CT, a)
     if geometry:
         shared = DicomDataset()
@@ -230,20 +308,33 @@ def write_multiframe(path: Path, n_frames: int = 5, *, geometry: bool = True, ro
     return _save(ds, Path(path))
 
 
-def write_nifti(path: Path, data: np.ndarray, spacing: tuple[float, ...] = (2.0, 2.0, 3.0),
-                affine: np.ndarray | None = None) -> Path:
+def write_nifti(
+    path: Path, data: np.ndarray, spacing: tuple[float, ...] = (2.0, 2.0, 3.0), affine: np.ndarray | None = None
+) -> Path:
     from pipeline.nifti import write_volume
 
     return write_volume(path, data, spacing=spacing, affine=affine)
 
 
-def spec_dict(name: str, kind: str, dims: int, root: str, labels: str = "labels.csv", key: str | None = None,
-              classes: tuple[str, str] = ("neg", "pos"), patient: str | None = None, **extra: Any) -> dict[str, Any]:
+def spec_dict(
+    name: str,
+    kind: str,
+    dims: int,
+    root: str,
+    labels: str = "labels.csv",
+    key: str | None = None,
+    classes: tuple[str, str] = ("neg", "pos"),
+    patient: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "name": name, "task": "binary", "dims": dims, "source": {"kind": kind, "root": root},
-        "labels": {"csv": labels, "key": key or ("StudyInstanceUID" if kind == "dicom" else "path"),
-                   "column": "label"},
-        "classes": list(classes), "positive_class": classes[1],
+        "name": name,
+        "task": "binary",
+        "dims": dims,
+        "source": {"kind": kind, "root": root},
+        "labels": {"csv": labels, "key": key or ("StudyInstanceUID" if kind == "dicom" else "path"), "column": "label"},
+        "classes": list(classes),
+        "positive_class": classes[1],
         "split": {"fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "seed": 0},
     }
     if patient:
@@ -286,8 +377,15 @@ def _owners(n: int) -> list[int]:
     return out[:n]
 
 
-def make_dicom2d_dataset(root: Path, n_studies: int = 40, size: int = 32, classes: tuple[str, str] = ("neg", "pos"),
-                         name: str = "tiny-dicom2d", plant_phi: bool = True, seed: int = 0) -> Dataset:
+def make_dicom2d_dataset(
+    root: Path,
+    n_studies: int = 40,
+    size: int = 32,
+    classes: tuple[str, str] = ("neg", "pos"),
+    name: str = "tiny-dicom2d",
+    plant_phi: bool = True,
+    seed: int = 0,
+) -> Dataset:
     """A 2D US dataset: one single-image study per row of labels.csv, alternating classes."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -301,23 +399,46 @@ def make_dicom2d_dataset(root: Path, n_studies: int = 40, size: int = 32, classe
         pname = PHI["name"] if (plant_phi and p == 0) else f"PATIENT^{p:04d}"
         uid = _uid("tiny2d", seed, i)
         folder = data / (f"{PHI['name'].replace('^', '_')}" if plant_phi and p == 0 else f"PAT{p:04d}") / f"ST{i:03d}"
-        extra = {"InstitutionName": PHI["institution"], "PatientBirthDate": PHI["birth"], "StudyDate": PHI["date"],
-                 "AccessionNumber": f"ACC{i:05d}", "ReferringPhysicianName": PHI["physician"]} if plant_phi else {}
-        write_image2d(folder / "IM0001", _class_image(rng, positive, size), study_uid=uid, patient_id=pid,
-                      patient_name=pname, pixel_spacing=(0.5, 0.5), **extra)
+        extra = (
+            {
+                "InstitutionName": PHI["institution"],
+                "PatientBirthDate": PHI["birth"],
+                "StudyDate": PHI["date"],
+                "AccessionNumber": f"ACC{i:05d}",
+                "ReferringPhysicianName": PHI["physician"],
+            }
+            if plant_phi
+            else {}
+        )
+        write_image2d(
+            folder / "IM0001",
+            _class_image(rng, positive, size),
+            study_uid=uid,
+            patient_id=pid,
+            patient_name=pname,
+            pixel_spacing=(0.5, 0.5),
+            **extra,
+        )
         rows.append([uid, classes[int(positive)]])
         uids.append(uid)
     labels = write_labels(root / "labels.csv", ["StudyInstanceUID", "label"], rows)
-    spec = write_spec(root / "spec.yaml", spec_dict(name, "dicom", 2, "dicom", classes=classes,
-                                                    series={"modality": ["US"]}))
+    spec = write_spec(
+        root / "spec.yaml", spec_dict(name, "dicom", 2, "dicom", classes=classes, series={"modality": ["US"]})
+    )
     ws = root / "ws"
     ws.mkdir(exist_ok=True)
     phi = list(PHI.values()) if plant_phi else []
     return Dataset(spec, data, labels, ws, list(classes), n_studies, uids, phi)
 
 
-def make_nifti3d_dataset(root: Path, n_studies: int = 40, size: int = 12, classes: tuple[str, str] = ("neg", "pos"),
-                         name: str = "tiny-nifti3d", seed: int = 0) -> Dataset:
+def make_nifti3d_dataset(
+    root: Path,
+    n_studies: int = 40,
+    size: int = 12,
+    classes: tuple[str, str] = ("neg", "pos"),
+    name: str = "tiny-nifti3d",
+    seed: int = 0,
+) -> Dataset:
     """A 3D NIfTI dataset: one volume per study, labels keyed by path with a patient column."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -328,7 +449,7 @@ def make_nifti3d_dataset(root: Path, n_studies: int = 40, size: int = 12, classe
         vol = rng.normal(0, 1, (size, size, size)).astype(np.float32)
         if positive:
             c = size // 2
-            vol[c - 2:c + 2, c - 2:c + 2, c - 2:c + 2] += 4.0
+            vol[c - 2 : c + 2, c - 2 : c + 2, c - 2 : c + 2] += 4.0
         pid = f"{PHI['id']}" if owners[i] == 0 else f"SUBJ{owners[i]:03d}"
         rel = f"sub-{owners[i]:03d}/scan{i:03d}.nii.gz"
         write_nifti(root / "nifti" / rel, vol)

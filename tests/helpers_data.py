@@ -30,29 +30,59 @@ def study_key(i: int) -> str:
 
 def make_spec(dims: int, kind: str, **preprocess: Any) -> DataSpec:
     labels = {"csv": "labels.csv", "key": "path" if kind == "nifti" else "StudyInstanceUID"}
-    return DataSpec.model_validate({
-        "name": f"t{dims}d", "task": "binary", "dims": dims, "source": {"kind": kind, "root": "."},
-        "labels": labels, "classes": ["neg", "pos"], "positive_class": "pos", "preprocess": preprocess})
+    return DataSpec.model_validate(
+        {
+            "name": f"t{dims}d",
+            "task": "binary",
+            "dims": dims,
+            "source": {"kind": kind, "root": "."},
+            "labels": labels,
+            "classes": ["neg", "pos"],
+            "positive_class": "pos",
+            "preprocess": preprocess,
+        }
+    )
 
 
-def manifest_row(i: int, label: int, kind: str, files: list[str], arr: np.ndarray,
-                 spacing: list[float]) -> dict[str, Any]:
-    return {"study_key": study_key(i), "patient_key": "pt-" + study_key(i)[3:], "label": ["neg", "pos"][label],
-            "label_index": label, "modality": "US" if arr.ndim == 2 else "CT", "source_kind": kind,
-            "files": files, "n_slices": 1 if arr.ndim == 2 else arr.shape[0], "shape": list(arr.shape),
-            "spacing": spacing, "orientation": "", "intensity_min": float(arr.min()),
-            "intensity_max": float(arr.max()), "content_hash": content_hash(arr), "series_key": "se-x"}
+def manifest_row(
+    i: int, label: int, kind: str, files: list[str], arr: np.ndarray, spacing: list[float]
+) -> dict[str, Any]:
+    return {
+        "study_key": study_key(i),
+        "patient_key": "pt-" + study_key(i)[3:],
+        "label": ["neg", "pos"][label],
+        "label_index": label,
+        "modality": "US" if arr.ndim == 2 else "CT",
+        "source_kind": kind,
+        "files": files,
+        "n_slices": 1 if arr.ndim == 2 else arr.shape[0],
+        "shape": list(arr.shape),
+        "spacing": spacing,
+        "orientation": "",
+        "intensity_min": float(arr.min()),
+        "intensity_max": float(arr.max()),
+        "content_hash": content_hash(arr),
+        "series_key": "se-x",
+    }
 
 
 def frames(rows: list[dict[str, Any]], split_of: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     manifest = pd.DataFrame(rows)
-    splits = pd.DataFrame({"study_key": manifest["study_key"], "patient_key": manifest["patient_key"],
-                           "label": manifest["label"], "split": split_of, "fold": -1})
+    splits = pd.DataFrame(
+        {
+            "study_key": manifest["study_key"],
+            "patient_key": manifest["patient_key"],
+            "label": manifest["label"],
+            "split": split_of,
+            "fold": -1,
+        }
+    )
     return manifest, splits
 
 
-def dataset_2d(root: Path, n: int = 12, shape: tuple[int, int] = (24, 20), seed: int = 0,
-               split_of: list[str] | None = None) -> tuple[DataSpec, pd.DataFrame, pd.DataFrame]:
+def dataset_2d(
+    root: Path, n: int = 12, shape: tuple[int, int] = (24, 20), seed: int = 0, split_of: list[str] | None = None
+) -> tuple[DataSpec, pd.DataFrame, pd.DataFrame]:
     """n single-image DICOM studies; label i % 2; a class-dependent bright blob so labels are learnable."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -68,8 +98,9 @@ def dataset_2d(root: Path, n: int = 12, shape: tuple[int, int] = (24, 20), seed:
     return make_spec(2, "dicom"), manifest, splits
 
 
-def dataset_3d(root: Path, n: int = 8, shape: tuple[int, int, int] = (10, 12, 8), seed: int = 0,
-               split_of: list[str] | None = None) -> tuple[DataSpec, pd.DataFrame, pd.DataFrame]:
+def dataset_3d(
+    root: Path, n: int = 8, shape: tuple[int, int, int] = (10, 12, 8), seed: int = 0, split_of: list[str] | None = None
+) -> tuple[DataSpec, pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):

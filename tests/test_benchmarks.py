@@ -23,8 +23,13 @@ def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
     results = tmp_path_factory.mktemp("bench-results")
     work = tmp_path_factory.mktemp("bench-work")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--tiny", "--results-dir", str(results),
-                           "--work-dir", str(work)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--tiny", "--results-dir", str(results), "--work-dir", str(work)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = {}
     for name in BENCHMARKS:
         path = results / f"{name}.json"

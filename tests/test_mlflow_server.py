@@ -21,8 +21,16 @@ import pytest
 from helpers import PHI, make_dicom2d_dataset, write_image2d
 
 # The cheapest real run: this test is about what reaches the server, not about accuracy.
-SERVER_RECIPE = ["epochs=1", "weights=none", "data.size=[32,32]", "data.batch_size=8", "optim.warmup_epochs=0",
-                 "stages=[{epoch: 0, groups: all}]", "data.augment={}", "evaluation.bootstrap=50"]
+SERVER_RECIPE = [
+    "epochs=1",
+    "weights=none",
+    "data.size=[32,32]",
+    "data.batch_size=8",
+    "optim.warmup_epochs=0",
+    "stages=[{epoch: 0, groups: all}]",
+    "data.augment={}",
+    "evaluation.bootstrap=50",
+]
 STARTUP_S = 120  # ~20 s on an idle 2-core machine; generous for a loaded CI runner
 
 
@@ -48,9 +56,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("mlflow")
-    cmd = [str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp / 'store.db'}",
-           "--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(exe),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp / 'store.db'}",
+        "--artifacts-destination",
+        str(tmp / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     log = (tmp / "server.log").open("w")
     # Own session: the server spawns a uvicorn worker; stopping the group stops both.
@@ -65,8 +85,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server not up after {STARTUP_S} s:\n"
-                                f"{(tmp / 'server.log').read_text()[-3000:]}")
+                    pytest.fail(
+                        f"mlflow server not up after {STARTUP_S} s:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                    )
                 time.sleep(0.5)
         yield url, tmp
     finally:
@@ -101,8 +122,17 @@ def test_run_metrics_and_artifacts_are_served(mlflow_server, server_run) -> None
     run = _get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
     metrics = {m["key"] for m in run["data"]["metrics"]}
-    assert {"train_loss", "val_loss", "val_auroc", "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high",
-            "test_ece", "threshold", "temperature"} <= metrics
+    assert {
+        "train_loss",
+        "val_loss",
+        "val_auroc",
+        "test_auroc",
+        "test_auroc_ci_low",
+        "test_auroc_ci_high",
+        "test_ece",
+        "threshold",
+        "temperature",
+    } <= metrics
     history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss")
     assert len(history["metrics"]) == 1  # one epoch
 
@@ -129,8 +159,16 @@ def test_registered_version_alias_and_logged_model_are_served(mlflow_server, ser
     mv = mv["model_version"]
     tags = {t["key"]: t["value"] for t in mv["tags"]}
     assert mv["run_id"] == s["run_id"] and mv["status"] == "READY"
-    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "spec_hash", "manifest_hash", "split_hash",
-            "git_commit", "weight_source"} <= set(tags)
+    assert {
+        "test_auroc",
+        "test_auroc_ci_low",
+        "test_auroc_ci_high",
+        "spec_hash",
+        "manifest_hash",
+        "split_hash",
+        "git_commit",
+        "weight_source",
+    } <= set(tags)
     assert mv["description"].startswith("efficientnet_lite0")
     by_alias = _get(url, "/api/2.0/mlflow/registered-models/alias", name="server-us", alias="candidate")
     assert by_alias["model_version"]["version"] == s["model_version"]
@@ -140,8 +178,9 @@ def test_registered_version_alias_and_logged_model_are_served(mlflow_server, ser
     assert lm["info"]["status"] == "LOGGED_MODEL_READY" and lm["info"]["source_run_id"] == s["run_id"]
 
 
-def test_predict_downloads_the_model_over_http(mlflow_server, server_run, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_downloads_the_model_over_http(
+    mlflow_server, server_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pandas as pd
 
     from pipeline.predict import predict
@@ -149,8 +188,12 @@ def test_predict_downloads_the_model_over_http(mlflow_server, server_run, tmp_pa
     url, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     study = write_image2d(tmp_path / "s" / "IM1")
-    res = predict("models:/server-us@candidate", [study, tmp_path / "nope"], tmp_path / "p.csv",
-                  workspace=server_run["dataset"].workspace)
+    res = predict(
+        "models:/server-us@candidate",
+        [study, tmp_path / "nope"],
+        tmp_path / "p.csv",
+        workspace=server_run["dataset"].workspace,
+    )
     df = pd.read_csv(tmp_path / "p.csv")
     assert res.model_version == server_run["summary"]["model_version"] and len(df) == 2
     assert df["error"].isna().tolist() == [True, False]

@@ -14,8 +14,20 @@ from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["demo", "check-spec", "ingest", "split", "models", "train", "evaluate", "register", "promote", "predict",
-          "export", "run"]
+STAGES = [
+    "demo",
+    "check-spec",
+    "ingest",
+    "split",
+    "models",
+    "train",
+    "evaluate",
+    "register",
+    "promote",
+    "predict",
+    "export",
+    "run",
+]
 WITH_WORKSPACE = ["ingest", "split", "train", "evaluate", "register", "promote", "predict", "export", "run"]
 
 

@@ -89,8 +89,15 @@ def onnx_roundtrip(module: torch.nn.Module, x: torch.Tensor, path) -> tuple[np.n
     with torch.no_grad():
         want = module(x).numpy()
     # dynamo=False: the TorchScript-based exporter, which needs no onnxscript
-    torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    torch.onnx.export(
+        module,
+        (x,),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x.numpy()})[0], want
 
@@ -104,8 +111,10 @@ def test_our_layers_export_to_onnx_and_trace(tmp_path):
     bn = BatchNormAct3d(6, act_layer=torch.nn.ReLU6)
     bn.running_mean.uniform_(-0.1, 0.1)
     stack = torch.nn.Sequential(
-        ForegroundZScore(), MeanStdNorm([0.5], [0.25], 3),
-        InflatedConv3d(torch.nn.Conv2d(1, 6, 3, stride=2, padding=1)), bn,
+        ForegroundZScore(),
+        MeanStdNorm([0.5], [0.25], 3),
+        InflatedConv3d(torch.nn.Conv2d(1, 6, 3, stride=2, padding=1)),
+        bn,
         ACSConv3d(torch.nn.Conv2d(6, 6, 5, padding=2, groups=6, bias=False)),  # depthwise, whole groups split
         ACSConv3d(torch.nn.Conv2d(6, 8, 3, stride=2, padding=1)),
         ShortcutA(16, 2),
@@ -136,11 +145,13 @@ def test_models_command_lists_2d_and_3d_with_real_sources():
     package = next(w for w in lite["weights"] if w["kind"] == "package")
     assert package["available"] and package["offline"] and lite["default"]
     assert [g["name"] for g in lite["layer_groups"]] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
-    assert lite["parameters"] == sum(p.numel() for p in create_classifier(
-        "efficientnet_lite0", 2, weights=None).encoder.parameters())
+    assert lite["parameters"] == sum(
+        p.numel() for p in create_classifier("efficientnet_lite0", 2, weights=None).encoder.parameters()
+    )
     mednet = by_name["medicalnet_resnet50"]
-    assert any(w["kind"] == "hub" and "TencentMedicalNet/MedicalNet-Resnet50" in w["location"]
-               for w in mednet["weights"])
+    assert any(
+        w["kind"] == "hub" and "TencentMedicalNet/MedicalNet-Resnet50" in w["location"] for w in mednet["weights"]
+    )
     assert "I3D" in summary["transfer_2d_to_3d"]
     title, rows = result.table()
     assert "weights: file > package > hub" in title

@@ -37,7 +37,7 @@ def imagenet_crop(rgb, size: int = 224) -> torch.Tensor:
     s = size / 0.875 / min(h, w)
     x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bicubic", antialias=True).clamp(0, 1)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 @pytest.fixture(scope="module")

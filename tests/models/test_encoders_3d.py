@@ -16,8 +16,12 @@ from pipeline.errors import MedxferError
 skdata = pytest.importorskip("skimage.data")
 
 # MedicalNet's models/resnet.py: block type and blocks per stage for each released depth.
-MEDICALNET_ARCH = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-                   50: ("bottleneck", (3, 4, 6, 3))}
+MEDICALNET_ARCH = {
+    10: ("basic", (1, 1, 1, 1)),
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+}
 
 
 def medicalnet_checkpoint(depth: int, shortcut: str, seed: int = 0) -> dict:
@@ -136,10 +140,11 @@ def test_foreground_zscore_keeps_masks_and_follows_medicalnet_on_images():
 
 # --- 2D -> 3D ---------------------------------------------------------------------------------
 
+
 def grey(rgb, size: int) -> torch.Tensor:
     x = torch.tensor(rgb).float().permute(2, 0, 1)[None] / 255.0
     side = min(x.shape[-2:])
-    x = x[..., :side, (x.shape[-1] - side) // 2:(x.shape[-1] - side) // 2 + side]
+    x = x[..., :side, (x.shape[-1] - side) // 2 : (x.shape[-1] - side) // 2 + side]
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).mean(1, keepdim=True)
 
 

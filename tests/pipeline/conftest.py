@@ -40,9 +40,22 @@ def evaluated_run(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedRun:
         spec = ds.spec
         ingest(spec, ds.workspace)
         split(spec, ds.workspace)
-        trained = train(spec, ds.workspace, recipe=None, weights=None, resume=False, control="scratch",
-                        device="cpu", overrides=["epochs=1", "weights=none", "data.size=[32,32]",
-                                                 "data.batch_size=8", "stages=[{epoch: 0, groups: all}]"])
+        trained = train(
+            spec,
+            ds.workspace,
+            recipe=None,
+            weights=None,
+            resume=False,
+            control="scratch",
+            device="cpu",
+            overrides=[
+                "epochs=1",
+                "weights=none",
+                "data.size=[32,32]",
+                "data.batch_size=8",
+                "stages=[{epoch: 0, groups: all}]",
+            ],
+        )
         summary = trained.summary()
         result = evaluate(summary["run_id"], ds.workspace, n_bootstrap=200, device="cpu")
     finally:
@@ -50,5 +63,4 @@ def evaluated_run(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedRun:
         for k, v in saved.items():
             if v is not None:
                 os.environ[k] = v
-    return EvaluatedRun(summary["run_id"], summary.get("control_run_id"), ds.workspace, ds, result,
-                        result.tracking_uri)
+    return EvaluatedRun(summary["run_id"], summary.get("control_run_id"), ds.workspace, ds, result, result.tracking_uri)

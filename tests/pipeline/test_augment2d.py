@@ -22,8 +22,9 @@ def test_unknown_key_is_rejected_with_the_allowed_keys() -> None:
     assert "'rotation'" in msg and "rotate" in msg and "brightness" in msg
 
 
-@pytest.mark.parametrize("cfg", [{"rotate": 400}, {"scale": -0.1}, {"brightness": "lots"}, {"flip": [0, 1]},
-                                 {"intensity_shift": 0.1}])
+@pytest.mark.parametrize(
+    "cfg", [{"rotate": 400}, {"scale": -0.1}, {"brightness": "lots"}, {"flip": [0, 1]}, {"intensity_shift": 0.1}]
+)
 def test_out_of_range_or_3d_only_values_are_rejected(cfg: dict) -> None:
     with pytest.raises(SpecError, match=next(iter(cfg))):
         build_augment2d(cfg)

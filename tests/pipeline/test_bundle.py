@@ -15,8 +15,9 @@ from pipeline import bundle as B
 from pipeline.evaluate import compute_evaluation
 
 
-def make_bundle(tmp_path: Path, encoder: str = "efficientnet_lite0", dims: int = 2,
-                size: list[int] | None = None, tta: bool = False) -> tuple[Path, torch.nn.Module, dict]:
+def make_bundle(
+    tmp_path: Path, encoder: str = "efficientnet_lite0", dims: int = 2, size: list[int] | None = None, tta: bool = False
+) -> tuple[Path, torch.nn.Module, dict]:
     ckpt = checkpoint_dict()
     ckpt["recipe"]["evaluation"]["tta"] = tta
     size = size or [32] * dims
@@ -28,8 +29,9 @@ def make_bundle(tmp_path: Path, encoder: str = "efficientnet_lite0", dims: int =
     ckpt["spec"]["preprocess"]["size"] = size
     ckpt["recipe"]["encoder"] = encoder
     ckpt["recipe"]["data"]["size"] = size
-    ev = compute_evaluation(outputs(60, 1), outputs(80, 2), ["benign", "malignant"], "malignant", "binary",
-                            n_bootstrap=50).evaluation
+    ev = compute_evaluation(
+        outputs(60, 1), outputs(80, 2), ["benign", "malignant"], "malignant", "binary", n_bootstrap=50
+    ).evaluation
     ev["run_id"] = ckpt["run_id"]
     return B.write_bundle(ckpt, ev, tmp_path / "bundle"), model, ev
 

@@ -20,13 +20,28 @@ def _ckpt(epoch: int = 0) -> dict:
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     unf.step_lr()
     unf.optimizer.step()
-    return {"model": model.state_dict(), "optimizer": unf.optimizer.state_dict(), "scheduler": unf.state_dict(),
-            "scaler": {}, "epoch": epoch, "rng": C.rng_state(), "stage": unf.stage, "param_groups": unf.layout(),
-            "recipe": {"encoder": "tiny", "optim": {"lr": 1e-3}}, "classes": ["a", "b"],
-            "spec": {"name": "s", "source": {"kind": "dicom", "root": "/data/DOE_JANE"},
-                     "labels": {"csv": "/data/labels.csv"}, "split": {"pinned_test": None},
-                     "spec_path": "/specs/s.yaml"},
-            "hashes": {"spec": "a", "manifest": "b", "split": "c"}, "run_id": "r1", "best_metric": 0.5}
+    return {
+        "model": model.state_dict(),
+        "optimizer": unf.optimizer.state_dict(),
+        "scheduler": unf.state_dict(),
+        "scaler": {},
+        "epoch": epoch,
+        "rng": C.rng_state(),
+        "stage": unf.stage,
+        "param_groups": unf.layout(),
+        "recipe": {"encoder": "tiny", "optim": {"lr": 1e-3}},
+        "classes": ["a", "b"],
+        "spec": {
+            "name": "s",
+            "source": {"kind": "dicom", "root": "/data/DOE_JANE"},
+            "labels": {"csv": "/data/labels.csv"},
+            "split": {"pinned_test": None},
+            "spec_path": "/specs/s.yaml",
+        },
+        "hashes": {"spec": "a", "manifest": "b", "split": "c"},
+        "run_id": "r1",
+        "best_metric": 0.5,
+    }
 
 
 def test_everything_loads_with_weights_only(tmp_path) -> None:

@@ -28,8 +28,9 @@ from pipeline.workspace import Workspace
 
 
 def _recipe(dims: int, *sets: str):
-    return load_recipe(None, dims, ["data.batch_size=4", "data.size=" + ("[32, 32]" if dims == 2 else "[16, 16, 16]"),
-                                    *sets])
+    return load_recipe(
+        None, dims, ["data.batch_size=4", "data.size=" + ("[32, 32]" if dims == 2 else "[16, 16, 16]"), *sets]
+    )
 
 
 def _garble(path: str, keep_stat: bool = False) -> None:
@@ -261,8 +262,10 @@ def test_ddp_ranks_share_the_disk_cache_build_and_agree_on_failures(tmp_path: Pa
     splits.to_pickle(tmp_path / "src" / "splits.pkl")
     ctx = mp.get_context("fork")  # as DataLoader workers do; spawn would re-import torch per rank
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_ddp_rank, args=(r, init, str(tmp_path / "src"), str(tmp_path / "ws"), str(tmp_path)))
-             for r in (0, 1)]
+    procs = [
+        ctx.Process(target=_ddp_rank, args=(r, init, str(tmp_path / "src"), str(tmp_path / "ws"), str(tmp_path)))
+        for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     for p in procs:

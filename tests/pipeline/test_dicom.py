@@ -95,8 +95,9 @@ def test_object_without_pixels_and_missing_tags(tmp_path):
 
 
 def test_headers_hold_pseudonyms_not_identifiers(tmp_path):
-    paths = write_series(tmp_path / "s", n=2, patient_id="SECRET-PID", patient_name="SECRET^NAME",
-                         InstitutionName="SECRET HOSPITAL")
+    paths = write_series(
+        tmp_path / "s", n=2, patient_id="SECRET-PID", patient_name="SECRET^NAME", InstitutionName="SECRET HOSPITAL"
+    )
     h = headers(paths)[0]
     blob = repr(h.to_dict())
     assert "SECRET" not in blob
@@ -109,8 +110,14 @@ def test_headers_hold_pseudonyms_not_identifiers(tmp_path):
 
 def test_localizer_and_two_candidates_prefer_rule_and_reasons(tmp_path):
     study = pydicom.uid.generate_uid()
-    loc = write_series(tmp_path / "loc", n=3, study_uid=study, series_number=1, description="SCOUT",
-                       image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    loc = write_series(
+        tmp_path / "loc",
+        n=3,
+        study_uid=study,
+        series_number=1,
+        description="SCOUT",
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
     thin = write_series(tmp_path / "thin", n=8, study_uid=study, series_number=2, description="AX 1mm")
     thick = write_series(tmp_path / "thick", n=4, study_uid=study, series_number=3, description="AX 5mm SOFT")
     hs = only_study(loc + thin + thick)
@@ -147,10 +154,18 @@ def test_series_split_by_orientation_size_and_frame_of_reference(tmp_path):
 
 def test_2d_spec_each_instance_is_a_candidate_volume_is_not(tmp_path):
     study = pydicom.uid.generate_uid()
-    pa = write_image2d(tmp_path / "pa", modality="CR", sop_class=CR_IMAGE, study_uid=study, instance_number=1,
-                       description="PA", pixel_spacing=(0.2, 0.2))
-    lat = write_image2d(tmp_path / "lat", modality="CR", sop_class=CR_IMAGE, study_uid=study, instance_number=2,
-                        description="LAT")
+    pa = write_image2d(
+        tmp_path / "pa",
+        modality="CR",
+        sop_class=CR_IMAGE,
+        study_uid=study,
+        instance_number=1,
+        description="PA",
+        pixel_spacing=(0.2, 0.2),
+    )
+    lat = write_image2d(
+        tmp_path / "lat", modality="CR", sop_class=CR_IMAGE, study_uid=study, instance_number=2, description="LAT"
+    )
     cands = dicom.candidates(only_study([pa, lat]), 2)
     assert len(cands) == 2 and all(c.single for c in cands)
     pick, lost = dicom.select_series(cands, SeriesRules(prefer=["LAT"]), 2)
@@ -189,15 +204,18 @@ def test_oblique_stack_sorted_along_its_normal(tmp_path):
     assert list(arr[:, 0, 0]) == sorted(arr[:, 0, 0])
 
 
-@pytest.mark.parametrize("case, code", [
-    ("missing", "missing_position"),
-    ("duplicate", "duplicate_position"),
-    ("gap", "missing_slices"),
-    ("uneven", "uneven_spacing"),
-    ("tilt", "gantry_tilt"),
-    ("mixed_orientation", "mixed_orientation"),
-    ("pixel_spacing", "inconsistent_pixel_spacing"),
-])
+@pytest.mark.parametrize(
+    "case, code",
+    [
+        ("missing", "missing_position"),
+        ("duplicate", "duplicate_position"),
+        ("gap", "missing_slices"),
+        ("uneven", "uneven_spacing"),
+        ("tilt", "gantry_tilt"),
+        ("mixed_orientation", "mixed_orientation"),
+        ("pixel_spacing", "inconsistent_pixel_spacing"),
+    ],
+)
 def test_geometry_reason_codes(tmp_path, case, code):
     z = lambda zs: [[0.0, 0.0, float(v)] for v in zs]  # noqa: E731
     kwargs = {
@@ -239,8 +257,16 @@ def test_undecodable_pixel_data(tmp_path):
     assert exc.value.code == "undecodable" and "JPEG" in exc.value.message
 
 
-@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm",
-                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ],
+)
 def test_compressed_and_legacy_syntaxes_decode_like_the_reference(name):
     ref, _ = dicom.read_series([get_testdata_file("MR_small.dcm")])
     arr, _ = dicom.read_series([get_testdata_file(name)])
@@ -306,9 +332,20 @@ def _norm(v):
     return out
 
 
-@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm",
-                                  "ExplVR_BigEnd.dcm", "rtdose.dcm", "liver_1frame.dcm",
-                                  "SC_rgb_small_odd_big_endian.dcm", "image_dfl.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "CT_small.dcm",
+        "ExplVR_BigEnd.dcm",
+        "rtdose.dcm",
+        "liver_1frame.dcm",
+        "SC_rgb_small_odd_big_endian.dcm",
+        "image_dfl.dcm",
+    ],
+)
 def test_raw_header_values_match_pydicom(name):
     ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
     ref = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)

@@ -40,8 +40,15 @@ def test_binary_core_contract() -> None:
     assert ev["bootstrap"]["n_resamples"] == 150 and ev["bootstrap"]["unit"] == "patient"
     json.dumps(ev, allow_nan=False)  # strictly JSON (no NaN)
     flat = metrics_for_mlflow(ev)
-    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "eval_val_auroc", "threshold", "temperature",
-            "calibration_test_ece_after"} <= set(flat)
+    assert {
+        "test_auroc",
+        "test_auroc_ci_low",
+        "test_auroc_ci_high",
+        "eval_val_auroc",
+        "threshold",
+        "temperature",
+        "calibration_test_ece_after",
+    } <= set(flat)
 
 
 def test_positive_class_first_is_respected() -> None:
@@ -54,13 +61,15 @@ def test_positive_class_first_is_respected() -> None:
     assert ev["test"]["specificity"]["value"] == pytest.approx((~called)[test.y == 1].mean())
     assert ev["test"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(test.y == 0, c.prob_test[:, 0]))
     assert ev["calibration"]["test"]["brier_after"] == pytest.approx(
-        skm.brier_score_loss(test.y == 0, c.prob_test[:, 0]))
+        skm.brier_score_loss(test.y == 0, c.prob_test[:, 0])
+    )
 
 
 def test_sensitivity_target_policy() -> None:
     val, test = outputs(200, 4, signal=1.0), outputs(200, 5, signal=1.0)
-    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", policy="sensitivity", target=0.95,
-                            n_bootstrap=50).evaluation
+    ev = compute_evaluation(
+        val, test, CLASSES, "malignant", "binary", policy="sensitivity", target=0.95, n_bootstrap=50
+    ).evaluation
     assert ev["threshold_policy"]["policy"] == "sensitivity"
     assert ev["threshold_policy"]["val_sensitivity"] >= 0.95
 
@@ -79,14 +88,25 @@ def test_transfer_gain_and_negative_transfer_flag() -> None:
     val, test = outputs(100, 1, signal=2.0), outputs(200, 2, signal=2.0)
     # A weak control on the same studies (same labels, weaker signal): clear positive transfer.
     weak_val, weak_test = outputs(100, 1, signal=0.3), outputs(200, 2, signal=0.3)
-    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=200, control_val=weak_val,
-                            control_test=weak_test, control_kind="scratch", control_run_id="c" * 32).evaluation
+    ev = compute_evaluation(
+        val,
+        test,
+        CLASSES,
+        "malignant",
+        "binary",
+        n_bootstrap=200,
+        control_val=weak_val,
+        control_test=weak_test,
+        control_kind="scratch",
+        control_run_id="c" * 32,
+    ).evaluation
     tr = ev["transfer"]
     assert tr["gain"]["value"] == pytest.approx(tr["main"] - tr["control"])
     assert tr["gain"]["ci_low"] > 0 and tr["verdict"] == "better" and tr["negative_transfer"] is False
     # The same model as its own control: gain 0, which is "not better" -> flagged.
-    ev = compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=50, control_val=val,
-                            control_test=test).evaluation
+    ev = compute_evaluation(
+        val, test, CLASSES, "malignant", "binary", n_bootstrap=50, control_val=val, control_test=test
+    ).evaluation
     assert ev["transfer"]["gain"]["value"] == 0 and ev["transfer"]["negative_transfer"] is True
     # A control that scored only some of the studies: compared on the common ones, the gap reported.
     part = test.subset(list(test.studies[:150]))
@@ -95,6 +115,7 @@ def test_transfer_gain_and_negative_transfer_flag() -> None:
 
 
 # ---------------------------------------------------------------------------- end to end on a tiny trained run
+
 
 @pytest.mark.slow
 def test_evaluate_end_to_end(evaluated_run) -> None:
@@ -114,8 +135,17 @@ def test_evaluate_end_to_end(evaluated_run) -> None:
     # --json contract (issue section 8).
     s = res.summary()
     assert s["run_id"] == evaluated_run.run_id and "threshold" in s
-    assert set(s["test"]) == {"auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
-                              "ece", "brier"}
+    assert set(s["test"]) == {
+        "auroc",
+        "auprc",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "ece",
+        "brier",
+    }
     assert all(set(m) == {"value", "ci_low", "ci_high"} for m in s["test"].values())
     json.dumps(s, allow_nan=False)
     title, rows = res.table()
@@ -141,8 +171,14 @@ def test_evaluation_is_logged_to_the_training_run(evaluated_run) -> None:
     assert "eval_val_auroc" in m
     assert run.data.tags["medxfer.evaluated"] == "true" and run.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(evaluated_run.run_id, "evaluation")}
-    assert {"evaluation/evaluation.json", "evaluation/roc.png", "evaluation/pr.png", "evaluation/reliability.png",
-            "evaluation/confusion_matrix.png", "evaluation/predictions.csv"} <= arts
+    assert {
+        "evaluation/evaluation.json",
+        "evaluation/roc.png",
+        "evaluation/pr.png",
+        "evaluation/reliability.png",
+        "evaluation/confusion_matrix.png",
+        "evaluation/predictions.csv",
+    } <= arts
 
 
 @pytest.mark.slow
@@ -169,8 +205,11 @@ def test_cli_json_is_one_object_on_stdout(evaluated_run) -> None:
 
     from pipeline.cli import app
 
-    res = CliRunner().invoke(app, ["evaluate", evaluated_run.run_id, "--workspace", str(evaluated_run.workspace),
-                                   "--bootstrap", "50", "--json"], terminal_width=200)
+    res = CliRunner().invoke(
+        app,
+        ["evaluate", evaluated_run.run_id, "--workspace", str(evaluated_run.workspace), "--bootstrap", "50", "--json"],
+        terminal_width=200,
+    )
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)  # exactly one JSON document, nothing else on stdout
     assert out["run_id"] == evaluated_run.run_id and out["bootstrap"]["n_resamples"] == 50

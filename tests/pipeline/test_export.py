@@ -25,8 +25,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, E.ExportRe
 def test_handoff_folder_contents(exported) -> None:
     out, res, _ = exported
     names = {p.name for p in out.iterdir()}
-    assert names == {"weights.safetensors", "model.onnx", "preprocessing.json", "evaluation.json", "model_card.md",
-                     "model_card.json", "README.md", "SHA256SUMS"}
+    assert names == {
+        "weights.safetensors",
+        "model.onnx",
+        "preprocessing.json",
+        "evaluation.json",
+        "model_card.md",
+        "model_card.json",
+        "README.md",
+        "SHA256SUMS",
+    }
     assert res.program["format"] == "onnx" and res.program["max_abs_diff"] < E.ONNX_ATOL
     assert "random input" in res.program["verified_on"]  # no workspace data in this test
     readme = (out / "README.md").read_text()
@@ -62,9 +70,18 @@ def test_sha256sums_verify_and_catch_tampering(exported, tmp_path: Path) -> None
 def test_card_in_handoff_has_sections_and_no_phi(exported) -> None:
     out, _, _ = exported
     md = (out / "model_card.md").read_text()
-    for section in ("## Intended use", "## Out-of-scope use", "## Data and de-identification", "## Split",
-                    "## Series selection and preprocessing", "## Performance (test split)",
-                    "## Calibration and threshold", "## Limitations", "### TRIPOD+AI (2024)", "### CLAIM (2020)"):
+    for section in (
+        "## Intended use",
+        "## Out-of-scope use",
+        "## Data and de-identification",
+        "## Split",
+        "## Series selection and preprocessing",
+        "## Performance (test split)",
+        "## Calibration and threshold",
+        "## Limitations",
+        "### TRIPOD+AI (2024)",
+        "### CLAIM (2020)",
+    ):
         assert section in md
     for f in out.iterdir():
         blob = f.read_bytes().lower()
@@ -119,7 +136,8 @@ def test_mirrored_bundle_exports_the_mirrored_program(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = ((model(x) + model(torch.flip(x, [3]))) / 2).numpy()
     got = ort.InferenceSession(str(tmp_path / "h" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["logits"], {"input": x.numpy()})[0]
+        ["logits"], {"input": x.numpy()}
+    )[0]
     np.testing.assert_allclose(got, ref, atol=E.ONNX_ATOL, rtol=E.ONNX_RTOL)
 
 

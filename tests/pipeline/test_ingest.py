@@ -33,11 +33,30 @@ from pipeline.spec import load_spec
 from pipeline.workspace import Workspace
 
 MEDXFER = Path(sys.executable).parent / "medxfer"
-PHI_HEADERS = {"InstitutionName": PHI["institution"], "PatientBirthDate": PHI["birth"], "StudyDate": PHI["date"],
-               "AccessionNumber": PHI["accession"], "ReferringPhysicianName": PHI["physician"]}
-DICOM_REASONS = {"not_dicom", "truncated", "no_pixel_data", "missing_tags", "missing_position", "duplicate_position",
-                 "missing_slices", "uneven_spacing", "gantry_tilt", "mixed_orientation", "inconsistent_pixel_spacing",
-                 "multiframe_no_geometry", "undecodable", "no_series_selected", "mixed_patients"}
+PHI_HEADERS = {
+    "InstitutionName": PHI["institution"],
+    "PatientBirthDate": PHI["birth"],
+    "StudyDate": PHI["date"],
+    "AccessionNumber": PHI["accession"],
+    "ReferringPhysicianName": PHI["physician"],
+}
+DICOM_REASONS = {
+    "not_dicom",
+    "truncated",
+    "no_pixel_data",
+    "missing_tags",
+    "missing_position",
+    "duplicate_position",
+    "missing_slices",
+    "uneven_spacing",
+    "gantry_tilt",
+    "mixed_orientation",
+    "inconsistent_pixel_spacing",
+    "multiframe_no_geometry",
+    "undecodable",
+    "no_series_selected",
+    "mixed_patients",
+}
 LABEL_REASONS = {"no_label", "unknown_class", "duplicate_label", "label_without_study"}
 
 
@@ -59,10 +78,18 @@ def build_messy_ct_tree(base: Path) -> tuple[Path, dict[str, str], list[str]]:
     # Good studies. "multi" has a localizer and two candidate series; the patient has several studies.
     for case in ("good_a", "good_b", "good_c", "good_d", "nolabel", "unknown", "dup_same", "dup_conflict"):
         study(case, n=6)
-    write_series(patient_dir / "good_a" / "SE1", n=3, study_uid=uid["good_a"], series_number=1,
-                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), description="SCOUT", **phi)
-    write_series(patient_dir / "good_a" / "SE3", n=4, study_uid=uid["good_a"], series_number=3,
-                 description="AX THICK", **phi)
+    write_series(
+        patient_dir / "good_a" / "SE1",
+        n=3,
+        study_uid=uid["good_a"],
+        series_number=1,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        description="SCOUT",
+        **phi,
+    )
+    write_series(
+        patient_dir / "good_a" / "SE3", n=4, study_uid=uid["good_a"], series_number=3, description="AX THICK", **phi
+    )
     study("missing_position", positions=[*z(0, 2), None, *z(6, 8, 10)])
     study("duplicate_position", positions=z(0, 2, 4, 4, 6, 8))
     study("missing_slices", positions=z(0, 2, 4, 10, 12, 14))
@@ -73,8 +100,14 @@ def build_messy_ct_tree(base: Path) -> tuple[Path, dict[str, str], list[str]]:
     study("undecodable", undecodable=True)
     study("no_series_selected", n=3, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
     uid["multiframe_no_geometry"] = pydicom.uid.generate_uid()
-    write_multiframe(patient_dir / "mf" / "IMG", geometry=False, study_uid=uid["multiframe_no_geometry"],
-                     patient_id=PHI["id"], PatientName=PHI["name"], **PHI_HEADERS)
+    write_multiframe(
+        patient_dir / "mf" / "IMG",
+        geometry=False,
+        study_uid=uid["multiframe_no_geometry"],
+        patient_id=PHI["id"],
+        PatientName=PHI["name"],
+        **PHI_HEADERS,
+    )
     uid["mixed_patients"] = pydicom.uid.generate_uid()
     write_series(root / "mixed" / "a", n=3, study_uid=uid["mixed_patients"], patient_id="PA", **PHI_HEADERS)
     write_series(root / "mixed" / "b", n=3, study_uid=uid["mixed_patients"], patient_id="PB", **PHI_HEADERS)
@@ -96,8 +129,9 @@ def build_messy_ct_tree(base: Path) -> tuple[Path, dict[str, str], list[str]]:
     rows = [[u, "maybe" if u == uid["unknown"] else lab] for u, lab in rows]
     rows += [[uid["dup_same"], "neg"], [uid["dup_conflict"], "pos"], ["1.2.3.4.5.6.7", "neg"]]
     write_labels(base / "labels.csv", ["StudyInstanceUID", "label"], rows)
-    spec = write_spec(base / "spec.yaml", spec_dict("messy-ct", "dicom", 3, "export",
-                                                    series={"modality": ["CT"], "min_slices": 2}))
+    spec = write_spec(
+        base / "spec.yaml", spec_dict("messy-ct", "dicom", 3, "export", series={"modality": ["CT"], "min_slices": 2})
+    )
     needles = list(PHI.values()) + list(uid.values())
     return spec, uid, needles
 
@@ -149,13 +183,21 @@ def test_rejects_point_at_the_input_and_name_no_identifiers(messy):
 
 def test_no_phi_in_any_output_or_cli_stream(messy, tmp_path):
     spec, uid, needles, ws = messy
-    proc = subprocess.run([str(MEDXFER), "ingest", str(spec.spec_path), "--workspace", str(ws), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(MEDXFER), "ingest", str(spec.spec_path), "--workspace", str(ws), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["n_studies"] == 5 and summary["n_rejects"] > 15
-    proc2 = subprocess.run([str(MEDXFER), "split", str(spec.spec_path), "--workspace", str(ws), "--json"],
-                           capture_output=True, text=True, timeout=120)
+    proc2 = subprocess.run(
+        [str(MEDXFER), "split", str(spec.spec_path), "--workspace", str(ws), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     wsd = Workspace.for_spec(ws, spec.name)
     # The local files that exist to hold identifiers/paths are excluded; so are the path columns.
     scrubbed = tmp_path / "scrubbed"
@@ -268,8 +310,9 @@ def build_nifti_tree(base: Path) -> Path:
     img.header.set_qform(q, code=1)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.header.get_sform(), img.header), str(root / "qs.nii.gz"))
     (root / "sidecar.json").write_text("{}")
-    rows += [[p, "neg", "X"] for p in ("nan.nii.gz", "4d.nii.gz", "junk.nii", "cut.nii", "qs.nii.gz",
-                                        "./missing.nii.gz")]
+    rows += [
+        [p, "neg", "X"] for p in ("nan.nii.gz", "4d.nii.gz", "junk.nii", "cut.nii", "qs.nii.gz", "./missing.nii.gz")
+    ]
     write_labels(base / "labels.csv", ["path", "label", "patient"], rows)
     return write_spec(base / "s.yaml", spec_dict("nii", "nifti", 3, "vols", patient="patient"))
 
@@ -278,17 +321,26 @@ def test_nifti_rejects_patients_and_paths(tmp_path):
     spec = load_spec(build_nifti_tree(tmp_path / "n"))
     res = ingest(spec, tmp_path / "ws")
     rej = rejects_of(tmp_path / "ws", spec.name)
-    assert set(rej["reason_code"]) == {"nonfinite_voxels", "wrong_dims", "not_nifti", "truncated",
-                                       "qform_sform_mismatch", "label_without_study"}
+    assert set(rej["reason_code"]) == {
+        "nonfinite_voxels",
+        "wrong_dims",
+        "not_nifti",
+        "truncated",
+        "qform_sform_mismatch",
+        "label_without_study",
+    }
     assert res.report["files"]["ignored"] == 1  # the JSON sidecar
     man = read_manifest(Workspace.for_spec(tmp_path / "ws", spec.name).manifest)
     assert len(man) == 4 and man["patient_key"].nunique() == 2 and set(man["source_kind"]) == {"nifti"}
     assert man.iloc[0]["shape"] == [8, 8, 8] and man.iloc[0]["spacing"] == [2.0, 2.0, 3.0]
     wsd = Workspace.for_spec(tmp_path / "ws", spec.name)
-    assert not scan_for_phi([wsd.ingest_report, wsd.splits if wsd.splits.exists() else wsd.ingest_report],
-                            [PHI["id"], PHI["name"].replace("^", "_")])
-    assert not scan_for_phi(read_manifest(wsd.manifest).drop(columns=["files"]).to_csv(),
-                            [PHI["id"], PHI["name"].replace("^", "_")])
+    assert not scan_for_phi(
+        [wsd.ingest_report, wsd.splits if wsd.splits.exists() else wsd.ingest_report],
+        [PHI["id"], PHI["name"].replace("^", "_")],
+    )
+    assert not scan_for_phi(
+        read_manifest(wsd.manifest).drop(columns=["files"]).to_csv(), [PHI["id"], PHI["name"].replace("^", "_")]
+    )
 
 
 def test_nifti_source_reached_through_a_symlink(tmp_path):
@@ -308,8 +360,9 @@ def test_resolve_inputs_for_predict(tmp_path, messy):
     spec, uid, _, _ = messy
     root = spec.root
     patient_dir = next(p for p in root.iterdir() if p.name.startswith("PLANTED"))
-    items = resolve_inputs([patient_dir / "good_a", patient_dir / "gantry_tilt", root / "junk" / "README.txt",
-                            tmp_path / "missing"], spec)
+    items = resolve_inputs(
+        [patient_dir / "good_a", patient_dir / "gantry_tilt", root / "junk" / "README.txt", tmp_path / "missing"], spec
+    )
     by_input = {Path(i.input).name: i for i in items}
     assert by_input["good_a"].reason_code is None and len(by_input["good_a"].files) == 6
     assert by_input["gantry_tilt"].reason_code == "gantry_tilt"

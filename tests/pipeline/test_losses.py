@@ -37,7 +37,7 @@ def test_focal_term_by_hand_and_down_weights_easy_examples() -> None:
     y = torch.tensor([0, 0])
     p = torch.softmax(logits, 1)[:, 0]
     per = FocalLoss(gamma=2.0).per_sample(logits, y)
-    expected = -(1 - p) ** 2 * torch.log(p)
+    expected = -((1 - p) ** 2) * torch.log(p)
     assert torch.allclose(per, expected, rtol=1e-6)
     ce = F.cross_entropy(logits, y, reduction="none")
     ratio = per / ce
@@ -49,7 +49,7 @@ def test_binary_softmax_focal_equals_sigmoid_focal_on_logit_difference() -> None
     z = logits[:, 1] - logits[:, 0]
     p = torch.sigmoid(z)
     pt = torch.where(y == 1, p, 1 - p)
-    sigmoid_focal = (-(1 - pt) ** 2 * torch.log(pt)).mean()
+    sigmoid_focal = (-((1 - pt) ** 2) * torch.log(pt)).mean()
     assert FocalLoss(gamma=2.0)(logits, y).item() == pytest.approx(sigmoid_focal.item(), rel=1e-5)
 
 

@@ -95,6 +95,7 @@ def test_roc_points_match_sklearn() -> None:
 
 # ---------------------------------------------------------------------------- thresholds
 
+
 def test_youden_threshold_separates_perfectly() -> None:
     y = np.array([0, 0, 0, 1, 1, 1])
     s = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
@@ -132,6 +133,7 @@ def test_threshold_needs_both_classes() -> None:
 
 
 # ---------------------------------------------------------------------------- bootstrap
+
 
 def _auroc_stat(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"auroc": M.auroc(y == 1, p[:, 1])}

@@ -10,10 +10,21 @@ from evalfixtures import PHI, checkpoint_dict, outputs
 from pipeline.evaluate import compute_evaluation
 from pipeline.modelcard import build_model_card, run_info_from_checkpoint
 
-REQUIRED_SECTIONS = ["## Model details", "## Intended use", "## Out-of-scope use", "## Data and de-identification",
-                     "## Series selection and preprocessing", "## Split", "## Performance (test split)",
-                     "## Calibration and threshold", "## Transfer gain", "## Limitations",
-                     "## Reporting checklists", "### TRIPOD+AI (2024)", "### CLAIM (2020)"]
+REQUIRED_SECTIONS = [
+    "## Model details",
+    "## Intended use",
+    "## Out-of-scope use",
+    "## Data and de-identification",
+    "## Series selection and preprocessing",
+    "## Split",
+    "## Performance (test split)",
+    "## Calibration and threshold",
+    "## Transfer gain",
+    "## Limitations",
+    "## Reporting checklists",
+    "### TRIPOD+AI (2024)",
+    "### CLAIM (2020)",
+]
 
 
 def _evaluation(task: str = "binary", control: bool = False) -> dict:
@@ -22,12 +33,19 @@ def _evaluation(task: str = "binary", control: bool = False) -> dict:
     val, test = outputs(60, 1, k), outputs(80, 2, k)
     kw = {}
     if control:
-        kw = {"control_val": outputs(60, 1, k, signal=2.5), "control_test": outputs(80, 2, k, signal=2.5),
-              "control_kind": "scratch", "control_run_id": "c" * 32}
+        kw = {
+            "control_val": outputs(60, 1, k, signal=2.5),
+            "control_test": outputs(80, 2, k, signal=2.5),
+            "control_kind": "scratch",
+            "control_run_id": "c" * 32,
+        }
     ev = compute_evaluation(val, test, classes, classes[1] if k == 2 else None, task, n_bootstrap=100, **kw).evaluation
     ev["run_id"] = "0123456789abcdef0123456789abcdef"
-    ev["counts"] = {"train": {c: 50 for c in classes}, "val": {c: 10 for c in classes},
-                    "test": {c: 20 for c in classes}}
+    ev["counts"] = {
+        "train": {c: 50 for c in classes},
+        "val": {c: 10 for c in classes},
+        "test": {c: 20 for c in classes},
+    }
     ev["patients"] = {"train": 70, "val": 15, "test": 30}
     return ev
 
@@ -35,9 +53,17 @@ def _evaluation(task: str = "binary", control: bool = False) -> dict:
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
 def test_card_sections_and_no_phi(task: str) -> None:
     ckpt = checkpoint_dict(task)
-    run = run_info_from_checkpoint(ckpt, extra={"ingest": {"n_studies": 300, "n_rejected": 4,
-                                                           "reject_reasons": {"NO_PIXEL_DATA": 4},
-                                                           "modalities": {"US": 300}}})
+    run = run_info_from_checkpoint(
+        ckpt,
+        extra={
+            "ingest": {
+                "n_studies": 300,
+                "n_rejected": 4,
+                "reject_reasons": {"NO_PIXEL_DATA": 4},
+                "modalities": {"US": 300},
+            }
+        },
+    )
     md, card = build_model_card(run, _evaluation(task))
     for section in REQUIRED_SECTIONS:
         assert section in md, section

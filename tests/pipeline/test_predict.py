@@ -21,15 +21,15 @@ def test_folders_files_csv_and_bad_inputs(registered, tmp_path: Path) -> None:
     studies = tmp_path / "incoming"
     write_image2d(studies / "PATIENT_A" / "s1" / "IM1", _blob_image(True, seed=1), patient_id="A")
     write_image2d(studies / "PATIENT_B" / "s1" / "IM1", _blob_image(False, seed=2), patient_id="B")
-    nii = write_nifti(tmp_path / "extra" / "vol.nii.gz", _blob_image(True, seed=3).astype(np.float32),
-                      spacing=(0.5, 0.5))
+    nii = write_nifti(
+        tmp_path / "extra" / "vol.nii.gz", _blob_image(True, seed=3).astype(np.float32), spacing=(0.5, 0.5)
+    )
     (tmp_path / "extra" / "notes.dcm").write_text("not an image")
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": ["extra/vol.nii.gz", "extra/notes.dcm", "extra/gone.dcm"]}).to_csv(listing, index=False)
 
     out = tmp_path / "preds.csv"
-    res = predict(f"models:/{registered.model_name}@candidate", [studies, listing], out,
-                  workspace=registered.workspace)
+    res = predict(f"models:/{registered.model_name}@candidate", [studies, listing], out, workspace=registered.workspace)
     df = pd.read_csv(out)
     assert len(df) == 5 and res.n_rows == 5 and res.n_errors == 2
     assert set(df["model_name"]) == {registered.model_name}
@@ -44,8 +44,12 @@ def test_folders_files_csv_and_bad_inputs(registered, tmp_path: Path) -> None:
 
 def test_run_uri_gives_the_registered_numbers(registered, tmp_path: Path) -> None:
     study = write_image2d(tmp_path / "s" / "IM1", _blob_image(True, seed=4))
-    a = predict(f"models:/{registered.model_name}/{registered.model_version}", [study], tmp_path / "a.csv",
-                workspace=registered.workspace)
+    a = predict(
+        f"models:/{registered.model_name}/{registered.model_version}",
+        [study],
+        tmp_path / "a.csv",
+        workspace=registered.workspace,
+    )
     b = predict(f"runs:/{registered.run_id}", [study], tmp_path / "b.csv", workspace=registered.workspace)
     assert (a.model_version, b.model_version) == (registered.model_version, None)
     pa, pb = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
@@ -55,8 +59,13 @@ def test_run_uri_gives_the_registered_numbers(registered, tmp_path: Path) -> Non
 def test_saliency_2d_png_overlay_named_by_row(registered, tmp_path: Path) -> None:
     study = write_image2d(tmp_path / "DOE_JANE_MRN123" / "IM1", _blob_image(True, size=40, seed=5))
     sal = tmp_path / "cams"
-    res = predict(f"models:/{registered.model_name}@candidate", [study, tmp_path / "missing"], tmp_path / "p.csv",
-                  saliency=sal, workspace=registered.workspace)
+    res = predict(
+        f"models:/{registered.model_name}@candidate",
+        [study, tmp_path / "missing"],
+        tmp_path / "p.csv",
+        saliency=sal,
+        workspace=registered.workspace,
+    )
     assert res.n_saliency == 1 and res.saliency_failed == 0
     names = sorted(p.name for p in sal.iterdir())
     assert names == ["0001.png"]  # a row number, nothing taken from the input's path
@@ -110,9 +119,19 @@ def test_cli_predict_json(registered, tmp_path: Path) -> None:
     from pipeline.cli import app
 
     study = write_image2d(tmp_path / "s" / "IM1", _blob_image(False, seed=8))
-    res = CliRunner().invoke(app, ["predict", f"models:/{registered.model_name}@candidate", str(study),
-                                   "--out", str(tmp_path / "p.csv"), "--workspace", str(registered.workspace),
-                                   "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            f"models:/{registered.model_name}@candidate",
+            str(study),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--workspace",
+            str(registered.workspace),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["n_predicted"] == 1 and summary["model_version"] == registered.model_version

@@ -30,8 +30,9 @@ def test_version_has_alias_tags_and_description(registered) -> None:
     mv = tracking.get_model_version(registered.tracking_uri, registered.model_name, registered.model_version)
     assert "candidate" in mv["aliases"] and mv["run_id"] == registered.run_id
     tags = mv["tags"]
-    ev = json.loads((registered.workspace / "tiny-dicom2d" / "runs" / registered.run_id / "evaluation.json")
-                    .read_text())
+    ev = json.loads(
+        (registered.workspace / "tiny-dicom2d" / "runs" / registered.run_id / "evaluation.json").read_text()
+    )
     # Every defined value and CI bound is a tag; an undefined one (e.g. NPV with no predicted negatives) is not.
     for m in TEST_METRICS:
         for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
@@ -40,8 +41,17 @@ def test_version_has_alias_tags_and_description(registered) -> None:
             if v is not None:
                 assert float(tags[f"test_{m}{suffix}"]) == pytest.approx(v, rel=1e-5, abs=1e-9)
     assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"} <= set(tags)
-    assert {"spec_hash", "manifest_hash", "split_hash", "git_commit", "weight_source", "threshold", "temperature",
-            "floor.min_auroc_ci_low", "weights_sha256"} <= set(tags)
+    assert {
+        "spec_hash",
+        "manifest_hash",
+        "split_hash",
+        "git_commit",
+        "weight_source",
+        "threshold",
+        "temperature",
+        "floor.min_auroc_ci_low",
+        "weights_sha256",
+    } <= set(tags)
     assert tags["weight_source"] == "package" and tags["run_id"] == registered.run_id
     run = tracking.get_run(registered.tracking_uri, registered.run_id)
     assert tags["git_commit"] == run["params"]["git.commit"]  # the commit it was trained at
@@ -50,11 +60,14 @@ def test_version_has_alias_tags_and_description(registered) -> None:
 
 
 def test_model_is_code_plus_safetensors_with_a_phi_free_example(registered, tmp_path: Path) -> None:
-    local = tracking.download_registered_model(registered.tracking_uri, f"models:/{registered.model_name}@candidate",
-                                               tmp_path / "m")
+    local = tracking.download_registered_model(
+        registered.tracking_uri, f"models:/{registered.model_name}@candidate", tmp_path / "m"
+    )
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
-    bundle = {f"artifacts/bundle/{n}" for n in ("weights.safetensors", "preprocessing.json", "evaluation.json",
-                                                "model_card.md", "model_card.json")}
+    bundle = {
+        f"artifacts/bundle/{n}"
+        for n in ("weights.safetensors", "preprocessing.json", "evaluation.json", "model_card.md", "model_card.json")
+    }
     assert bundle <= files and "pyfunc_model.py" in files
     # Models from code: no pickled PythonModel anywhere in the model's files.
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
@@ -121,8 +134,9 @@ def test_promote_checks_the_recipe_floor(registered) -> None:
         assert res.summary()["checks"][0]["ok"] is True
         assert "champion" in tracking.get_model_version(uri, name, version)["aliases"]
     finally:
-        tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": tags["floor.min_auroc_ci_low"]},
-                                        guard)
+        tracking.set_model_version_tags(
+            uri, name, version, {"floor.min_auroc_ci_low": tags["floor.min_auroc_ci_low"]}, guard
+        )
 
 
 def test_promotion_checks_without_metrics_refuse() -> None:
@@ -153,8 +167,9 @@ def test_cli_promote_refusal_exits_nonzero_with_the_reason(registered) -> None:
     guard = tracking.PHIGuard()
     tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": "1.5"}, guard)
     try:
-        res = CliRunner().invoke(app, ["promote", name, version, "--alias", "champion", "--workspace",
-                                       str(registered.workspace), "--json"])
+        res = CliRunner().invoke(
+            app, ["promote", name, version, "--alias", "champion", "--workspace", str(registered.workspace), "--json"]
+        )
     finally:
         tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": floor}, guard)
     assert res.exit_code == 1 and "refusing to set alias 'champion'" in res.output

@@ -36,15 +36,27 @@ def test_json_on_stdout_table_and_ui_command_on_stderr(registered, capsys) -> No
 
 
 def test_ui_command_is_exact() -> None:
-    assert mlflow_ui_command("sqlite:////w/medxfer-work/mlflow.db") == \
-        "mlflow ui --backend-store-uri sqlite:////w/medxfer-work/mlflow.db"
+    assert (
+        mlflow_ui_command("sqlite:////w/medxfer-work/mlflow.db")
+        == "mlflow ui --backend-store-uri sqlite:////w/medxfer-work/mlflow.db"
+    )
     assert mlflow_ui_command("sqlite:////a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////a b/mlflow.db'"
     assert "http://127.0.0.1:5000" in mlflow_ui_command("http://127.0.0.1:5000")
 
 
 def test_bad_override_fails_before_any_stage(tiny_dicom2d) -> None:
-    res = CliRunner().invoke(app, ["run", str(tiny_dicom2d.spec_path), "--workspace", str(tiny_dicom2d.workspace),
-                                   "--set", "epochs=zero", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(tiny_dicom2d.spec_path),
+            "--workspace",
+            str(tiny_dicom2d.workspace),
+            "--set",
+            "epochs=zero",
+            "--json",
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "epochs" in res.output and res.stdout.strip() == ""
     assert not any(tiny_dicom2d.workspace.rglob("manifest.parquet"))  # ingest never ran

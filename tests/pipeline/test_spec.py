@@ -39,11 +39,12 @@ def test_every_template_field_is_commented():
             fields.add(k)
             if isinstance(v, dict) and k not in ("fractions",):
                 walk(v)
+
     walk(yaml.safe_load(text))
     for f in fields:
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(f + ":"))
         idx = text.splitlines().index(line)
-        context = "\n".join(text.splitlines()[max(0, idx - 3): idx + 2])
+        context = "\n".join(text.splitlines()[max(0, idx - 3) : idx + 2])
         assert "#" in context, f"template field {f!r} has no comment near it"
 
 

@@ -11,8 +11,14 @@ from pipeline import tracking as T
 
 
 def _spec(root: Path) -> SimpleNamespace:
-    return SimpleNamespace(root=root, labels_csv=root.parent / "labels.csv", spec_path=None,
-                           split=SimpleNamespace(pinned_test=None), classes=["benign", "malignant"], name="demo")
+    return SimpleNamespace(
+        root=root,
+        labels_csv=root.parent / "labels.csv",
+        spec_path=None,
+        split=SimpleNamespace(pinned_test=None),
+        classes=["benign", "malignant"],
+        name="demo",
+    )
 
 
 def test_guard_refuses_paths_folder_names_and_originals(tmp_path) -> None:
@@ -21,8 +27,15 @@ def test_guard_refuses_paths_folder_names_and_originals(tmp_path) -> None:
     pmap = tmp_path / "pseudonym_map.csv"
     pmap.write_text("pseudonym,kind,original\npt-0123456789abcdef0123,pt,PAT998877\n")
     g = T.PHIGuard.for_training(_spec(root), files, pseudonym_map=pmap)
-    for bad in (str(root), f"see {root}/x", str(root.parent / "labels.csv"), "DOE_JANE_19700101",
-                "reader: doe_jane_19700101/", "id=PAT998877", "DOE_JANE_19700101/series1/IM0001.dcm"):
+    for bad in (
+        str(root),
+        f"see {root}/x",
+        str(root.parent / "labels.csv"),
+        "DOE_JANE_19700101",
+        "reader: doe_jane_19700101/",
+        "id=PAT998877",
+        "DOE_JANE_19700101/series1/IM0001.dcm",
+    ):
         with pytest.raises(T.PHIRefused) as exc:
             g.check("param x", bad)
         assert bad not in str(exc.value)  # the refusal never repeats the value
@@ -69,7 +82,15 @@ def test_disabled_tracker_is_a_no_op(tmp_path) -> None:
 
 
 def test_learning_curve_plot(tmp_path) -> None:
-    hist = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.1 / (e + 1), "val_auroc": 0.5 + e / 10,
-             "val_balanced_accuracy": 0.5} for e in range(3)]
+    hist = [
+        {
+            "epoch": e,
+            "train_loss": 1 / (e + 1),
+            "val_loss": 1.1 / (e + 1),
+            "val_auroc": 0.5 + e / 10,
+            "val_balanced_accuracy": 0.5,
+        }
+        for e in range(3)
+    ]
     out = T.plot_learning_curves(hist, [{"epoch": 1}], tmp_path / "curve.png", "auroc")
     assert out.stat().st_size > 1000

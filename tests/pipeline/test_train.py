@@ -62,11 +62,28 @@ def _client(ds):
 
 
 def _cli(ds, *args: str, env: dict[str, str] | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", "train", str(ds.spec_path), "--workspace", str(ds.workspace),
-           "--json", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        str(ds.spec_path),
+        "--workspace",
+        str(ds.workspace),
+        "--json",
+        *args,
+    ]
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "pipeline", *cmd[3:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+            "-m",
+            "pipeline",
+            *cmd[3:],
+        ]
     full_env = {**os.environ, "MEDXFER_SYSTEM_METRICS": "0", **(env or {})}
     full_env.pop("MEDXFER_PSEUDONYM_KEY", None)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
@@ -101,14 +118,23 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     assert {"hash.spec", "hash.manifest", "hash.split", "git.commit", "version.torch", "version.mlflow"} <= set(p)
     assert p["loss.class_weight.pos"] and p["schedule.0"].startswith("stage 0")
     assert "spec.source.root" not in p and "spec.labels.csv" not in p
-    hist = {k: [m.value for m in client.get_metric_history(res.run_id, k)]
-            for k in ("train_loss", "val_auroc", "unfrozen_groups", "lr/head", "lr/stem", "samples_per_s")}
+    hist = {
+        k: [m.value for m in client.get_metric_history(res.run_id, k)]
+        for k in ("train_loss", "val_auroc", "unfrozen_groups", "lr/head", "lr/stem", "samples_per_s")
+    }
     assert len(hist["train_loss"]) == 3 and hist["unfrozen_groups"] == [1.0, 3.0, 6.0]
     assert len(hist["lr/head"]) == 3 and len(hist["lr/stem"]) == 1  # a group's LR is logged once it trains
     assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics are on
     arts = {a.path for d in ("", "reports", "plots", "checkpoints") for a in client.list_artifacts(res.run_id, d)}
-    assert {"recipe.yaml", "unfreeze_schedule.txt", "history.json", "reports/split_counts.json",
-            "reports/ingest_report.json", "plots/learning_curve.png", "checkpoints/best.pt"} <= arts
+    assert {
+        "recipe.yaml",
+        "unfreeze_schedule.txt",
+        "history.json",
+        "reports/split_counts.json",
+        "reports/ingest_report.json",
+        "plots/learning_curve.png",
+        "checkpoints/best.pt",
+    } <= arts
 
     # the local checkpoints load safely and rebuild the model
     run_dir = Workspace.for_spec(ds.workspace, ds.spec.name).run_dir(res.run_id)
@@ -117,7 +143,6 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     model, ck = C.load_for_inference(run_dir / "best.pt")
     assert "optimizer" not in ck and not model.training
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
-
 
 
 def _kill_and_resume(ds, full, overrides: list[str]) -> tuple[str, dict, dict]:
@@ -180,8 +205,10 @@ def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
     parent = client.get_run(res.run_id)
     assert parent.data.params["model.weights.source"] == "package"
     assert len(parent.data.params["model.weights.sha256"]) == 64
-    assert client.get_run(parent.data.tags[T.TAG_CONTROL_RUN]).data.params["model.weights.sha256"] == \
-        parent.data.params["model.weights.sha256"]  # the probe keeps the pretrained encoder
+    assert (
+        client.get_run(parent.data.tags[T.TAG_CONTROL_RUN]).data.params["model.weights.sha256"]
+        == parent.data.params["model.weights.sha256"]
+    )  # the probe keeps the pretrained encoder
     child_id = parent.data.tags[T.TAG_CONTROL_RUN]
     assert res.control is not None and res.control.run_id == child_id and res.summary()["control_run_id"] == child_id
     child = client.get_run(child_id)
@@ -194,12 +221,15 @@ def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
 
 def test_scratch_control_trains_the_same_architecture_from_random_init(prepared) -> None:
     ds = prepared
-    res = train(ds.spec, ds.workspace, overrides=["epochs=1", *(o for o in BASE[1:] if o != "weights=none")],
-                control="scratch")
+    res = train(
+        ds.spec, ds.workspace, overrides=["epochs=1", *(o for o in BASE[1:] if o != "weights=none")], control="scratch"
+    )
     client = _client(ds)
     child = client.get_run(res.control.run_id)
-    assert child.data.params["model.weights.source"] == "none" and child.data.params["model.encoder"] == \
-        client.get_run(res.run_id).data.params["model.encoder"]
+    assert (
+        child.data.params["model.weights.source"] == "none"
+        and child.data.params["model.encoder"] == client.get_run(res.run_id).data.params["model.encoder"]
+    )
     assert [m.value for m in client.get_metric_history(res.control.run_id, "unfrozen_groups")] == [6.0]
     assert "control (scratch)" in dict(res.table()[1])
 
@@ -226,9 +256,18 @@ def test_3d_smoke_on_tiny_nifti(tmp_path) -> None:
     ds = make_nifti3d_dataset(tmp_path / "n3")
     ingest(ds.spec, ds.workspace)
     split(ds.spec, ds.workspace)
-    res = train(ds.spec, ds.workspace, overrides=["epochs=2", "stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: all}]",
-                                                   "data.size=[16, 16, 16]", "data.batch_size=8", "weights=none",
-                                                   "freeze_bn_stats=false"])
+    res = train(
+        ds.spec,
+        ds.workspace,
+        overrides=[
+            "epochs=2",
+            "stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: all}]",
+            "data.size=[16, 16, 16]",
+            "data.batch_size=8",
+            "weights=none",
+            "freeze_bn_stats=false",
+        ],
+    )
     assert res.main.epochs == 2 and len(res.main.history) == 2
     ck = torch.load(res.main.checkpoint, weights_only=True)
     assert ck["model_args"]["spatial_dims"] == 3
@@ -274,8 +313,13 @@ def test_control_recipes_change_only_what_the_control_varies() -> None:
     assert scratch.weights == "none" and [s.groups for s in scratch.stages] == ["all"] and scratch.optim.lr_decay == 1
     assert probe.weights == base.weights and [s.groups for s in probe.stages] == [0]
     for r in (scratch, probe):
-        assert (r.epochs, r.data, r.optim.lr, r.focal, r.seed) == (base.epochs, base.data, base.optim.lr, base.focal,
-                                                                   base.seed)
+        assert (r.epochs, r.data, r.optim.lr, r.focal, r.seed) == (
+            base.epochs,
+            base.data,
+            base.optim.lr,
+            base.focal,
+            base.seed,
+        )
     with pytest.raises(MedxferError, match="scratch or probe|one of"):
         control_recipe(base, "imagenet")
     # Frozen BatchNorm statistics keep pretrained ones; a scratch network's would stay at their init.

@@ -152,8 +152,11 @@ def test_tta_views_follow_the_flip_augmentation() -> None:
     assert tta_views(s2, load_recipe(None, 2, ["evaluation.tta=false"])) == []
     assert tta_views(s2, load_recipe(None, 2, ["evaluation.tta=true", "data.augment={}"])) == []
     assert tta_views(s3, load_recipe(None, 3, ["evaluation.tta=true"])) == [(2,)]
-    assert tta_views(s3, load_recipe(None, 3, ["evaluation.tta=true", "data.augment.flip=[0, 2]"])) == \
-        [(2,), (4,), (2, 4)]
+    assert tta_views(s3, load_recipe(None, 3, ["evaluation.tta=true", "data.augment.flip=[0, 2]"])) == [
+        (2,),
+        (4,),
+        (2, 4),
+    ]
     model = torch.nn.Conv2d(1, 2, 1)
     assert inference_model(model, s2, load_recipe(None, 2, ["evaluation.tta=false"])) is model
 
@@ -163,7 +166,7 @@ def test_tta_mirrors_the_axis_the_augmentation_flips(dims: int) -> None:
     """Mirroring along an axis the model never saw flipped would average in an unfamiliar image."""
     spec = make_spec(dims, "dicom" if dims == 2 else "nifti")
     recipe = load_recipe(None, dims, ["evaluation.tta=true", "data.augment={flip: true}", "data.size=null"])
-    x = torch.arange(float(4 ** dims)).reshape(1, *[4] * dims) / 4 ** dims  # (C, *spatial), asymmetric everywhere
+    x = torch.arange(float(4**dims)).reshape(1, *[4] * dims) / 4**dims  # (C, *spatial), asymmetric everywhere
     rand = random_transforms(spec, recipe)
     rand.set_random_state(seed=0)
     flipped = next(y for y in (rand({"image": x.clone()})["image"] for _ in range(20)) if not torch.equal(y, x))

@@ -96,7 +96,7 @@ def test_cosine_schedule_reaches_zero_at_the_end() -> None:
         seen.append(unf.lrs()["head"])
     assert seen[0] == pytest.approx(1e-2)
     assert seen == sorted(seen, reverse=True) and seen[-1] < 1e-3
-    assert unf.lrs()["stem"] == pytest.approx(seen[-1] * 0.5 ** 3)
+    assert unf.lrs()["stem"] == pytest.approx(seen[-1] * 0.5**3)
 
 
 def test_plateau_trigger() -> None:

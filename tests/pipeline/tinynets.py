@@ -41,8 +41,12 @@ class TinyNet(nn.Module):
         self.encoder.add_module("flat", nn.Flatten())
         self.head = nn.Linear(2 * width, num_classes)
         self.feature_dim = 2 * width
-        self.layer_groups = [LayerGroup("stem", [self.encoder.stem]), LayerGroup("block1", [self.encoder.block1]),
-                             LayerGroup("block2", [self.encoder.block2]), LayerGroup("head", [self.head])]
+        self.layer_groups = [
+            LayerGroup("stem", [self.encoder.stem]),
+            LayerGroup("block1", [self.encoder.block1]),
+            LayerGroup("block2", [self.encoder.block2]),
+            LayerGroup("head", [self.head]),
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
