@@ -62,7 +62,7 @@ ARMS: dict[str, Any] = {
 
 
 def _default_loss(dims: int) -> str:
-    from pipeline.recipe import load_recipe
+    from medxfer.config.recipe import load_recipe
 
     return load_recipe(None, dims).loss
 
@@ -91,9 +91,9 @@ _PLAN: dict[str, tuple[int | None, list[int], dict[str, list[str]], list[str]]] 
 def one_run(
     kind: str, limit: int | None, dims: int, arm: str, seed: int, extra: list[str], n_bootstrap: int
 ) -> dict[str, Any]:
-    from pipeline.evaluate import evaluate
-    from pipeline.spec import load_spec
-    from pipeline.train import train
+    from medxfer.config.spec import load_spec
+    from medxfer.evaluation.evaluate import evaluate
+    from medxfer.training.stage import train
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"accuracy-{kind}-{limit}-{arm}-{seed}")
@@ -125,7 +125,7 @@ def one_run(
 
 
 def _resolved(dims: int, overrides: list[str]) -> dict[str, str]:
-    from pipeline.recipe import load_recipe
+    from medxfer.config.recipe import load_recipe
 
     r = load_recipe(None, dims, overrides)
     return {"encoder": r.encoder, "loss": r.loss if r.loss == "ce" else f"focal (gamma {r.focal.gamma:g})"}
@@ -164,8 +164,8 @@ def _summarise(result: dict[str, Any], runs: list[dict[str, Any]]) -> None:
 
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
-    common.require("pipeline.train", "the training stage (pipeline.train)")
-    common.require("pipeline.evaluate", "the evaluation stage (pipeline.evaluate)")
+    common.require("medxfer.training.stage", "the training stage (medxfer.training.stage)")
+    common.require("medxfer.evaluation.evaluate", "the evaluation stage (medxfer.evaluation.evaluate)")
     limit, seeds, plan, extra = _PLAN[size]
     n_boot = 20 if size == "tiny" else 200
     t0 = time.perf_counter()

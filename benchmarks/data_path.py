@@ -1,11 +1,11 @@
 """Benchmark 1: training data path, the pipeline's loader against the MONAI tutorial pattern.
 
 Both arms read the same files (the manifest's file lists), apply the same deterministic transforms
-(``pipeline.transforms.deterministic_transforms`` after the load step) and the same random part
+(``medxfer.data.transforms.deterministic_transforms`` after the load step) and the same random part
 (``random_transforms``), with the recipe's batch size and worker count, and only iterate batches
 (no model), so the numbers are the data path alone.
 
-- pipeline: ``pipeline.data.build_datasets`` (decode once into its cache) + ``make_loader``;
+- pipeline: ``medxfer.data.datasets.build_datasets`` (decode once into its cache) + ``make_loader``;
 - baseline: ``monai.data.Dataset`` + ``LoadImaged`` (PydicomReader / NibabelReader) every epoch,
   ``EnsureChannelFirstd``, then the same transforms, and a plain ``DataLoader`` with shuffling.
 
@@ -40,7 +40,7 @@ _SETS = (
 
 
 def _setup(kind: str, limit: int | None, dims: int, overrides: list[str], augment: bool):
-    from pipeline.recipe import load_recipe
+    from medxfer.config.recipe import load_recipe
 
     spec, ws_root = fixtures.prepare(kind, limit)
     recipe = load_recipe(None, dims, list(overrides) + ([] if augment else ["data.augment={}"]))
@@ -51,9 +51,8 @@ def arm_pipeline(
     kind: str, limit: int | None, dims: int, overrides: list[str], augment: bool, epochs: int
 ) -> dict[str, Any]:
     import pandas as pd
-
-    from pipeline import data
-    from pipeline.workspace import Workspace
+    from medxfer.core.workspace import Workspace
+    from medxfer.data import datasets as data
 
     spec, ws_root, recipe = _setup(kind, limit, dims, overrides, augment)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"data_path-{kind}-{limit}")
@@ -89,10 +88,9 @@ def arm_monai(
     import warnings
 
     import torch
+    from medxfer.data.transforms import LoadStudyd, deterministic_transforms, random_transforms
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-
-    from pipeline.transforms import LoadStudyd, deterministic_transforms, random_transforms
 
     warnings.filterwarnings("ignore", category=UserWarning)  # PydicomReader's missing-geometry notes for US
     spec, ws_root, recipe = _setup(kind, limit, dims, overrides, augment)
@@ -138,7 +136,7 @@ def _steady(m: dict[str, Any]) -> float:
 
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
-    common.require("pipeline.data", "the pipeline's data path (pipeline.data)")
+    common.require("medxfer.data.datasets", "the pipeline's data path (medxfer.data.datasets)")
     limit, epochs = _PLAN[size]
     t0 = time.perf_counter()
     isolate = size != "tiny"

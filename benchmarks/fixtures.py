@@ -1,9 +1,9 @@
 """Real datasets on disk for the benchmarks, built with the product's own stages and cached in benchmarks/work.
 
-- ``breast``: BreastMNIST as the DICOM ultrasound tree ``pipeline.demo`` writes;
-- ``adrenal``: AdrenalMNIST3D (28^3) as the NIfTI tree ``pipeline.demo`` writes;
+- ``breast``: BreastMNIST as the DICOM ultrasound tree ``medxfer.demo`` writes;
+- ``adrenal``: AdrenalMNIST3D (28^3) as the NIfTI tree ``medxfer.demo`` writes;
 - ``adrenal64``: AdrenalMNIST3D-64 (../shared/data only) as NIfTI, written the same way through
-  ``pipeline.nifti.write_volume``.
+  ``medxfer.io.nifti.write_volume``.
 
 Each keeps MedMNIST's test membership as the spec's pinned test, so accuracy compares with the
 published numbers. ``prepare`` runs ingest and split once per (dataset, limit) and reuses them.
@@ -26,8 +26,7 @@ _VERSION = "v2"  # v2: split order no longer depends on the pseudonym key
 
 def _write_adrenal64(out: Path, limit: int | None) -> None:
     import numpy as np
-
-    from pipeline import nifti
+    from medxfer.io import nifti
 
     path, _ = common.medmnist("adrenalmnist3d_64")
     rows, pinned = [], []
@@ -56,7 +55,7 @@ def dataset(kind: str, limit: int | None = None) -> Path:
     """Write (once) the dataset and a spec pointing at it; returns the spec path."""
     if kind not in _SPEC_FILES:
         raise ValueError(f"unknown dataset {kind!r}")
-    common.require("pipeline.demo", "the demo writer (pipeline.demo)")
+    common.require("medxfer.demo", "the demo writer (medxfer.demo)")
     if kind == "adrenal64" and common.shared_data() is None:
         raise common.Skip("AdrenalMNIST3D-64 is only in ../shared/data (absent here)")
     tag = f"{kind}-{limit if limit is not None else 'all'}"
@@ -67,11 +66,11 @@ def dataset(kind: str, limit: int | None = None) -> Path:
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         if kind == "breast":
-            from pipeline.demo import write_breast
+            from medxfer.demo import write_breast
 
             write_breast(out, limit)
         elif kind == "adrenal":
-            from pipeline.demo import write_adrenal
+            from medxfer.demo import write_adrenal
 
             write_adrenal(out, limit)
         else:
@@ -91,12 +90,12 @@ def dataset(kind: str, limit: int | None = None) -> Path:
 
 def prepare(kind: str, limit: int | None = None) -> tuple[Any, Path]:
     """(spec, workspace) with ingest and split done (cached)."""
-    common.require("pipeline.ingest", "the ingest stage (pipeline.ingest)")
-    common.require("pipeline.split", "the split stage (pipeline.split)")
-    from pipeline.ingest import ingest
-    from pipeline.spec import load_spec
-    from pipeline.split import split
-    from pipeline.workspace import Workspace
+    common.require("medxfer.ingest.ingest", "the ingest stage (medxfer.ingest.ingest)")
+    common.require("medxfer.ingest.split", "the split stage (medxfer.ingest.split)")
+    from medxfer.config.spec import load_spec
+    from medxfer.core.workspace import Workspace
+    from medxfer.ingest.ingest import ingest
+    from medxfer.ingest.split import split
 
     spec = load_spec(dataset(kind, limit))
     ws_root = common.work_dir("workspaces", spec.name)
@@ -110,8 +109,7 @@ def prepare(kind: str, limit: int | None = None) -> tuple[Any, Path]:
 def tables(spec: Any, ws_root: Path) -> dict[str, Any]:
     """Manifest rows joined with their split (the documented data contract), per split."""
     import pandas as pd
-
-    from pipeline.workspace import Workspace
+    from medxfer.core.workspace import Workspace
 
     ws = Workspace.for_spec(ws_root, spec.name)
     rows = pd.read_parquet(ws.manifest).merge(pd.read_csv(ws.splits)[["study_key", "split"]], on="study_key")
@@ -120,7 +118,7 @@ def tables(spec: Any, ws_root: Path) -> dict[str, Any]:
 
 def fresh_workspace(spec: Any, ws_root: Path, name: str) -> Path:
     """A new workspace holding a copy of the prepared manifest and split (no cache, no runs, no MLflow store)."""
-    from pipeline.workspace import Workspace
+    from medxfer.core.workspace import Workspace
 
     src = Workspace.for_spec(ws_root, spec.name)
     dst_root = common.work_dir("runs", name)

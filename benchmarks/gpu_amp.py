@@ -68,8 +68,8 @@ def run(size: str = "full") -> dict[str, Any]:
             "committed results had no GPU lent). Run `python -m benchmarks.run_all --only gpu_amp` "
             "on a CUDA machine."
         )
-    registry = common.require("models.registry", "the encoder registry (models.registry)")
-    from pipeline.recipe import load_recipe
+    registry = common.require("medxfer.models.registry", "the encoder registry (medxfer.models.registry)")
+    from medxfer.config.recipe import load_recipe
 
     t0 = time.perf_counter()
     precisions = ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]

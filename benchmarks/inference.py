@@ -1,7 +1,7 @@
 """Benchmark 6: per-study inference latency, eager PyTorch against the exported ONNX program.
 
 A model is trained briefly with the default recipe (its accuracy does not matter here), evaluated,
-and exported with ``pipeline.export.export`` (the hand-off folder). Then, one study at a time, on
+and exported with ``medxfer.handoff.export.export`` (the hand-off folder). Then, one study at a time, on
 MedMNIST test studies read from disk:
 
 - eager: ``Predictor.preprocess`` (discovery + the training eval transform) + ``Predictor.logits``;
@@ -32,12 +32,11 @@ def arm(kind: str, limit: int, dims: int, extra: list[str] | None = None, timed:
     import numpy as np
     import onnxruntime as ort
     import torch
-
-    from pipeline.bundle import Predictor
-    from pipeline.evaluate import evaluate
-    from pipeline.export import export
-    from pipeline.spec import load_spec
-    from pipeline.train import train
+    from medxfer.config.spec import load_spec
+    from medxfer.evaluation.evaluate import evaluate
+    from medxfer.handoff.bundle import Predictor
+    from medxfer.handoff.export import export
+    from medxfer.training.stage import train
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"inference-{kind}-{limit}")
@@ -92,7 +91,7 @@ def arm(kind: str, limit: int, dims: int, extra: list[str] | None = None, timed:
 
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
-    common.require("pipeline.export", "the export stage (pipeline.export)")
+    common.require("medxfer.handoff.export", "the export stage (medxfer.handoff.export)")
     common.require("onnxruntime", "onnxruntime")
     limit = _PLAN[size]
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Benchmark 3: DICOM ingest files/s, ``pipeline.ingest`` against a naive full-read loop.
+"""Benchmark 3: DICOM ingest files/s, ``medxfer.ingest.ingest`` against a naive full-read loop.
 
 Baseline: what a user writes first - ``pydicom.dcmread`` every file with ``.pixel_array``, then
 group by series and sort by InstanceNumber. The pipeline does strictly more (series selection,
@@ -127,9 +127,9 @@ def naive_read(files: list[Path]) -> int:
 
 
 def pipeline_ingest(spec_path: Path, workspace: Path) -> tuple[float, dict[str, Any]]:
-    ingest_mod = common.require("pipeline.ingest", "pipeline.ingest")
-    from pipeline.errors import StageError
-    from pipeline.spec import load_spec
+    ingest_mod = common.require("medxfer.ingest.ingest", "medxfer.ingest.ingest")
+    from medxfer.config.spec import load_spec
+    from medxfer.core.errors import StageError
 
     spec = load_spec(spec_path)
     t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def _bench_set(label: str, files: list[Path], spec: Path, ws_root: Path, repeats
 
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
-    common.require("pipeline.ingest", "pipeline.ingest")
+    common.require("medxfer.ingest.ingest", "medxfer.ingest.ingest")
     common.require("pydicom", "pydicom")
     t0 = time.perf_counter()
     work = common.work_dir("ingest")

@@ -1,6 +1,6 @@
 """Benchmark 5: MLflow tracking overhead, training wall time with tracking on vs off. Target <= 2%.
 
-"On" is ``pipeline.train.train`` as shipped: sqlite store in the workspace, params, per-epoch
+"On" is ``medxfer.training.stage.train`` as shipped: sqlite store in the workspace, params, per-epoch
 metrics, artifacts (recipe, curves, best checkpoint), system metrics. "Off" is ``train(track=False)``:
 the same training, checkpoints and run folder, nothing sent to MLflow.
 Arms alternate on/off in fresh processes and fresh workspaces; medians count.
@@ -30,13 +30,13 @@ _PLAN = {"tiny": (24, 1, 1), "quick": (120, 3, 2), "full": (None, 3, 2)}
 
 def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict[str, Any]:
     """A fresh workspace; for the tracked arm with its (empty) MLflow store created, timed."""
-    from pipeline.workspace import Workspace
+    from medxfer.core.workspace import Workspace
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"tracking-{tag}")
     store_s = None
     if tracked:
-        from pipeline import tracking
+        from medxfer.tracking import tracker as tracking
 
         uri = Workspace.for_spec(run_ws, spec.name).tracking_uri
         importlib.import_module("mlflow.tracking")  # untimed here: the timed run pays its own import
@@ -49,8 +49,8 @@ def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict
 def arm(
     kind: str, limit: int | None, epochs: int, tracked: bool, tag: str, extra: list[str] | None = None
 ) -> dict[str, Any]:
-    from pipeline.spec import load_spec
-    from pipeline.train import train
+    from medxfer.config.spec import load_spec
+    from medxfer.training.stage import train
 
     spec, _ = fixtures.prepare(kind, limit)
     run_ws = common.work_dir("runs", f"tracking-{tag}")  # made by new_workspace
@@ -69,7 +69,7 @@ def arm(
 
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
-    common.require("pipeline.train", "the training stage (pipeline.train)")
+    common.require("medxfer.training.stage", "the training stage (medxfer.training.stage)")
     limit, epochs, repeats = _PLAN[size]
     t0 = time.perf_counter()
     fixtures.prepare("breast", limit)
@@ -108,7 +108,7 @@ def run(size: str = "full") -> dict[str, Any]:
     ]
     result["ratios"]["tracked / untracked wall time"] = common.ratio_entry(on / off, TARGET, higher_is_better=False)
     result["details"] = details
-    result["notes"].append("off = pipeline.train.train(track=False): same training and checkpoints, no MLflow")
+    result["notes"].append("off = medxfer.training.stage.train(track=False): same training and checkpoints, no MLflow")
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 

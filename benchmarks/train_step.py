@@ -1,6 +1,6 @@
 """Benchmark 2: training step throughput.
 
-(a) ``pipeline.train.train`` samples/s (its own per-epoch training-only measurement, from the run
+(a) ``medxfer.training.stage.train`` samples/s (its own per-epoch training-only measurement, from the run
     history) against a plain hand-written torch loop with the same encoder, pretrained weights,
     batch size and input size: AdamW + cross-entropy over real MedMNIST images held in memory as
     one tensor (the ideal data path; augmentation is off in the pipeline run too). Target >= 0.95x.
@@ -41,9 +41,8 @@ def arm_hand(
 ) -> dict[str, Any]:
     """The loop a user writes by hand: no framework, in-memory tensors, AdamW + cross-entropy."""
     import torch
-
-    from models.registry import create_classifier
-    from pipeline.recipe import load_recipe
+    from medxfer.config.recipe import load_recipe
+    from medxfer.models.registry import create_classifier
 
     recipe = load_recipe(None, dims, extra or [])
     size = recipe.data.size or [28] * dims
@@ -94,8 +93,8 @@ def arm_hand(
 def arm_pipeline(
     kind: str, limit: int | None, dims: int, stage_epochs: int, extra: list[str] | None = None
 ) -> dict[str, Any]:
-    from pipeline.spec import load_spec
-    from pipeline.train import train
+    from medxfer.config.spec import load_spec
+    from medxfer.training.stage import train
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"train_step-{kind}-{limit}")
@@ -125,8 +124,8 @@ def arm_pipeline(
 
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
-    common.require("pipeline.train", "the training stage (pipeline.train)")
-    common.require("models.registry", "the encoder registry (models.registry)")
+    common.require("medxfer.training.stage", "the training stage (medxfer.training.stage)")
+    common.require("medxfer.models.registry", "the encoder registry (medxfer.models.registry)")
     limit, stage_epochs, hand_epochs = _PLAN[size]
     isolate = size != "tiny"
     t0 = time.perf_counter()

@@ -15,9 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from medxfer.core.errors import MedxferError
 from torch import nn
-
-from pipeline.errors import MedxferError
 
 
 @dataclass(frozen=True)

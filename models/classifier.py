@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from medxfer.models.base import Encoder, LayerGroup
+from medxfer.models.heads import init_head_bias, make_head
+from medxfer.models.weights import WeightReport
 from torch import nn
-
-from models.base import Encoder, LayerGroup
-from models.heads import init_head_bias, make_head
-from models.weights import WeightReport
 
 
 class Classifier(nn.Module):

@@ -25,13 +25,20 @@ from typing import Any
 
 import timm
 import torch
+from medxfer.core.errors import MedxferError
+from medxfer.models.base import (
+    IMAGENET,
+    TF_LITE,
+    Encoder,
+    LayerGroup,
+    Normalization,
+    adapt_stem_weight,
+    modules_for_groups,
+)
+from medxfer.models.registry import register_encoder
+from medxfer.models.weights import HubWeights, PackageWeights
 from timm.models import get_pretrained_cfg
 from timm.models._manipulate import group_parameters
-
-from models.base import IMAGENET, TF_LITE, Encoder, LayerGroup, Normalization, adapt_stem_weight, modules_for_groups
-from models.registry import register_encoder
-from models.weights import HubWeights, PackageWeights
-from pipeline.errors import MedxferError
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -41,15 +41,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from medxfer.core.errors import MedxferError
+from medxfer.models.base import MEDICALNET, Encoder
+from medxfer.models.encoders_2d import HUB_FILES, EfficientNetLiteEncoder, TimmEncoder, _lite_package
+from medxfer.models.registry import register_encoder
+from medxfer.models.weights import HubWeights
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
-
-from models.base import MEDICALNET, Encoder
-from models.encoders_2d import HUB_FILES, EfficientNetLiteEncoder, TimmEncoder, _lite_package
-from models.registry import register_encoder
-from models.weights import HubWeights
-from pipeline.errors import MedxferError
 
 # --- 2D -> 3D building blocks ----------------------------------------------------------------
 
@@ -455,7 +454,7 @@ class MedicalNetEncoder(Encoder):
         return state
 
     def prepare_backbone_state(self, state: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
-        from models.base import adapt_stem_weight
+        from medxfer.models.base import adapt_stem_weight
 
         w = state.get("conv1.weight")
         if w is not None and w.shape[1] != self.in_chans:

@@ -7,7 +7,7 @@
 
 An encoder declares its spatial dims, feature dim, ordered layer groups, input
 normalisation and where its pretrained weights can come from; `create_classifier`
-builds it, resolves and loads the weights (file > package > hub, see models.weights)
+builds it, resolves and loads the weights (file > package > hub, see medxfer.models.weights)
 and puts a linear head on top. `medxfer models` lists the registry.
 """
 
@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from pipeline.errors import MedxferError
+from medxfer.core.errors import MedxferError
 
 # Per-dims defaults when a recipe names no encoder; both load offline from an installed package.
 DEFAULT_ENCODERS = {2: "efficientnet_lite0", 3: "efficientnet_lite0_i3d"}
@@ -66,8 +65,8 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        import models.encoders_2d  # noqa: F401  (registers on import)
-        import models.encoders_3d  # noqa: F401
+        import medxfer.models.encoders_2d  # noqa: F401  (registers on import)
+        import medxfer.models.encoders_3d  # noqa: F401
 
 
 def list_encoders(spatial_dims: int | None = None) -> list[str]:
@@ -128,9 +127,9 @@ def create_classifier(
     matches num_classes (e.g. the 1000 ImageNet classes); otherwise the head is new.
     Extra keyword arguments go to the encoder (e.g. shortcut_type for MedicalNet).
     """
-    from models.classifier import Classifier
-    from models.heads import head_matches
-    from models.weights import WeightReport, load_encoder_weights, resolve_weights
+    from medxfer.models.classifier import Classifier
+    from medxfer.models.heads import head_matches
+    from medxfer.models.weights import WeightReport, load_encoder_weights, resolve_weights
 
     entry = get_entry(name)
     _check_dims(entry, spatial_dims)
@@ -210,7 +209,7 @@ class ModelsResult:
 
 
 def models_command() -> ModelsResult:
-    from models.weights import availability, is_online
+    from medxfer.models.weights import availability, is_online
 
     _load_builtin()
     out = []

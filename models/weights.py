@@ -25,8 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-
-from pipeline.errors import MedxferError
+from medxfer.core.errors import MedxferError
 
 PROBE_TIMEOUT_S = 1.0
 _TRUE = {"1", "true", "yes", "on"}

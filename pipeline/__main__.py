@@ -1,3 +1,3 @@
-from pipeline.cli import main
+from medxfer.cli import main
 
 main()

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from pipeline.errors import MedxferError
-from pipeline.workspace import DEFAULT_WORKSPACE
+from medxfer.core.errors import MedxferError
+from medxfer.core.workspace import DEFAULT_WORKSPACE
 
 app = typer.Typer(
     name="medxfer",
@@ -31,7 +30,7 @@ SpecArg = Annotated[Path, typer.Argument(help="Data spec YAML (see data_specs/te
 
 def _run(fn, as_json: bool):
     """Call the stage, print its summary (table, or JSON on stdout); a MedxferError exits with its code."""
-    from pipeline import ui
+    from medxfer.core import ui
 
     try:
         result = fn()
@@ -50,7 +49,7 @@ def demo(
     json: Json = False,
 ) -> None:
     """Write the bundled BreastMNIST (DICOM) and AdrenalMNIST3D (NIfTI) demo datasets to disk."""
-    from pipeline.demo import write_demo
+    from medxfer.demo import write_demo
 
     _run(lambda: write_demo(out, limit=limit), json)
 
@@ -58,7 +57,7 @@ def demo(
 @app.command("check-spec", epilog="Example: `medxfer check-spec data_specs/breastmnist_demo.yaml`")
 def check_spec(spec: SpecArg, json: Json = False) -> None:
     """Validate a data spec without reading any image."""
-    from pipeline.spec import check_spec_command
+    from medxfer.config.spec import check_spec_command
 
     _run(lambda: check_spec_command(spec), json)
 
@@ -72,8 +71,8 @@ def ingest(
     json: Json = False,
 ) -> None:
     """Scan DICOM/NIfTI, select series, check geometry, pseudonymise, and write the manifest and rejects."""
-    from pipeline.ingest import ingest as run_ingest
-    from pipeline.spec import load_spec
+    from medxfer.config.spec import load_spec
+    from medxfer.ingest.ingest import ingest as run_ingest
 
     _run(lambda: run_ingest(load_spec(spec), workspace, strict=strict, workers=workers), json)
 
@@ -81,8 +80,8 @@ def ingest(
 @app.command(epilog="Example: `medxfer split data_specs/breastmnist_demo.yaml --workspace medxfer-work`")
 def split(spec: SpecArg, workspace: Workspace = DEFAULT_WORKSPACE, json: Json = False) -> None:
     """Patient-grouped, stratified, duplicate-aware train/val/test split (or k folds)."""
-    from pipeline.spec import load_spec
-    from pipeline.split import split as run_split
+    from medxfer.config.spec import load_spec
+    from medxfer.ingest.split import split as run_split
 
     _run(lambda: run_split(load_spec(spec), workspace), json)
 
@@ -90,7 +89,7 @@ def split(spec: SpecArg, workspace: Workspace = DEFAULT_WORKSPACE, json: Json = 
 @app.command("models", epilog="Example: `medxfer models --json`")
 def list_models(json: Json = False) -> None:
     """List registered encoders, their dims, parameter counts, weight sources and layer groups."""
-    from models.registry import models_command
+    from medxfer.models.registry import models_command
 
     _run(models_command, json)
 
@@ -115,8 +114,8 @@ def train(
     json: Json = False,
 ) -> None:
     """Train a classifier with progressive unfreezing and focal loss; log everything to MLflow."""
-    from pipeline.spec import load_spec
-    from pipeline.train import train as run_train
+    from medxfer.config.spec import load_spec
+    from medxfer.training.stage import train as run_train
 
     def go():
         res = run_train(
@@ -146,7 +145,7 @@ def evaluate(
     json: Json = False,
 ) -> None:
     """Test metrics with patient-bootstrap CIs, validation threshold, temperature calibration, plots."""
-    from pipeline.evaluate import evaluate as run_evaluate
+    from medxfer.evaluation.evaluate import evaluate as run_evaluate
 
     _run(lambda: run_evaluate(run_id, workspace, n_bootstrap=bootstrap), json)
 
@@ -159,7 +158,7 @@ def register(
     json: Json = False,
 ) -> None:
     """Register the run's model as an MLflow pyfunc with alias 'candidate' and its model card."""
-    from pipeline.registry import register as run_register
+    from medxfer.handoff.registry import register as run_register
 
     _run(lambda: run_register(run_id, name, workspace), json)
 
@@ -173,7 +172,7 @@ def promote(
     json: Json = False,
 ) -> None:
     """Set an alias on a model version, refusing when the recipe's promotion floors are not met."""
-    from pipeline.registry import promote as run_promote
+    from medxfer.handoff.registry import promote as run_promote
 
     _run(lambda: run_promote(name, version, alias, workspace), json)
 
@@ -193,7 +192,7 @@ def predict(
     json: Json = False,
 ) -> None:
     """Predict on new studies with exactly the training preprocessing."""
-    from pipeline.predict import predict as run_predict
+    from medxfer.handoff.predict import predict as run_predict
 
     _run(lambda: run_predict(model_uri, inputs, out, saliency=saliency, workspace=workspace), json)
 
@@ -206,7 +205,7 @@ def export(
     json: Json = False,
 ) -> None:
     """Write a hand-off folder: safetensors, ONNX, preprocessing JSON, model card, SHA-256 manifest."""
-    from pipeline.export import export as run_export
+    from medxfer.handoff.export import export as run_export
 
     _run(lambda: run_export(model_uri, out, workspace=workspace), json)
 
@@ -221,9 +220,9 @@ def run_all(
     json: Json = False,
 ) -> None:
     """ingest -> split -> train -> evaluate -> register, in one command."""
-    from pipeline import ui
-    from pipeline.runall import run_all as run_pipeline
-    from pipeline.spec import load_spec
+    from medxfer.config.spec import load_spec
+    from medxfer.core import ui
+    from medxfer.runall import run_all as run_pipeline
 
     result = _run(
         lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name), json
@@ -232,5 +231,5 @@ def run_all(
     ui.console.print(f"Review the run and the registered model: {result.ui_command}", soft_wrap=True, markup=False)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m pipeline`
+def main() -> None:  # pragma: no cover - console entry for `python -m medxfer`
     sys.exit(app())

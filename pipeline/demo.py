@@ -75,7 +75,7 @@ _SITES = ["NORTHBRIDGE GENERAL HOSPITAL", "ST. AGATHA MEDICAL CENTRE", "RIVERSID
 
 
 def _npz(name: str) -> Any:
-    with resources.as_file(resources.files("pipeline") / "demo_data" / name) as p:
+    with resources.as_file(resources.files("medxfer") / "demo_data" / name) as p:
         return np.load(p)
 
 
@@ -115,7 +115,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def write_breast(out: Path, limit: int | None = None) -> dict[str, Any]:
-    from pipeline import dicom
+    from medxfer.io import dicom
 
     data = _npz("breastmnist.npz")
     rng = np.random.default_rng(20240229)
@@ -212,7 +212,7 @@ def _us_region(shape: tuple[int, ...], delta_cm: float) -> Any:
 
 
 def write_adrenal(out: Path, limit: int | None = None) -> dict[str, Any]:
-    from pipeline import nifti
+    from medxfer.io import nifti
 
     data = _npz("adrenalmnist3d.npz")
     rng = np.random.default_rng(20240301)
@@ -257,7 +257,7 @@ def write_demo(out: Path, limit: int | None = None) -> DemoResult:
     """Write both demo datasets under ``out`` (replacing earlier demo output there)."""
     import shutil
 
-    from pipeline import ui
+    from medxfer.core import ui
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import ui
-from pipeline.spec import DataSpec
-from pipeline.workspace import Workspace
+from medxfer.config.spec import DataSpec
+from medxfer.core import ui
+from medxfer.core.workspace import Workspace
 
 # The metrics section 8 of the results contract promises, in display order.
 TEST_METRICS = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "ece", "brier")
@@ -107,12 +107,12 @@ def run_all(
     name: str | None = None,
 ) -> RunAllResult:
     # Imported here so `medxfer --help` and this module's import stay light.
-    from pipeline.evaluate import evaluate
-    from pipeline.ingest import ingest
-    from pipeline.recipe import load_recipe
-    from pipeline.registry import register
-    from pipeline.split import split
-    from pipeline.train import train
+    from medxfer.config.recipe import load_recipe
+    from medxfer.evaluation.evaluate import evaluate
+    from medxfer.handoff.registry import register
+    from medxfer.ingest.ingest import ingest
+    from medxfer.ingest.split import split
+    from medxfer.training.stage import train
 
     overrides = list(overrides or [])
     # Validate the recipe before spending minutes on ingest: a typo in --set should fail in a second.

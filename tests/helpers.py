@@ -16,7 +16,7 @@ Builders for your own edge cases (all return the paths they wrote):
                                    pixel spacing, rescale, image type, description, transfer syntax...
   write_image2d(path, ...)         one single-frame 2D image (US by default; CR, DX, MG, SC...)
   write_multiframe(path, ...)      one enhanced multi-frame volume, with or without per-frame geometry
-  write_nifti(path, data, ...)     one NIfTI volume via pipeline.nifti.write_volume
+  write_nifti(path, data, ...)     one NIfTI volume via medxfer.io.nifti.write_volume
   write_spec(path, **fields)       a spec YAML; `spec_dict(...)` gives the dict to tweak first
 """
 
@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import yaml
+from medxfer.config.spec import DataSpec, load_spec
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-from pipeline.spec import DataSpec, load_spec
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -311,7 +310,7 @@ def write_multiframe(
 def write_nifti(
     path: Path, data: np.ndarray, spacing: tuple[float, ...] = (2.0, 2.0, 3.0), affine: np.ndarray | None = None
 ) -> Path:
-    from pipeline.nifti import write_volume
+    from medxfer.io.nifti import write_volume
 
     return write_volume(path, data, spacing=spacing, affine=affine)
 

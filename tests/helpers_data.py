@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from helpers import write_image2d, write_nifti
-
-from pipeline.spec import DataSpec
+from medxfer.config.spec import DataSpec
 
 
 def content_hash(arr: np.ndarray) -> str:

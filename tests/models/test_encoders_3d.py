@@ -7,11 +7,10 @@ import hashlib
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models.base import ForegroundZScore
-from models.encoders_3d import ShortcutA
-from models.registry import create_classifier
-from pipeline.errors import MedxferError
+from medxfer.core.errors import MedxferError
+from medxfer.models.base import ForegroundZScore
+from medxfer.models.encoders_3d import ShortcutA
+from medxfer.models.registry import create_classifier
 
 skdata = pytest.importorskip("skimage.data")
 

@@ -7,10 +7,9 @@ import socket
 
 import pytest
 import torch
-
-from models import weights as W
-from models.registry import create_classifier
-from pipeline.errors import MedxferError
+from medxfer.core.errors import MedxferError
+from medxfer.models import weights as W
+from medxfer.models.registry import create_classifier
 
 
 @pytest.fixture

@@ -1,0 +1,290 @@
+"""The data spec: one YAML file per dataset, validated here and nowhere else.
+
+Every error names the file, the field and how to fix it, so a user can act on
+it without reading this code. Nothing here reads an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from medxfer.core.errors import MedxferError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(MedxferError, ValueError):
+    """A spec or recipe problem the user can fix by editing a file or a flag."""
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<top level>"
+
+
+def format_validation_error(path: Path | str, err: ValidationError, hints: dict[str, str]) -> str:
+    lines = [f"{path}: invalid ({len(err.errors())} problem(s))"]
+    for e in err.errors():
+        field = _fmt_loc(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        hint = hints.get(field) or hints.get(field.split(".")[0], "")
+        lines.append(f"  - field '{field}': {msg}" + (f"\n    fix: {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class Source(BaseModel):
+    model_config = _STRICT
+    kind: Literal["dicom", "nifti"]
+    root: Path
+    # NIfTI carries no modality tag; say what the volumes are (e.g. CT) so reports and model cards can.
+    # DICOM takes the Modality of each chosen series and ignores this.
+    modality: str | None = None
+
+
+class Labels(BaseModel):
+    model_config = _STRICT
+    csv: Path
+    key: str = "StudyInstanceUID"
+    column: str = "label"
+    patient: str | None = None
+
+
+# Derived or secondary images and scout views are rarely what a classifier should see.
+DEFAULT_IMAGETYPE_EXCLUDE = ["LOCALIZER", "DERIVED", "SECONDARY"]
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+
+
+class SeriesRules(BaseModel):
+    model_config = _STRICT
+    modality: list[str] | None = None
+    description_include: list[str] = Field(default_factory=list)
+    description_exclude: list[str] = Field(default_factory=list)
+    # None means "the default for the modality": excluded for CT/MR, allowed for 2D modalities
+    # (ultrasound and secondary captures are often DERIVED/SECONDARY by nature).
+    imagetype_exclude: list[str] | None = None
+    min_slices: int = Field(1, ge=1)
+    # Tie-break when several series qualify: first rule that matches wins, then most slices.
+    prefer: list[str] = Field(default_factory=list)
+    # Slice steps may differ from the median step by this fraction before the series is quarantined
+    # as unevenly spaced; a gap of 1.5 steps or more is reported as missing slices instead.
+    spacing_tolerance: float = Field(0.1, gt=0, lt=0.5)
+
+    @field_validator("modality")
+    @classmethod
+    def _upper(cls, v: list[str] | None) -> list[str] | None:
+        return [m.strip().upper() for m in v] if v is not None else None
+
+    @field_validator("description_include", "description_exclude", "prefer")
+    @classmethod
+    def _regexes_compile(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise ValueError(f"regex {pat!r} does not compile: {exc}") from exc
+        return v
+
+    def imagetype_exclusions(self, modality: str) -> list[str]:
+        if self.imagetype_exclude is not None:
+            return [s.upper() for s in self.imagetype_exclude]
+        return DEFAULT_IMAGETYPE_EXCLUDE if modality.upper() in VOLUME_MODALITIES else ["LOCALIZER"]
+
+
+class Intensity(BaseModel):
+    model_config = _STRICT
+    mode: Literal["ct_window", "zscore", "scale"] = "scale"
+    window: tuple[float, float] | None = None  # (level, width) in HU for ct_window
+
+    @model_validator(mode="after")
+    def _window_for_ct(self) -> Intensity:
+        if self.mode == "ct_window" and self.window is None:
+            raise ValueError("mode 'ct_window' needs 'window: [level, width]', e.g. [40, 400] for soft tissue")
+        return self
+
+
+class Preprocess(BaseModel):
+    model_config = _STRICT
+    spacing: list[float] | None = None  # target spacing in mm, per spatial dim; None keeps native
+    size: list[int] | None = None  # target size per spatial dim; the recipe may override
+    intensity: Intensity = Field(default_factory=Intensity)
+
+
+class SplitPolicy(BaseModel):
+    model_config = _STRICT
+    fractions: dict[str, float] | None = Field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
+    folds: int | None = Field(None, ge=2)
+    seed: int = 0
+    group_by_patient: bool = True
+    pinned_test: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitPolicy:
+        if self.folds is None:
+            fr = self.fractions or {}
+            if set(fr) != {"train", "val", "test"}:
+                raise ValueError("fractions need exactly the keys train, val, test")
+            if any(v < 0 for v in fr.values()) or abs(sum(fr.values()) - 1.0) > 1e-6:
+                raise ValueError(f"fractions must be >= 0 and sum to 1 (they sum to {sum(fr.values()):.3f})")
+        return self
+
+
+class DataSpec(BaseModel):
+    model_config = _STRICT
+    name: str
+    task: Literal["binary", "multiclass"]
+    dims: Literal[2, 3]
+    source: Source
+    labels: Labels
+    classes: list[str]
+    positive_class: str | None = None
+    series: SeriesRules = Field(default_factory=SeriesRules)
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    split: SplitPolicy = Field(default_factory=SplitPolicy)
+
+    # Filled by load_spec; not part of the YAML.
+    spec_path: Path | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '-', '_' or '.' (it names a folder and an MLflow experiment)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSpec:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: names must be unique")
+        if self.task == "binary":
+            if len(self.classes) != 2:
+                raise ValueError(f"task 'binary' needs exactly 2 classes, got {len(self.classes)}")
+            if self.positive_class is None:
+                raise ValueError("task 'binary' needs positive_class: one of " + ", ".join(self.classes))
+        elif len(self.classes) < 3:
+            raise ValueError("task 'multiclass' needs 3 or more classes; use task: binary for 2")
+        if self.positive_class is not None and self.positive_class not in self.classes:
+            raise ValueError(f"positive_class {self.positive_class!r} is not in classes {self.classes}")
+        if self.source.kind == "dicom" and self.labels.key not in ("StudyInstanceUID", "AccessionNumber"):
+            raise ValueError("labels.key for DICOM must be StudyInstanceUID or AccessionNumber")
+        if self.source.kind == "nifti" and self.labels.key != "path":
+            raise ValueError("labels.key for NIfTI must be 'path' (relative to source.root)")
+        if self.source.kind == "dicom" and self.labels.patient is not None:
+            raise ValueError("labels.patient is for NIfTI only; DICOM patients come from PatientID")
+        if self.preprocess.spacing is not None and len(self.preprocess.spacing) != self.dims:
+            raise ValueError(f"preprocess.spacing needs {self.dims} values for dims={self.dims}")
+        if self.preprocess.size is not None and len(self.preprocess.size) != self.dims:
+            raise ValueError(f"preprocess.size needs {self.dims} values for dims={self.dims}")
+        return self
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_class) if self.positive_class else len(self.classes) - 1
+
+    @property
+    def base_dir(self) -> Path:
+        return self.spec_path.parent if self.spec_path else Path.cwd()
+
+    def resolve(self, p: Path) -> Path:
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def root(self) -> Path:
+        return self.resolve(self.source.root)
+
+    @property
+    def labels_csv(self) -> Path:
+        return self.resolve(self.labels.csv)
+
+    def content_hash(self) -> str:
+        """Hash of the validated spec (not the file bytes): comments and key order do not change it."""
+        blob = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_HINTS = {
+    "name": "a short identifier such as 'chest-cr'",
+    "task": "binary or multiclass",
+    "dims": "2 for single images (CR, DX, US, MG), 3 for volumes (CT, MR)",
+    "source": "source: {kind: dicom|nifti, root: <folder relative to this file>}",
+    "source.kind": "dicom or nifti",
+    "labels": "labels: {csv: labels.csv, key: StudyInstanceUID, column: label}",
+    "classes": "list the class names in index order, e.g. [normal, pneumonia]",
+    "split": "split: {fractions: {train: 0.7, val: 0.1, test: 0.2}, seed: 0}",
+    "split.fractions": "e.g. {train: 0.7, val: 0.1, test: 0.2}",
+    "split.folds": "an integer >= 2, e.g. folds: 5 (fractions.test, if set, is still held out as test)",
+    "series": "series: {modality: [CT], description_exclude: ['(?i)scout'], min_slices: 20}",
+    "series.spacing_tolerance": "a fraction of the slice step, e.g. 0.1 for 10%",
+    "positive_class": "one of the names in classes",
+    "preprocess": "preprocess: {spacing: [1, 1, 1], size: [64, 64, 64], intensity: {mode: zscore}}",
+    "preprocess.intensity": "intensity: {mode: ct_window, window: [40, 400]} or {mode: zscore} or {mode: scale}",
+}
+
+
+def load_spec(path: str | Path) -> DataSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file; see data_specs/template.yaml for a commented example")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level (name:, task:, ...)")
+    try:
+        spec = DataSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(path, exc, _HINTS)) from None
+    spec.spec_path = path.resolve()
+    return spec
+
+
+def check_spec_files(spec: DataSpec) -> list[str]:
+    """Problems with the files a spec points at, without reading any image."""
+    problems = []
+    if not spec.root.is_dir():
+        problems.append(f"source.root: folder {spec.root} does not exist; fix the path (relative to the spec)")
+    if not spec.labels_csv.is_file():
+        problems.append(f"labels.csv: file {spec.labels_csv} does not exist; fix the path (relative to the spec)")
+    if spec.split.pinned_test is not None and not spec.resolve(spec.split.pinned_test).is_file():
+        problems.append(f"split.pinned_test: file {spec.resolve(spec.split.pinned_test)} does not exist")
+    return problems
+
+
+class CheckSpecResult(BaseModel):
+    spec: DataSpec
+    problems: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.name,
+            "valid": not self.problems,
+            "problems": self.problems,
+            "spec_hash": self.spec.content_hash(),
+            "task": self.spec.task,
+            "dims": self.spec.dims,
+            "classes": self.spec.classes,
+            "source_kind": self.spec.source.kind,
+        }
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        rows = [
+            ("name", self.spec.name),
+            ("task", f"{self.spec.task}, {self.spec.dims}D"),
+            ("source", self.spec.source.kind),
+            ("classes", ", ".join(self.spec.classes)),
+            ("status", "ok" if not self.problems else f"{len(self.problems)} problem(s)"),
+        ]
+        return "check-spec", rows
+
+
+def check_spec_command(path: Path) -> CheckSpecResult:
+    spec = load_spec(path)
+    problems = check_spec_files(spec)
+    if problems:
+        raise SpecError(f"{path}:\n  - " + "\n  - ".join(problems))
+    return CheckSpecResult(spec=spec, problems=problems)

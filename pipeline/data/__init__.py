@@ -1,0 +1,1 @@
+"""Datasets, caches and loaders (MONAI), and the transforms and augmentation they apply."""

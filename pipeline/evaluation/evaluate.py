@@ -1,0 +1,739 @@
+"""``medxfer evaluate RUN_ID``: honest test metrics for a trained run.
+
+What it does, in order:
+
+1. Finds the run in MLflow, loads its best checkpoint (the local run folder, else the run's
+   ``checkpoints/best.pt`` artifact) and runs the deterministic eval transforms on the val and
+   test studies of the run's split.
+2. Fits temperature scaling on validation logits; every probability reported afterwards is
+   calibrated. The binary operating threshold is chosen on the *calibrated* validation
+   probabilities (Youden, or a target sensitivity/specificity from ``recipe.evaluation``), so the
+   threshold in ``evaluation.json`` applies directly to what the deployed model outputs.
+3. Test metrics with patient-level bootstrap 95% CIs (see :mod:`medxfer.stats.metrics`); validation
+   metrics as point values (the threshold was tuned there, CIs would flatter).
+4. If training recorded a control arm (tag ``medxfer.control_run_id``), evaluates it on the same
+   test studies and reports the AUROC transfer gain with a paired patient-level bootstrap CI.
+   **Negative-transfer rule:** the flag is raised unless the pretrained model is shown better,
+   i.e. when the gain's point estimate <= 0 or its 95% CI lower bound <= 0.
+5. Logs everything to the **same** MLflow run as training (not a nested run): one place shows the
+   learning curves and the final test numbers, and registration reads metrics from that run.
+   Metrics ``test_<m>``, ``test_<m>_ci_low``, ``test_<m>_ci_high``, ``eval_val_<m>`` (not ``val_<m>``:
+   training logs those per epoch), ``threshold``, ``temperature``, ``calibration_{val,test}_*``,
+   ``transfer_gain*``; tag ``medxfer.evaluated=true``; artifacts under ``evaluation/``
+   (``evaluation.json``, ``predictions.csv`` keyed by pseudonyms only, and the PNG plots).
+   Re-evaluating overwrites these values (MLflow keeps the metric history).
+6. Writes ``<workspace>/<spec>/runs/<run_id>/evaluation.json`` (+ plots, predictions) locally.
+
+``evaluation.json`` (format 1)::
+
+    run_id, format, medxfer_version, task, classes, positive_class,
+    test / val: {auroc, auprc, balanced_accuracy, sensitivity, specificity, ppv, npv, ece, brier:
+                 {value, ci_low, ci_high}}   (val: CIs null; ece/brier after calibration)
+    threshold (float, binary; null for multiclass = argmax), threshold_policy {policy, target, value,
+    val_sensitivity, val_specificity, target_achieved}, temperature,
+    calibration {method, temperature, converged, val_nll_before/after, n_bins, ece_definition,
+                 val/test: {ece_before, ece_after, brier_before, brier_after, nll_before, nll_after}},
+    per_class {val, test: {class: {auroc, auprc, sensitivity, specificity, ppv, npv, support}}} (multiclass),
+    confusion_matrix {labels, test: [[...]] rows=true}, counts {split: {class: n}}, patients {split: n},
+    bootstrap {n_resamples, n_skipped, n_patients, seed, unit, method, level},
+    transfer (null or {control_run_id, control_kind, metric, main, control, gain {value, ci_low, ci_high},
+              p_not_better, negative_transfer, verdict, rule, n_resamples, n_skipped, n_studies}),
+    warnings [plain-language caveats: small splits, separable validation, skipped resamples, ...],
+    evaluated {val, test: studies scored}, failed_studies (null or {val, test}: unreadable now),
+    checkpoint {epoch, best_metric, select_metric}, hashes, artifacts [file names]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from medxfer.stats import metrics as M
+from medxfer.stats.calibration import fit_temperature, softmax
+
+FORMAT = 1
+NEGATIVE_TRANSFER_RULE = (
+    "flag when the pretrained (main) model is not shown better than the control: "
+    "AUROC gain point estimate <= 0 or its 95% paired patient-bootstrap CI lower bound <= 0"
+)
+HEADLINE = (*M.METRIC_NAMES, "ece", "brier")
+
+
+def medxfer_version() -> str:
+    try:
+        return metadata.version("medxfer")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+@dataclass
+class SplitOutputs:
+    """Raw model outputs for the studies of one split, in one fixed order."""
+
+    logits: np.ndarray  # (N, K)
+    y: np.ndarray  # (N,) class indices
+    patients: np.ndarray  # (N,) patient pseudonyms
+    studies: np.ndarray  # (N,) study pseudonyms
+
+    def subset(self, studies: Sequence[str]) -> SplitOutputs:
+        pos = {s: i for i, s in enumerate(self.studies)}
+        idx = np.array([pos[s] for s in studies], dtype=int)
+        return SplitOutputs(self.logits[idx], self.y[idx], self.patients[idx], self.studies[idx])
+
+
+@dataclass
+class Computed:
+    """``evaluation`` (the JSON dict) plus the arrays the plots and predictions table need."""
+
+    evaluation: dict[str, Any]
+    prob_test_raw: np.ndarray
+    prob_test: np.ndarray
+    prob_val: np.ndarray
+    decision_test: np.ndarray
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe: nan/inf -> None, numpy -> python, Paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _calibration_block(y: np.ndarray, before: np.ndarray, after: np.ndarray, pos: int | None) -> dict[str, float]:
+    if pos is not None:
+        yb = (y == pos).astype(int)
+        before, after = M.binary_prob(before, pos), M.binary_prob(after, pos)
+    else:
+        yb = y
+    return {
+        "ece_before": M.ece(yb, before),
+        "ece_after": M.ece(yb, after),
+        "brier_before": M.brier(yb, before),
+        "brier_after": M.brier(yb, after),
+        "nll_before": M.nll(yb, before),
+        "nll_after": M.nll(yb, after),
+    }
+
+
+def _decision(prob: np.ndarray, threshold: float | None, pos: int | None) -> np.ndarray:
+    if threshold is None or pos is None:
+        return prob.argmax(axis=1)
+    other = 1 - pos if prob.shape[1] == 2 else None
+    positive = prob[:, pos] >= threshold
+    return np.where(positive, pos, other if other is not None else prob.argmax(axis=1))
+
+
+def compute_evaluation(
+    val: SplitOutputs,
+    test: SplitOutputs,
+    classes: Sequence[str],
+    positive_class: str | None,
+    task: str,
+    policy: str = "youden",
+    target: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    control_val: SplitOutputs | None = None,
+    control_test: SplitOutputs | None = None,
+    control_kind: str | None = None,
+    control_run_id: str | None = None,
+) -> Computed:
+    """Everything in ``evaluation.json`` that follows from the model outputs (pure numpy, no I/O)."""
+    classes = list(classes)
+    binary = task == "binary"
+    pos = classes.index(positive_class) if binary and positive_class else None
+    if binary and pos is None:
+        raise ValueError("a binary task needs positive_class")
+
+    fit = fit_temperature(val.logits, val.y)
+    t = fit.temperature
+    p_val_raw, p_val = softmax(val.logits), softmax(val.logits, t)
+    p_test_raw, p_test = softmax(test.logits), softmax(test.logits, t)
+
+    if binary:
+        choice = M.choose_threshold(val.y == pos, p_val[:, pos], policy, target)
+        threshold: float | None = choice.threshold
+        threshold_policy = {**choice.as_dict()}
+    else:
+        threshold = None
+        threshold_policy = {"policy": "argmax", "target": None, "value": None}
+
+    stat = M.headline_statistic(threshold, pos if pos is not None else 1)
+    boot = M.bootstrap(test.y, p_test, test.patients, stat, n_resamples=n_bootstrap, seed=seed)
+    test_block = {k: boot.intervals[k].as_dict() for k in HEADLINE}
+    val_point = stat(val.y, p_val)
+    val_block = {k: {"value": val_point[k], "ci_low": None, "ci_high": None} for k in HEADLINE}
+
+    decision = _decision(p_test, threshold, pos)
+    evaluation: dict[str, Any] = {
+        "format": FORMAT,
+        "medxfer_version": medxfer_version(),
+        "task": task,
+        "classes": classes,
+        "positive_class": positive_class if binary else None,
+        "test": test_block,
+        "val": val_block,
+        "threshold": threshold,
+        "threshold_policy": threshold_policy,
+        "temperature": t,
+        "calibration": {
+            **fit.as_dict(),
+            "n_bins": 15,
+            "ece_definition": (
+                "positive-class probability vs observed frequency" if binary else "top-label confidence vs accuracy"
+            ),
+            "val": _calibration_block(val.y, p_val_raw, p_val, pos),
+            "test": _calibration_block(test.y, p_test_raw, p_test, pos),
+        },
+        "confusion_matrix": {
+            "labels": classes,
+            "rows": "true",
+            "columns": "predicted",
+            "test": M.confusion_matrix(test.y, decision, len(classes)).tolist(),
+        },
+        "bootstrap": {k: v for k, v in boot.as_dict().items() if k != "intervals"},
+        "transfer": None,
+    }
+    if not binary:
+        evaluation["per_class"] = {
+            "val": M.multiclass_metrics(val.y, p_val, classes)["per_class"],
+            "test": M.multiclass_metrics(test.y, p_test, classes)["per_class"],
+        }
+    evaluation["warnings"] = _warnings(val, test, evaluation, fit.temperature)
+    if control_test is not None:
+        evaluation["transfer"] = _transfer(
+            test, p_test, control_val, control_test, pos, n_bootstrap, seed, control_kind, control_run_id
+        )
+    return Computed(json_safe(evaluation), p_test_raw, p_test, p_val, decision)
+
+
+def _warnings(val: SplitOutputs, test: SplitOutputs, ev: dict[str, Any], temperature: float) -> list[str]:
+    """Plain-language caveats about this evaluation; shown in the terminal, the JSON and the model card."""
+    out = []
+    k = len(ev["classes"])
+    for name, s in (("validation", val), ("test", test)):
+        per_class = np.bincount(s.y, minlength=k)
+        if s.y.size < 30 or per_class.min() < 10:
+            out.append(
+                f"{name} has {s.y.size} studies (fewest per class: {per_class.min()}): "
+                + (
+                    "the threshold and the temperature fitted on it are noisy"
+                    if name == "validation"
+                    else "expect wide confidence intervals"
+                )
+            )
+    separated = (
+        ev["val"]["auroc"]["value"] == 1.0 if ev["positive_class"] else bool((val.logits.argmax(1) == val.y).all())
+    )
+    if separated and temperature < 1.0:
+        out.append(
+            "validation is perfectly separated, so temperature scaling is ill-posed (its NLL keeps "
+            f"falling as T -> 0); T = {temperature:.3g} sharpens probabilities, check the reliability plot"
+        )
+    cal = ev["calibration"]["val"]
+    if cal["ece_after"] is not None and cal["ece_before"] is not None and cal["ece_after"] > cal["ece_before"]:
+        out.append(
+            f"temperature scaling lowered validation NLL but raised validation ECE "
+            f"({cal['ece_before']:.3f} -> {cal['ece_after']:.3f})"
+        )
+    b = ev["bootstrap"]
+    if b["n_skipped"] > 0.1 * max(b["n_resamples"], 1):
+        out.append(f"{b['n_skipped']} of {b['n_resamples']} bootstrap resamples lacked a class and were skipped")
+    if ev["threshold_policy"].get("target_achieved") is False:
+        out.append(
+            f"no validation threshold reaches {ev['threshold_policy']['policy']} "
+            f"{ev['threshold_policy']['target']}; the strictest observed one is used"
+        )
+    return out
+
+
+def _transfer(
+    test: SplitOutputs,
+    p_test: np.ndarray,
+    control_val: SplitOutputs | None,
+    control_test: SplitOutputs,
+    pos: int | None,
+    n_bootstrap: int,
+    seed: int,
+    kind: str | None,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """Paired comparison on the studies both arms scored (normally all test studies)."""
+    common = [s for s in test.studies if s in set(control_test.studies)]
+    if not common:
+        raise ValueError("the control arm scored none of the main run's test studies")
+    main = test.subset(common)
+    ctrl = control_test.subset(common)
+    # Each arm is calibrated on its own validation outputs; binary AUROC does not depend on it, the
+    # macro one-vs-rest AUROC of a multiclass model can.
+    t_ctrl = fit_temperature(control_val.logits, control_val.y).temperature if control_val is not None else 1.0
+    idx = {s: i for i, s in enumerate(test.studies)}
+    pa = p_test[[idx[s] for s in common]]
+    pb = softmax(ctrl.logits, t_ctrl)
+    y = main.y
+    if pos is not None:
+        y = (y == pos).astype(int)
+        pa, pb = M.binary_prob(pa, pos), M.binary_prob(pb, pos)
+    res = M.paired_bootstrap_diff(y, pa, pb, main.patients, M.macro_auroc, n_resamples=n_bootstrap, seed=seed)
+    gain = res["diff"]
+    if not np.isfinite(gain.ci_low) or not np.isfinite(gain.value):
+        verdict = "undetermined"
+    elif gain.ci_low > 0:
+        verdict = "better"
+    elif gain.ci_high < 0:
+        verdict = "worse"
+    else:
+        verdict = "not shown better"
+    negative = bool(not np.isfinite(gain.ci_low) or gain.value <= 0 or gain.ci_low <= 0)
+    return {
+        "control_run_id": run_id,
+        "control_kind": kind,
+        "metric": "auroc" if pos is not None else "macro_auroc",
+        "main": res["a"],
+        "control": res["b"],
+        "gain": gain.as_dict(),
+        "p_not_better": res["p_not_better"],
+        "negative_transfer": negative,
+        "verdict": verdict,
+        "rule": NEGATIVE_TRANSFER_RULE,
+        "control_temperature": t_ctrl,
+        "n_resamples": res["n_resamples"],
+        "n_skipped": res["n_skipped"],
+        "n_studies": len(common),
+        "missing_in_control": int(test.studies.size - len(common)),
+    }
+
+
+def write_plots(out_dir: Path, computed: Computed, test: SplitOutputs) -> list[Path]:
+    from medxfer.stats import plots
+
+    ev = computed.evaluation
+    classes = ev["classes"]
+    pos = classes.index(ev["positive_class"]) if ev.get("positive_class") else None
+    op = None
+    if pos is not None:
+        op = (ev["test"]["sensitivity"]["value"] or 0.0, ev["test"]["specificity"]["value"] or 0.0)
+    if pos is not None:
+        y_rel = (test.y == pos).astype(int)
+        before, after = M.binary_prob(computed.prob_test_raw, pos), M.binary_prob(computed.prob_test, pos)
+    else:
+        y_rel, before, after = test.y, computed.prob_test_raw, computed.prob_test
+    cm = np.asarray(ev["confusion_matrix"]["test"])
+    return [
+        plots.roc_plot(test.y, computed.prob_test, classes, pos, out_dir / "roc.png", operating_point=op),
+        plots.pr_plot(test.y, computed.prob_test, classes, pos, out_dir / "pr.png"),
+        plots.reliability_plot(y_rel, before, after, out_dir / "reliability.png"),
+        plots.confusion_plot(cm, classes, out_dir / "confusion_matrix.png"),
+    ]
+
+
+def predictions_table(
+    split: str, out: SplitOutputs, prob: np.ndarray, classes: Sequence[str], decision: np.ndarray | None = None
+):
+    """Per-study outputs keyed by pseudonyms only (no paths): for notebooks and error analysis."""
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {"study_key": out.studies, "patient_key": out.patients, "split": split, "label": [classes[i] for i in out.y]}
+    )
+    for i, c in enumerate(classes):
+        df[f"prob_{c}"] = prob[:, i]
+    if decision is not None:
+        df["decision"] = [classes[i] for i in decision]
+    return df
+
+
+def metrics_for_mlflow(ev: dict[str, Any]) -> dict[str, float]:
+    """Flat metric names logged to the training run."""
+    out: dict[str, float] = {}
+    # Validation metrics get an "eval_" prefix: training already logs val_auroc etc. per epoch, and a
+    # value at step 0 would land inside those learning curves.
+    for split, prefix in (("test", "test"), ("val", "eval_val")):
+        for k, m in (ev.get(split) or {}).items():
+            for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+                if m.get(part) is not None:
+                    out[f"{prefix}_{k}{suffix}"] = float(m[part])
+    if ev.get("threshold") is not None:
+        out["threshold"] = float(ev["threshold"])
+    out["temperature"] = float(ev["temperature"])
+    for split in ("val", "test"):
+        for k, v in (ev["calibration"].get(split) or {}).items():
+            if v is not None:
+                out[f"calibration_{split}_{k}"] = float(v)
+    tr = ev.get("transfer")
+    if tr:
+        for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            if tr["gain"].get(part) is not None:
+                out[f"transfer_gain{suffix}"] = float(tr["gain"][part])
+        out["control_test_auroc"] = float(tr["control"])
+        out["negative_transfer"] = float(tr["negative_transfer"])
+    for c, m in ((ev.get("per_class") or {}).get("test") or {}).items():
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", c)
+        for k in ("auroc", "sensitivity", "specificity"):
+            if m.get(k) is not None:
+                out[f"test_{safe}_{k}"] = float(m[k])
+    return out
+
+
+def dump_json(obj: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class EvalResult:
+    run_id: str
+    evaluation: dict[str, Any]
+    path: Path
+    tracking_uri: str
+    logged: bool
+
+    def summary(self) -> dict[str, Any]:
+        ev = self.evaluation
+        cal = ev["calibration"]
+        return {
+            "run_id": self.run_id,
+            "task": ev["task"],
+            "classes": ev["classes"],
+            "positive_class": ev["positive_class"],
+            "test": ev["test"],
+            "threshold": ev["threshold"],
+            "threshold_policy": ev["threshold_policy"],
+            "temperature": ev["temperature"],
+            "calibration": {"test": cal["test"], "val": cal["val"]},
+            "val": ev["val"],
+            "counts": ev.get("counts"),
+            "bootstrap": ev["bootstrap"],
+            "transfer": ev.get("transfer"),
+            "failed_studies": ev.get("failed_studies"),
+            "evaluation_json": str(self.path),
+            "logged_to_mlflow": self.logged,
+        }
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        ev = self.evaluation
+        rows = [("run", self.run_id), ("test studies", _count_text(ev, "test"))]
+        for k in HEADLINE:
+            m, v = ev["test"][k], ev["val"][k]["value"]
+            ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else ""
+            rows.append(
+                (
+                    f"test {k}",
+                    (f"{m['value']:.3f}" if m["value"] is not None else "n/a")
+                    + ci
+                    + (f"   (val {v:.3f})" if v is not None else ""),
+                )
+            )
+        if ev["threshold"] is not None:
+            tp = ev["threshold_policy"]
+            rows.append(
+                (
+                    "threshold",
+                    f"{ev['threshold']:.4f} ({tp['policy']}"
+                    + (f" {tp['target']}" if tp.get("target") else "")
+                    + ", from validation)",
+                )
+            )
+        else:
+            rows.append(("decision", "argmax"))
+        c = ev["calibration"]["test"]
+        rows.append(
+            (
+                "calibration",
+                f"T={ev['temperature']:.3f}; ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
+                f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}",
+            )
+        )
+        tr = ev.get("transfer")
+        if tr:
+            g = tr["gain"]
+            rows.append(
+                (
+                    f"transfer vs {tr['control_kind'] or 'control'}",
+                    f"AUROC gain {g['value']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]; "
+                    + (f"NEGATIVE-TRANSFER FLAG ({tr['verdict']})" if tr["negative_transfer"] else "pretrained better"),
+                )
+            )
+        b = ev["bootstrap"]
+        rows.append(("CIs", f"patient bootstrap, {b['n_resamples']} resamples, {b['n_skipped']} skipped"))
+        if ev.get("failed_studies"):
+            rows.append(("unreadable", json.dumps(ev["failed_studies"])))
+        rows.append(("written", str(self.path)))
+        return f"evaluate: {self.run_id[:12]}", rows
+
+
+def _count_text(ev: dict[str, Any], split: str) -> str:
+    counts = (ev.get("counts") or {}).get(split) or {}
+    pts = (ev.get("patients") or {}).get(split)
+    inner = ", ".join(f"{c} {n}" for c, n in counts.items())
+    return f"{sum(counts.values())} ({inner})" + (f", {pts} patients" if pts is not None else "")
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def infer_split(
+    model: Any, rows: Any, spec: Any, recipe: Any, device: str, description: str, batch_size: int = 16
+) -> tuple[SplitOutputs, int]:
+    """Deterministic preprocessing + forward pass for the studies in `rows` (manifest rows with split info).
+
+    Returns the outputs of the studies that loaded and the number that failed: a study that ingest
+    accepted but that cannot be read now (moved, changed) is counted and reported, not silently lost.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from medxfer.core import ui
+    from medxfer.data.transforms import load_inference_tensor
+
+    records = rows.to_dict("records")
+
+    def load(r: dict[str, Any]):
+        try:
+            return load_inference_tensor(list(r["files"]), r["source_kind"], spec, recipe)
+        except Exception:  # reported as a count; the exception text may name a source path
+            return None
+
+    logits: list[np.ndarray] = []
+    keep: list[int] = []
+    batch: list[Any] = []
+    idx: list[int] = []
+    failed = 0
+
+    def flush() -> None:
+        if batch:
+            with torch.inference_mode():
+                out = model(torch.stack(batch).to(device, dtype=torch.float32))
+            logits.append(out.float().cpu().numpy())
+            keep.extend(idx)
+            batch.clear()
+            idx.clear()
+
+    def loaded():
+        # A bounded window of loads in flight: volumes are large, never hold a whole split in memory.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            window = 2 * batch_size
+            for start in range(0, len(records), window):
+                yield from pool.map(load, records[start : start + window])
+
+    for i, x in enumerate(ui.progress(loaded(), total=len(records), description=description)):
+        if x is None:
+            failed += 1
+            continue
+        if batch and tuple(x.shape) != tuple(batch[0].shape):
+            flush()
+        batch.append(x)
+        idx.append(i)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    k = int(getattr(model, "num_classes", 0)) or (logits[0].shape[1] if logits else 1)
+    z = np.concatenate(logits) if logits else np.zeros((0, k))
+    sel = [records[i] for i in keep]
+    return SplitOutputs(
+        z,
+        np.array([int(r["label_index"]) for r in sel], dtype=int),
+        np.array([str(r["patient_key"]) for r in sel]),
+        np.array([str(r["study_key"]) for r in sel]),
+    ), failed
+
+
+def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
+    from medxfer.core.errors import StageError
+    from medxfer.tracking import tracker as tracking
+
+    local = ws.run_dir(run_id) / "best.pt"
+    if local.is_file():
+        return local
+    got = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", tmp / run_id)
+    if got is None:
+        raise StageError(
+            f"run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the "
+            "workspace nor the checkpoints/best.pt artifact); did training finish?"
+        )
+    return got
+
+
+def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
+    import pandas as pd
+    from medxfer.core.errors import StageError
+
+    if not ws.manifest.is_file() or not ws.splits.is_file():
+        raise StageError(
+            f"the workspace has no manifest/split for '{spec.name}'; evaluate needs the workspace the "
+            "run was trained in (--workspace)"
+        )
+    report = json.loads(ws.split_report.read_text()) if ws.split_report.is_file() else {}
+    trained_on = (ckpt.get("hashes") or {}).get("split")
+    if trained_on and report.get("split_hash") and report["split_hash"] != trained_on:
+        # A re-split can move training studies into test: numbers would be optimistic without warning.
+        raise StageError(
+            "the split changed since this run was trained (split hash differs); evaluating would "
+            "mix training studies into the test set. Retrain, or restore the original split"
+        )
+    manifest = pd.read_parquet(ws.manifest)
+    splits = pd.read_csv(ws.splits)
+    rows = manifest.merge(splits[["study_key", "split"]], on="study_key", how="inner")
+    counts: dict[str, dict[str, int]] = {}
+    patients: dict[str, int] = {}
+    for s in ("train", "val", "test"):
+        g = rows[rows["split"] == s]
+        counts[s] = {c: int((g["label_index"] == i).sum()) for i, c in enumerate(spec.classes)}
+        patients[s] = int(g["patient_key"].nunique())
+    return rows, counts, patients
+
+
+def spec_from_checkpoint(ckpt: dict[str, Any]):
+    """The run's DataSpec; relative source paths resolve against the spec file, as in training, so the PHI
+    guard knows the real data root (a copy from MLflow has its paths masked, which is fine too)."""
+    from medxfer.config.spec import DataSpec
+
+    spec = DataSpec.model_validate({k: v for k, v in ckpt["spec"].items() if k != "spec_path"})
+    if ckpt["spec"].get("spec_path") not in (None, "<local path>"):
+        spec.spec_path = Path(ckpt["spec"]["spec_path"])
+    return spec
+
+
+def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, device: str | None = None) -> EvalResult:
+    """Evaluate a training run end to end; see the module docstring for what is computed and where it goes.
+
+    n_bootstrap: patient-level resamples; None takes the run's ``recipe.evaluation.bootstrap`` (1000 by default).
+    """
+    import tempfile
+
+    import pandas as pd
+    from medxfer.config.recipe import recipe_from_dict
+    from medxfer.core import ui
+    from medxfer.core.errors import StageError
+    from medxfer.core.workspace import Workspace
+    from medxfer.data.transforms import inference_model, tta_views
+    from medxfer.tracking import tracker as tracking
+    from medxfer.training import checkpoint as ckpt_io
+
+    uri = Workspace.for_spec(workspace, "_").tracking_uri
+    run = tracking.get_run(uri, run_id)
+    spec_name = run["tags"].get(tracking.TAG_SPEC) or run["experiment"]
+    ws = Workspace.for_spec(workspace, spec_name)
+    dev = _device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, ckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, run_id, Path(tmp)), dev)
+        spec = spec_from_checkpoint(ckpt)
+        recipe = recipe_from_dict(ckpt["recipe"])
+        rows, counts, patients = _split_rows(ws, spec, ckpt)
+        val_rows, test_rows = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
+        if val_rows.empty or test_rows.empty:
+            raise StageError(
+                f"the split has {len(val_rows)} val and {len(test_rows)} test studies; evaluate needs "
+                "both (k-fold splits without a test fraction cannot be evaluated here)"
+            )
+        ui.info(f"evaluating run {run_id[:12]} on {len(val_rows)} val + {len(test_rows)} test studies ({dev})")
+        model = inference_model(model, spec, recipe)
+        val, val_failed = infer_split(model, val_rows, spec, recipe, dev, "val")
+        test, test_failed = infer_split(model, test_rows, spec, recipe, dev, "test")
+        control_kw: dict[str, Any] = {}
+        control_id = run["tags"].get(tracking.TAG_CONTROL_RUN)
+        if control_id:
+            cmodel, cckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, control_id, Path(tmp)), dev)
+            ui.info(f"control arm {control_id[:12]} ({cckpt.get('control') or 'control'}): same val/test studies")
+            crecipe = recipe_from_dict(cckpt["recipe"])
+            cmodel = inference_model(cmodel, spec, crecipe)
+            cval, _ = infer_split(cmodel, val_rows, spec, crecipe, dev, "control val")
+            ctest, _ = infer_split(cmodel, test_rows, spec, crecipe, dev, "control test")
+            control_kw = {
+                "control_val": cval,
+                "control_test": ctest,
+                "control_run_id": control_id,
+                "control_kind": cckpt.get("control") or run["tags"].get(tracking.TAG_CONTROL),
+            }
+    if val.y.size == 0 or test.y.size == 0:
+        raise StageError("no val or test study could be read; check that the source files are still in place")
+    computed = compute_evaluation(
+        val,
+        test,
+        spec.classes,
+        spec.positive_class,
+        spec.task,
+        policy=recipe.evaluation.threshold,
+        target=recipe.evaluation.target,
+        n_bootstrap=recipe.evaluation.bootstrap if n_bootstrap is None else n_bootstrap,
+        seed=recipe.seed,
+        **control_kw,
+    )
+    ev = computed.evaluation
+    best = ckpt.get("best") or {}
+    views = tta_views(spec, recipe)
+    ev = {
+        "run_id": run_id,
+        **ev,
+        "counts": counts,
+        "patients": patients,
+        "evaluated": {"val": int(val.y.size), "test": int(test.y.size)},
+        "tta": {"views": 1 + len(views), "flip_dims": [list(v) for v in views]},
+        "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
+        "checkpoint": {
+            "epoch": best.get("epoch", ckpt.get("epoch")),
+            "best_metric": ckpt.get("best_metric"),
+            "select_metric": recipe.select_metric,
+        },
+        "hashes": ckpt.get("hashes"),
+    }
+    if val_failed or test_failed:
+        ev["warnings"].append(
+            f"{val_failed} val and {test_failed} test studies could not be read and are not in the metrics"
+        )
+    for w in ev["warnings"]:
+        ui.warn(w)
+
+    run_dir = ws.run_dir(run_id)
+    out_dir = run_dir / "evaluation"
+    plots = write_plots(out_dir, computed, test)
+    preds = predictions_table("test", test, computed.prob_test, spec.classes, computed.decision_test)
+    preds = pd.concat([predictions_table("val", val, computed.prob_val, spec.classes), preds], ignore_index=True)
+    preds.to_csv(out_dir / "predictions.csv", index=False)
+    ev["artifacts"] = sorted([p.name for p in plots] + ["predictions.csv", "evaluation.json"])
+    path = dump_json(ev, run_dir / "evaluation.json")
+    dump_json(ev, out_dir / "evaluation.json")
+    logged = _log_to_run(uri, run, spec, ws, ev, out_dir, rows)
+    return EvalResult(run_id, json.loads(path.read_text()), path, uri, logged)
+
+
+def _log_to_run(
+    uri: str, run: dict[str, Any], spec: Any, ws: Any, ev: dict[str, Any], out_dir: Path, rows: Any
+) -> bool:
+    """Everything into the training run itself (see the module docstring for names)."""
+    from medxfer.tracking import tracker as tracking
+
+    guard = tracking.PHIGuard.for_training(spec, list(rows["files"]), pseudonym_map=ws.pseudonym_map)
+    t = tracking.attach(uri, run["experiment"], run["run_id"], guard)
+    t.log_epoch(0, metrics_for_mlflow(ev))
+    tags = {"medxfer.evaluated": "true"}
+    if ev.get("transfer"):
+        tags["medxfer.negative_transfer"] = str(bool(ev["transfer"]["negative_transfer"])).lower()
+    t.set_tags(tags)
+    for f in sorted(out_dir.iterdir()):
+        t.log_file(f, "evaluation", text=f.suffix in (".json", ".csv"))
+    return True

@@ -1,0 +1,1 @@
+"""What leaves training: the bundle, registry (register/promote), pyfunc, predict and export."""

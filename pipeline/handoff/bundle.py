@@ -1,0 +1,405 @@
+"""The self-contained model bundle: what the MLflow pyfunc, ``predict`` and ``export`` all load.
+
+Layout of a bundle folder (format ``medxfer-bundle/1``)::
+
+    weights.safetensors   the model state dict (safetensors: no pickle); its SHA-256 is in preprocessing.json
+    preprocessing.json    everything needed to rebuild the model and preprocess exactly as in training
+    evaluation.json       aggregate evaluation (metrics with CIs, calibration, threshold); no per-study data
+    model_card.md         human-readable model card (medxfer.evaluation.modelcard)
+    model_card.json       the same, machine-readable
+
+``preprocessing.json``::
+
+    format, medxfer_version, run_id,
+    model {encoder, num_classes, in_chans, spatial_dims},      -> medxfer.models.registry.create_classifier(...)
+    weights {file, sha256},
+    task, classes, positive_class, positive_index,
+    temperature, threshold (binary; null = argmax), threshold_policy, decision_rule,
+    input {shape [C, *spatial] or null when native size, dtype, value_range},
+    spec    (DataSpec fields: dims, source kind, labels key, series rules, preprocess; local paths
+             replaced by "<local path>", no split section),
+    recipe  (Recipe fields incl. data.size; a local pretrained-weights path replaced by its kind)
+
+It holds no PHI and no source paths: nothing in it comes from the manifest.
+
+Usage (this is the API the pyfunc wrapper and ``medxfer predict`` build on)::
+
+    from medxfer.handoff.bundle import Predictor, write_bundle
+    write_bundle(ckpt_dict_or_path, evaluation_dict, "bundle/")          # -> Path("bundle/")
+    p = Predictor.from_dir("bundle/", device="cpu")                        # verifies the weights' SHA-256
+    df = p.predict(["study_folder/", "scan.nii.gz"], model_name="m", model_version="3")
+    # df columns: input, prob_<class> for each class (calibrated), decision (class name),
+    #             model_name, model_version, error (None or "REASON_CODE: message")
+    x = p.preprocess("scan.nii.gz")   # torch.Tensor (C, *spatial), exactly the training eval transform
+    p.logits(x[None])                  # raw logits (mirrored views averaged when the recipe's evaluation.tta)
+    p.probabilities(p.logits(x[None])) # ... with the temperature applied
+
+An input that cannot be read gets a row with ``error`` set and NaN probabilities; a bad input
+never raises for the whole batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from medxfer.core.errors import MedxferError
+
+BUNDLE_FORMAT = "medxfer-bundle/1"
+WEIGHTS = "weights.safetensors"
+PREPROCESSING = "preprocessing.json"
+EVALUATION = "evaluation.json"
+CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
+LOCAL = "<local path>"
+
+
+class BundleError(MedxferError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_bundle(path: Path) -> bool:
+    path = Path(path)
+    return (path / PREPROCESSING).is_file() and (path / WEIGHTS).is_file()
+
+
+def find_bundle(root: Path) -> Path | None:
+    """The bundle folder at or below `root` (e.g. inside a downloaded MLflow model's artifacts)."""
+    root = Path(root)
+    if is_bundle(root):
+        return root
+    for cfg in sorted(root.rglob(PREPROCESSING)):
+        if is_bundle(cfg.parent):
+            return cfg.parent
+    return None
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _sanitised_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items() if k not in ("spec_path", "split")}
+    if isinstance(out.get("source"), dict):
+        out["source"]["root"] = LOCAL
+    if isinstance(out.get("labels"), dict):
+        out["labels"]["csv"] = LOCAL
+    return out
+
+
+def _sanitised_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    out = dict(recipe)
+    w = out.get("weights")
+    if w not in (None, "default", "none", "package", "hub"):
+        out["weights"] = "file"  # the pretrained file was used for training only; inference loads the bundle
+    return out
+
+
+def _input_size(spec: dict[str, Any], recipe: dict[str, Any]) -> list[int] | None:
+    return (recipe.get("data") or {}).get("size") or (spec.get("preprocess") or {}).get("size")
+
+
+def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    from medxfer.evaluation.evaluate import medxfer_version
+
+    spec = ckpt.get("spec") or {}
+    recipe = ckpt.get("recipe") or {}
+    args = ckpt.get("model_args") or {}
+    classes = list(ckpt.get("classes") or spec.get("classes") or [])
+    if not args or not classes:
+        raise BundleError("checkpoint lacks model_args or classes; it was not written by medxfer train")
+    ev = evaluation or {}
+    task = spec.get("task") or ("binary" if len(classes) == 2 else "multiclass")
+    pos = spec.get("positive_class") if task == "binary" else None
+    threshold = ev.get("threshold")
+    if task == "binary" and threshold is None:
+        threshold = 0.5  # not evaluated: an uncalibrated default, recorded as such in threshold_policy
+    size = _input_size(spec, recipe)
+    return {
+        "format": BUNDLE_FORMAT,
+        "medxfer_version": medxfer_version(),
+        "run_id": ckpt.get("run_id"),
+        "model": {
+            "encoder": args["name"],
+            "num_classes": int(args["num_classes"]),
+            "in_chans": int(args["in_chans"]),
+            "spatial_dims": int(args["spatial_dims"]),
+        },
+        "weights": {"file": WEIGHTS, "sha256": None},
+        "task": task,
+        "classes": classes,
+        "positive_class": pos,
+        "positive_index": classes.index(pos) if pos in classes else None,
+        "temperature": float(ev.get("temperature", 1.0)),
+        "threshold": threshold,
+        "threshold_policy": ev.get("threshold_policy")
+        or {"policy": "default 0.5 (not evaluated)" if task == "binary" else "argmax"},
+        "decision_rule": (
+            f"'{pos}' when prob_{pos} >= threshold, else the other class"
+            if task == "binary"
+            else "argmax of the class probabilities"
+        ),
+        "input": {
+            "shape": [int(args["in_chans"]), *size] if size else None,
+            "dtype": "float32",
+            "value_range": "intensity scaled to about [0, 1]; the model normalises internally",
+        },
+        "spec": _sanitised_spec(spec),
+        "recipe": _sanitised_recipe(recipe),
+    }
+
+
+def write_bundle(
+    ckpt: dict[str, Any] | Path | str,
+    evaluation: dict[str, Any] | None,
+    out_dir: Path | str,
+    run_info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle folder from a training checkpoint (dict or path) and its evaluation.json dict.
+
+    ``run_info`` feeds the model card (see medxfer.evaluation.modelcard); by default it is derived from the
+    checkpoint. Existing bundle files in `out_dir` are replaced.
+    """
+    import torch
+    from medxfer.evaluation.modelcard import build_model_card, run_info_from_checkpoint
+    from safetensors.torch import save_file
+
+    if not isinstance(ckpt, dict):
+        from medxfer.training.checkpoint import load
+
+        ckpt = load(Path(ckpt))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = preprocessing_config(ckpt, evaluation)
+    # Clone: safetensors refuses tensors that share storage, and a state dict may hold views.
+    state = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)
+    }
+    save_file(
+        state,
+        str(out / WEIGHTS),
+        metadata={"format": "pt", "encoder": cfg["model"]["encoder"], "medxfer": BUNDLE_FORMAT},
+    )
+    cfg["weights"]["sha256"] = sha256_file(out / WEIGHTS)
+    _write_json(out / PREPROCESSING, cfg)
+    if evaluation:
+        _write_json(out / EVALUATION, evaluation)
+    md, card = build_model_card(run_info or run_info_from_checkpoint(ckpt), evaluation or {})
+    (out / CARD_MD).write_text(md)
+    _write_json(out / CARD_JSON, card)
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from medxfer.evaluation.evaluate import json_safe
+
+    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------- loading and predicting
+
+
+def load_config(bundle_dir: Path) -> dict[str, Any]:
+    path = Path(bundle_dir) / PREPROCESSING
+    if not path.is_file():
+        raise BundleError(f"{Path(bundle_dir).name}: not a medxfer bundle ({PREPROCESSING} missing)")
+    cfg = json.loads(path.read_text())
+    if cfg.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{PREPROCESSING}: unsupported bundle format {cfg.get('format')!r} (this medxfer reads {BUNDLE_FORMAT})"
+        )
+    return cfg
+
+
+def build_model(cfg: dict[str, Any]):
+    """The architecture from preprocessing.json, randomly initialised (weights come from the safetensors)."""
+    from medxfer.models.registry import create_classifier
+
+    m = cfg["model"]
+    return create_classifier(
+        m["encoder"], num_classes=m["num_classes"], in_chans=m["in_chans"], spatial_dims=m["spatial_dims"], weights=None
+    )
+
+
+class Predictor:
+    """A loaded bundle: preprocessing, model, temperature and threshold together."""
+
+    def __init__(self, model: Any, config: dict[str, Any], device: str = "cpu"):
+        self.model = model
+        self.config = config
+        self.device = device
+        self._spec = None
+        self._recipe = None
+        self._inference_model: Any = None
+
+    @classmethod
+    def from_dir(cls, bundle_dir: Path | str, device: str = "cpu", verify: bool = True) -> Predictor:
+        from safetensors.torch import load_file
+
+        bundle_dir = Path(bundle_dir)
+        cfg = load_config(bundle_dir)
+        wpath = bundle_dir / cfg["weights"]["file"]
+        if not wpath.is_file():
+            raise BundleError(f"bundle {bundle_dir.name}: {cfg['weights']['file']} missing")
+        if verify and cfg["weights"].get("sha256") and sha256_file(wpath) != cfg["weights"]["sha256"]:
+            raise BundleError(
+                f"bundle {bundle_dir.name}: {WEIGHTS} does not match the SHA-256 in {PREPROCESSING}; "
+                "the file was changed or truncated"
+            )
+        model = build_model(cfg)
+        model.load_state_dict(load_file(str(wpath), device="cpu"), strict=True)
+        model.to(device).eval()
+        return cls(model, cfg, device)
+
+    @property
+    def inference_model(self) -> Any:
+        """``model`` with the test-time mirroring the bundle was evaluated with (recipe ``evaluation.tta``)."""
+        if self._inference_model is None:
+            from medxfer.data.transforms import inference_model
+
+            self._inference_model = inference_model(self.model, self.spec, self.recipe)
+        return self._inference_model
+
+    # -- facts
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.config["temperature"])
+
+    @property
+    def threshold(self) -> float | None:
+        return self.config.get("threshold")
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.config.get("positive_index")
+
+    @property
+    def spec(self):
+        if self._spec is None:
+            from medxfer.config.spec import DataSpec
+
+            self._spec = DataSpec.model_validate(self.config["spec"])
+        return self._spec
+
+    @property
+    def recipe(self):
+        if self._recipe is None:
+            from medxfer.config.recipe import recipe_from_dict
+
+            self._recipe = recipe_from_dict(self.config["recipe"])
+        return self._recipe
+
+    # -- steps
+    def resolve(self, paths: Sequence[str | Path]) -> list[Any]:
+        """Studies found in the inputs, the way ingest finds them (medxfer.ingest.ingest.resolve_inputs)."""
+        from medxfer.ingest.ingest import resolve_inputs
+
+        return resolve_inputs([Path(p) for p in paths], self.spec)
+
+    def load(self, files: list[str], source_kind: str):
+        from medxfer.data.transforms import load_inference_tensor
+
+        return load_inference_tensor(files, source_kind, self.spec, self.recipe)
+
+    def preprocess(self, path: str | Path):
+        """The model input (C, *spatial) for one study (a DICOM series folder or file, or a NIfTI file)."""
+        items = self.resolve([path])
+        ok = [it for it in items if it.reason_code is None]
+        if len(ok) != 1:
+            bad = next((it for it in items if it.reason_code), None)
+            why = f"{bad.reason_code}: {bad.message}" if bad and not ok else f"{len(ok)} studies found"
+            raise BundleError(f"preprocess needs exactly one readable study ({why}); use predict() for folders")
+        return self.load(ok[0].files, ok[0].source_kind)
+
+    def logits(self, batch) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.inference_model(batch.to(self.device, dtype=torch.float32)).float().cpu().numpy()
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        from medxfer.stats.calibration import softmax
+
+        return softmax(np.asarray(logits, dtype=np.float64), self.temperature)
+
+    def decide(self, prob: np.ndarray) -> list[str]:
+        classes = self.classes
+        pos, thr = self.positive_index, self.threshold
+        if pos is None or thr is None or len(classes) != 2:
+            return [classes[i] for i in prob.argmax(axis=1)]
+        other = classes[1 - pos]
+        return [classes[pos] if p >= thr else other for p in prob[:, pos]]
+
+    def predict(
+        self,
+        paths: Sequence[str | Path],
+        model_name: str | None = None,
+        model_version: str | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ):
+        """One row per study found (or per unusable input); see the module docstring for the columns."""
+        import pandas as pd
+        import torch
+        from medxfer.core import ui
+
+        rows: list[dict[str, Any]] = []
+        pending: list[tuple[int, Any]] = []  # (row index, tensor) waiting for a forward pass
+
+        def flush() -> None:
+            if not pending:
+                return
+            # Studies resized to the recipe size stack; native-size inputs may not, so group by shape.
+            by_shape: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
+            for i, x in pending:
+                by_shape.setdefault(tuple(x.shape), []).append((i, x))
+            for group in by_shape.values():
+                prob = self.probabilities(self.logits(torch.stack([x for _, x in group])))
+                for (i, _), p, d in zip(group, prob, self.decide(prob), strict=True):
+                    rows[i].update({f"prob_{c}": float(v) for c, v in zip(self.classes, p, strict=True)})
+                    rows[i].update(decision=d, error=None)
+            pending.clear()
+
+        items = self.resolve(paths)
+        for it in ui.progress(items, total=len(items), description="predict", enabled=progress):
+            row = {
+                "input": it.input,
+                **{f"prob_{c}": math.nan for c in self.classes},
+                "decision": None,
+                "model_name": model_name,
+                "model_version": None if model_version is None else str(model_version),
+                "error": None,
+            }
+            rows.append(row)
+            if it.reason_code is not None:
+                row["error"] = f"{it.reason_code}: {it.message}"
+                continue
+            try:
+                x = self.load(it.files, it.source_kind)
+            except MedxferError as exc:  # PHI-free by contract: the message can be shown
+                row["error"] = f"{getattr(exc, 'code', None) or 'unreadable'}: {exc}"
+                continue
+            except Exception as exc:  # library errors may quote file paths: report the type only
+                row["error"] = f"unreadable: could not load the study ({type(exc).__name__})"
+                continue
+            pending.append((len(rows) - 1, x))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        columns = ["input", *[f"prob_{c}" for c in self.classes], "decision", "model_name", "model_version", "error"]
+        return pd.DataFrame(rows, columns=columns)

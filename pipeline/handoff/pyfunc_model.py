@@ -1,0 +1,56 @@
+"""The MLflow pyfunc that ``medxfer register`` logs, as code (MLflow "models from code").
+
+MLflow copies this file into the model and runs it at load time; the model's artifacts hold
+the medxfer bundle (weights as safetensors, ``preprocessing.json``), so nothing is unpickled.
+Loading needs medxfer installed in the environment (it brings the readers and transforms
+training used, which is what makes the preprocessing identical).
+
+    import mlflow, pandas as pd
+    model = mlflow.pyfunc.load_model("models:/NAME@candidate")
+    model.predict(pd.DataFrame({"path": ["study_folder/", "scan.nii.gz"]}))
+
+Input: a DataFrame with a ``path`` column (a DICOM series folder, a DICOM file or a NIfTI file;
+a list of paths or a single path string also works). Output: one row per study, with
+``input``, calibrated ``prob_<class>``, ``decision``, ``model_name``, ``model_version`` and
+``error`` ("REASON_CODE: message" for an input that cannot be used; its probabilities are NaN).
+Model config ``device`` ("cpu", "cuda") overrides the default (CUDA when available).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from medxfer.tracking import tracker as tracking
+
+
+def _paths(model_input: Any) -> list[str]:
+    if isinstance(model_input, pd.DataFrame):
+        if "path" not in model_input.columns:
+            raise ValueError(f"input needs a 'path' column; got columns {list(model_input.columns)[:20]}")
+        values = model_input["path"].tolist()
+    elif isinstance(model_input, dict) and "path" in model_input:
+        values = model_input["path"]
+        values = [values] if isinstance(values, str) else list(values)
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    return ["" if v is None else str(v) for v in values]
+
+
+class MedxferModel(tracking.python_model_base()):
+    def load_context(self, context) -> None:
+        from medxfer.handoff.predict import load_predictor
+
+        cfg = dict(context.model_config or {})
+        self.model_name = cfg.get("model_name")
+        self.model_version = None if cfg.get("model_version") is None else str(cfg["model_version"])
+        self.predictor = load_predictor(context.artifacts["bundle"], device=cfg.get("device"))
+
+    # pd.DataFrame: a hint MLflow accepts without deriving a schema from it (the logged signature is the contract).
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self.predictor.predict(_paths(model_input), model_name=self.model_name, model_version=self.model_version)
+
+
+tracking.set_model(MedxferModel())

@@ -1,0 +1,430 @@
+"""``medxfer register RUN_ID --name NAME`` and ``medxfer promote NAME VERSION --alias ALIAS``.
+
+Registration turns an evaluated training run into an MLflow pyfunc model version:
+
+- the model is logged as *code* (``pipeline/pyfunc_model.py``, MLflow "models from code"); its
+  artifacts are the medxfer bundle (:mod:`medxfer.handoff.bundle`: weights as safetensors with their
+  SHA-256, ``preprocessing.json`` with classes, temperature, threshold and the training
+  preprocessing, ``evaluation.json``, the model card). Loading it runs our code on those files and
+  never unpickles an object;
+- input: a DataFrame with a ``path`` column (DICOM series folder, DICOM file or NIfTI file); output:
+  one row per study with calibrated ``prob_<class>``, ``decision``, ``model_name``,
+  ``model_version`` and ``error`` (unreadable inputs get an error row, never a failed batch);
+- the version is reserved before the files are written, so the model knows its own version and the
+  model card names it;
+- version tags: test metrics with CIs, threshold and temperature, spec/manifest/split hashes, git
+  commit, pretrained-weight source, the recipe's promotion floors; alias ``candidate``;
+- the model card is also attached to the training run (``model_card/``).
+
+Everything sent to MLflow passes the run's PHI guard (see :mod:`medxfer.tracking.tracker`).
+
+Promotion sets any alias but first checks the recipe's promotion floors (recorded on the version
+at registration) against the version's test metrics, and refuses with the reason when one fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medxfer.core import ui
+from medxfer.core.errors import MedxferError, StageError
+from medxfer.core.workspace import Workspace
+from medxfer.tracking import tracker as tracking
+
+CANDIDATE = "candidate"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# The model example MLflow stores with the model: a made-up relative path, never a real study.
+INPUT_EXAMPLE_PATH = "study_0001/"
+METRIC_TAGS = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "ece", "brier")
+# Promotion floor (recipe.promotion key) -> the version tag it is compared with.
+FLOORS = {"min_auroc_ci_low": ("test_auroc_ci_low", "test AUROC 95% CI lower bound")}
+FLOOR_TAG = "floor."
+_NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+class PromotionRefused(StageError):
+    """A promotion floor is not met; the message lists each failed check."""
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_OK.fullmatch(name or ""):
+        raise MedxferError(f"model name {name!r}: use letters, digits, '-', '_' or '.' (it becomes a models:/ URI)")
+    return name
+
+
+def _uri(workspace: Path) -> str:
+    # The store is shared by every spec in a workspace; the name part does not matter here.
+    return Workspace.for_spec(workspace, "_").tracking_uri
+
+
+# --------------------------------------------------------------------------- the run -> a bundle
+
+
+@dataclass
+class RunArtifacts:
+    """What registration and ``predict runs:/...`` need from a finished training run."""
+
+    run: dict[str, Any]
+    ws: Workspace
+    ckpt: dict[str, Any]
+    evaluation: dict[str, Any] | None
+
+
+def load_run(run_id: str, workspace: Path, tmp: Path, require_evaluation: bool = True) -> RunArtifacts:
+    """The run's facts, best checkpoint and evaluation: local workspace copies first, else MLflow artifacts."""
+    from medxfer.training.checkpoint import load
+
+    uri = _uri(workspace)
+    run = tracking.get_run(uri, run_id)
+    ws = Workspace.for_spec(workspace, run["tags"].get(tracking.TAG_SPEC) or run["experiment"])
+    ckpt_path = ws.run_dir(run_id) / "best.pt"
+    if not ckpt_path.is_file():
+        ckpt_path = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", tmp / "ckpt")
+        if ckpt_path is None:
+            raise StageError(
+                f"run {run_id}: no best checkpoint (neither in the workspace nor as the run's "
+                "checkpoints/best.pt artifact); did training finish?"
+            )
+    evaluation = None
+    ev_path = ws.run_dir(run_id) / "evaluation.json"
+    if not ev_path.is_file():
+        ev_path = tracking.download_run_artifact(uri, run_id, "evaluation/evaluation.json", tmp / "ev")
+    if ev_path is not None and ev_path.is_file():
+        evaluation = json.loads(ev_path.read_text())
+    if require_evaluation and (evaluation is None or run["tags"].get("medxfer.evaluated") != "true"):
+        raise StageError(
+            f"run {run_id} has not been evaluated: registration needs its test metrics, calibration "
+            f"and threshold. Run `medxfer evaluate {run_id}` first"
+        )
+    return RunArtifacts(run, ws, load(ckpt_path), evaluation)
+
+
+def _ingest_facts(ws: Workspace) -> dict[str, Any] | None:
+    if not ws.ingest_report.is_file():
+        return None
+    r = json.loads(ws.ingest_report.read_text())
+    return {
+        "n_studies": r.get("n_studies"),
+        "n_rejected": r.get("n_rejects"),
+        "reject_reasons": r.get("rejects_by_reason"),
+        "modalities": r.get("modalities"),
+    }
+
+
+def card_run_info(ra: RunArtifacts, model_name: str | None = None, model_version: str | None = None) -> dict[str, Any]:
+    """The model card's run metadata (medxfer.evaluation.modelcard), PHI-free: pseudonymous facts only."""
+    from medxfer.evaluation.evaluate import medxfer_version
+    from medxfer.evaluation.modelcard import run_info_from_checkpoint
+
+    extra: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "medxfer_version": medxfer_version(),
+        "ingest": _ingest_facts(ra.ws),
+    }
+    if ra.ws.split_report.is_file():
+        extra["split_report"] = json.loads(ra.ws.split_report.read_text())
+    info = run_info_from_checkpoint(ra.ckpt, tags=ra.run["tags"], extra=extra)
+    info["git_commit"] = training_commit(ra)
+    return info
+
+
+def training_commit(ra: RunArtifacts) -> str | None:
+    """The commit the model was *trained* at (train logs it as a param); registration time is the fallback."""
+    return (
+        ra.run["params"].get("git.commit")
+        or ra.run["tags"].get("medxfer.git_commit")
+        or ra.run["tags"].get("mlflow.source.git.commit")
+        or tracking.git_commit()
+    )
+
+
+def write_run_bundle(
+    ra: RunArtifacts, out: Path, model_name: str | None = None, model_version: str | None = None
+) -> Path:
+    from medxfer.handoff.bundle import write_bundle
+
+    return write_bundle(ra.ckpt, ra.evaluation, out, run_info=card_run_info(ra, model_name, model_version))
+
+
+def _guard(ra: RunArtifacts) -> tracking.PHIGuard:
+    """The training run's guard: the spec's paths, source path parts and original identifiers."""
+    import pandas as pd
+    from medxfer.config.spec import DataSpec
+
+    spec = DataSpec.model_validate({k: v for k, v in ra.ckpt["spec"].items() if k != "spec_path"})
+    files = list(pd.read_parquet(ra.ws.manifest, columns=["files"])["files"]) if ra.ws.manifest.is_file() else []
+    return tracking.PHIGuard.for_training(spec, files, pseudonym_map=ra.ws.pseudonym_map)
+
+
+# --------------------------------------------------------------------------- register
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+def version_tags(ra: RunArtifacts, bundle_cfg: dict[str, Any]) -> dict[str, str]:
+    ev = ra.evaluation or {}
+    tags: dict[str, str] = {
+        "run_id": ra.run["run_id"],
+        "spec": ra.ws.name,
+        "encoder": bundle_cfg["model"]["encoder"],
+        "task": bundle_cfg["task"],
+        "classes": ",".join(bundle_cfg["classes"]),
+        "medxfer_version": bundle_cfg.get("medxfer_version") or "",
+        "weights_sha256": bundle_cfg["weights"]["sha256"],
+    }
+    for m in METRIC_TAGS:
+        block = (ev.get("test") or {}).get(m) or {}
+        for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            if block.get(part) is not None:
+                tags[f"test_{m}{suffix}"] = _fmt(float(block[part]))
+    if ev.get("threshold") is not None:
+        tags["threshold"] = _fmt(float(ev["threshold"]))
+        tags["threshold_policy"] = str((ev.get("threshold_policy") or {}).get("policy", ""))
+    tags["temperature"] = _fmt(float(bundle_cfg["temperature"]))
+    if (ev.get("transfer") or {}).get("negative_transfer") is not None:
+        tags["negative_transfer"] = str(bool(ev["transfer"]["negative_transfer"])).lower()
+    for k, v in (ra.ckpt.get("hashes") or {}).items():
+        tags[f"{k}_hash"] = str(v)
+    tags["git_commit"] = training_commit(ra) or "unknown"
+    wr = ra.ckpt.get("weight_report") or {}
+    tags["weight_source"] = str(wr.get("source") or "unknown")
+    if wr.get("sha256"):
+        tags["weight_source_sha256"] = str(wr["sha256"])
+    for floor, value in ((ra.ckpt.get("recipe") or {}).get("promotion") or {}).items():
+        if value is not None:
+            tags[f"{FLOOR_TAG}{floor}"] = _fmt(float(value))
+    return tags
+
+
+def _description(ra: RunArtifacts, cfg: dict[str, Any]) -> str:
+    ev = ra.evaluation or {}
+    auroc = (ev.get("test") or {}).get("auroc") or {}
+    text = f"{cfg['model']['encoder']} on '{ra.ws.name}' ({', '.join(cfg['classes'])})"
+    if auroc.get("value") is not None:
+        ci = (
+            f" [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]"
+            if auroc.get("ci_low") is not None and auroc.get("ci_high") is not None
+            else ""
+        )
+        text += f"; test AUROC {auroc['value']:.3f}{ci}"
+    if cfg.get("threshold") is not None:
+        text += f"; threshold {cfg['threshold']:.3f} on calibrated P({cfg['positive_class']})"
+    return text + ". Input: DataFrame with a 'path' column (DICOM folder/file or NIfTI)."
+
+
+def signature_columns(classes: list[str]) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str, bool]]]:
+    """(inputs, outputs) as (column, MLflow type, required): what `Predictor.predict` returns."""
+    inputs = [("path", "string", True)]
+    outputs = [
+        ("input", "string", True),
+        *[(f"prob_{c}", "double", False) for c in classes],
+        ("decision", "string", False),
+        ("model_name", "string", False),
+        ("model_version", "string", False),
+        ("error", "string", False),
+    ]
+    return inputs, outputs
+
+
+def pip_requirements() -> list[str]:
+    """Pinned so that `mlflow models serve` / a fresh env gets what the model was registered with.
+
+    medxfer itself is not on PyPI: the loading environment needs it installed (`pip install -e .`).
+    """
+    reqs = []
+    for name, version in tracking.package_versions().items():
+        if name == "medxfer":
+            continue
+        reqs.append(f"{name}=={version}")
+    return sorted(reqs + ["safetensors", "pandas"])
+
+
+def _check_bundle_text(guard: tracking.PHIGuard, bundle: Path) -> None:
+    """Defence in depth: the bundle's text files are PHI-free by construction; prove it before upload."""
+    for f in sorted(bundle.iterdir()):
+        if f.suffix in (".json", ".md"):
+            guard.check(f"model artifact {f.name}", f.read_text(errors="replace"))
+
+
+@dataclass
+class RegisterResult:
+    run_id: str
+    model_name: str
+    model_version: str
+    model_id: str
+    alias: str
+    tracking_uri: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}/{self.model_version}"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_uri": self.model_uri,
+            "alias_uri": f"models:/{self.model_name}@{self.alias}",
+            "alias": self.alias,
+            "model_id": self.model_id,
+            "tags": self.tags,
+            "tracking_uri": self.tracking_uri,
+        }
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        t = self.tags
+        auroc = t.get("test_auroc")
+        rows = [("model", f"{self.model_uri}  (alias {self.alias})"), ("run", self.run_id)]
+        if auroc:
+            rows.append(
+                (
+                    "test AUROC",
+                    f"{float(auroc):.3f} [{float(t['test_auroc_ci_low']):.3f}, {float(t['test_auroc_ci_high']):.3f}]"
+                    if "test_auroc_ci_low" in t and "test_auroc_ci_high" in t
+                    else f"{float(auroc):.3f}",
+                )
+            )
+        if "threshold" in t:
+            rows.append(("threshold", f"{float(t['threshold']):.4f} ({t.get('threshold_policy', '')})"))
+        rows += [
+            ("weights", f"pretrained from: {t.get('weight_source')}; bundle sha256 {t['weights_sha256'][:12]}..."),
+            ("load", f'mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")'),
+            ("promote", f"medxfer promote {self.model_name} {self.model_version} --alias champion"),
+        ]
+        return f"register: {self.model_name} v{self.model_version}", rows
+
+
+def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
+    """Register an evaluated run as a pyfunc model version with alias 'candidate'."""
+    import pandas as pd
+    from medxfer.handoff.bundle import CARD_JSON, CARD_MD, load_config
+
+    _check_name(name)
+    uri = _uri(workspace)
+    with tempfile.TemporaryDirectory(prefix="medxfer-register-") as tmp_s:
+        tmp = Path(tmp_s)
+        ra = load_run(run_id, workspace, tmp)
+        guard = _guard(ra)
+        ui.info(f"registering run {run_id[:12]} as '{name}'")
+        reserved = tracking.reserve_model_version(uri, run_id, ra.run["experiment_id"], name)
+        version, model_id = reserved["version"], reserved["model_id"]
+        try:
+            bundle = write_run_bundle(ra, tmp / "bundle", model_name=name, model_version=version)
+            _check_bundle_text(guard, bundle)
+            cfg = load_config(bundle)
+            inputs, outputs = signature_columns(cfg["classes"])
+            tracking.log_pyfunc(
+                uri,
+                model_id,
+                run_id,
+                PYFUNC_CODE,
+                {"bundle": bundle},
+                {"model_name": name, "model_version": version},
+                inputs,
+                outputs,
+                pd.DataFrame({"path": [INPUT_EXAMPLE_PATH]}),
+                pip_requirements(),
+            )
+            tags = version_tags(ra, cfg)
+            tracking.set_model_version_tags(uri, name, version, tags, guard)
+            tracking.set_model_version_description(
+                uri, name, version, guard.check("description", _description(ra, cfg))
+            )
+        except BaseException:
+            tracking.abandon_model_version(uri, name, version, model_id)
+            raise
+        tracker = tracking.attach(uri, ra.run["experiment"], run_id, guard)
+        for f in (CARD_MD, CARD_JSON):
+            tracker.log_file(bundle / f, "model_card", text=True)
+        tracker.set_tags({"medxfer.registered": f"{name}/{version}"})
+        tracking.set_model_alias(uri, name, CANDIDATE, version)
+    return RegisterResult(run_id, name, version, model_id, CANDIDATE, uri, tags)
+
+
+# --------------------------------------------------------------------------- promote
+
+
+@dataclass
+class Check:
+    floor: str
+    what: str
+    required: float
+    actual: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.actual is not None and self.actual >= self.required
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "floor": self.floor,
+            "metric": self.what,
+            "required": self.required,
+            "actual": self.actual,
+            "ok": self.ok,
+        }
+
+    def text(self) -> str:
+        actual = "missing" if self.actual is None else f"{self.actual:.3f}"
+        return f"{self.what} {actual} {'>=' if self.ok else '<'} required {self.required:.3f} ({self.floor})"
+
+
+def promotion_checks(tags: dict[str, str]) -> list[Check]:
+    checks = []
+    for floor, (metric_tag, what) in FLOORS.items():
+        required = tags.get(f"{FLOOR_TAG}{floor}")
+        if required in (None, ""):
+            continue
+        actual = tags.get(metric_tag)
+        checks.append(Check(floor, what, float(required), float(actual) if actual not in (None, "") else None))
+    return checks
+
+
+@dataclass
+class PromoteResult:
+    model_name: str
+    model_version: str
+    alias: str
+    checks: list[Check]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "alias": self.alias,
+            "model_uri": f"models:/{self.model_name}@{self.alias}",
+            "promoted": True,
+            "checks": [c.as_dict() for c in self.checks],
+        }
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        rows = [("alias", f"models:/{self.model_name}@{self.alias} -> version {self.model_version}")]
+        rows += [("check", c.text()) for c in self.checks] or [("check", "the recipe sets no promotion floors")]
+        return f"promote: {self.model_name} v{self.model_version}", rows
+
+
+def promote(name: str, version: int | str, alias: str, workspace: Path) -> PromoteResult:
+    """Point `alias` at a version, refusing when the recipe's promotion floors are not met."""
+    uri = _uri(workspace)
+    mv = tracking.get_model_version(uri, _check_name(name), version)
+    checks = promotion_checks(mv["tags"])
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise PromotionRefused(
+            f"refusing to set alias '{alias}' on {name} version {mv['version']}: "
+            + "; ".join(c.text() for c in failed)
+            + ". Improve the model (more data, another recipe) or, if the floor is wrong for "
+            "this task, change recipe promotion floors and retrain/re-register"
+        )
+    tracking.set_model_alias(uri, name, alias, mv["version"])
+    return PromoteResult(name, mv["version"], alias, checks)

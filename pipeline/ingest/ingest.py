@@ -1,0 +1,863 @@
+"""The ingest stage: DICOM or NIfTI tree + labels CSV -> manifest, rejects and a report.
+
+Every input ends up in exactly one place: a manifest row (a usable, labelled
+study) or a rejects.csv row with a reason code. Identifiers are pseudonymised
+while headers are read, so nothing downstream of the scan sees a PatientID or a
+UID. File paths stay in local files (manifest ``files``, rejects ``input``, the
+scan cache); messages, the report and the summary never carry them.
+
+manifest.parquet columns: study_key, patient_key, label, label_index, modality,
+source_kind, files, n_slices, shape, spacing, orientation, intensity_min,
+intensity_max, content_hash, series_key. ``shape``/``spacing`` follow the axis
+order of the array that ``read_series``/``read_volume`` return; ``orientation``
+gives the RAS+ direction letter of each of those axes ("unknown" for 2D images
+without patient geometry).
+
+DICOM pixels at ingest: headers of every file are read (only the tags ingest uses), but pixels
+are decoded only for the first, middle and last slice of each chosen series (a single file -
+2D image or multi-frame object - is decoded whole). That is enough to catch a decoder gap (one
+transfer syntax per series) without reading the series twice. So for DICOM stacks
+``intensity_min``/``intensity_max`` are the range of those sampled slices (representative, not
+exact), and ``content_hash`` is sha256 over the full shape, the slice count and the decoded
+float32 pixels of the sampled slices: byte-identical studies still share a hash, which is what
+split's duplicate grouping needs. NIfTI rows hash and range the whole volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from medxfer.config.spec import DataSpec, SpecError, check_spec_files
+from medxfer.core import ui
+from medxfer.core.errors import StageError
+from medxfer.core.workspace import Workspace
+from medxfer.io.phi import Pseudonymizer
+
+MANIFEST_COLUMNS = [
+    "study_key",
+    "patient_key",
+    "label",
+    "label_index",
+    "modality",
+    "source_kind",
+    "files",
+    "n_slices",
+    "shape",
+    "spacing",
+    "orientation",
+    "intensity_min",
+    "intensity_max",
+    "content_hash",
+    "series_key",
+]
+REJECT_COLUMNS = ["input", "reason_code", "message", "study_key"]
+LABEL_REASONS = {
+    "no_label": "a usable study has no row in the labels CSV",
+    "unknown_class": "the label is not one of the spec's classes",
+    "duplicate_label": "the labels CSV lists one key more than once",
+    "label_without_study": "a labels row whose key matches no study found under source.root",
+    "duplicate_study_key": "two studies share one label key (e.g. one AccessionNumber)",
+    "mixed_patients": "one study's files carry different PatientIDs",
+}
+_CACHE_VERSION = 2  # 2: DICOM content hash over sampled slices
+
+
+# ---------------------------------------------------------------------------------------------
+# Small shared pieces (split and predict use them too)
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise_key(value: Any, source_kind: str) -> str:
+    """Label-key text as it is pseudonymised: trimmed; NIfTI paths with '/' and no leading './'."""
+    s = str(value).strip()
+    if source_kind == "nifti":
+        s = s.replace("\\", "/")
+        while s.startswith("./"):
+            s = s[2:]
+    return s
+
+
+def manifest_hash(df: pd.DataFrame) -> str:
+    """Hash of the manifest's content, without file paths: moving the data folder does not change it."""
+    cols = [c for c in MANIFEST_COLUMNS if c != "files" and c in df.columns]
+    rows = df[cols].sort_values("study_key").to_dict(orient="records")
+    blob = json.dumps(rows, sort_keys=True, default=_jsonable).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """The manifest with list columns as Python lists (parquet gives numpy arrays)."""
+    df = pd.read_parquet(path)
+    for c in ("files", "shape", "spacing"):
+        if c in df.columns:
+            df[c] = df[c].map(lambda v: [x.item() if isinstance(x, np.generic) else x for x in v])
+    return df
+
+
+def _walk(root: Path, exclude: set[Path]) -> tuple[list[str], int]:
+    """All regular files under root, sorted; dot-files/folders skipped and counted."""
+    # Excluded files (labels CSV, spec) are matched by inode: resolving every path costs an lstat per
+    # path component, more than reading a small DICOM header.
+    skip = set()
+    for e in exclude:
+        try:
+            st = os.stat(e)
+        except OSError:
+            continue
+        skip.add((st.st_dev, st.st_ino))
+    out: list[str] = []
+    hidden = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        hidden += sum(1 for d in dirnames if d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                hidden += 1
+                continue
+            p = os.path.join(dirpath, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in skip:
+                continue
+            out.append(p)
+    return out, hidden
+
+
+def _resolve_all(files: list[str]) -> list[str]:
+    """``str(Path(f).resolve())`` for many files, resolving each folder once (only symlinked files again)."""
+    dirs: dict[str, str] = {}
+    out = []
+    for f in files:
+        d, name = os.path.split(f)
+        if d not in dirs:
+            dirs[d] = str(Path(d).resolve())
+        p = os.path.join(dirs[d], name)
+        out.append(str(Path(p).resolve()) if os.path.islink(p) else p)
+    return out
+
+
+def _common_input(paths: list[str]) -> str:
+    if len(paths) == 1:
+        return paths[0]
+    try:
+        return os.path.commonpath(paths)
+    except ValueError:
+        return paths[0]
+
+
+class ScanCache:
+    """Per-file (and per-study) results keyed by path + size + mtime; invalid under another key or version."""
+
+    def __init__(self, path: Path, fingerprint: str, load: bool = True):
+        self.path = path
+        self.fingerprint = fingerprint
+        self._old: dict[tuple[str, str], tuple[int, int, str]] = {}
+        self._new: dict[tuple[str, str], tuple[int, int, str]] = {}
+        if load and path.is_file():
+            try:
+                df = pd.read_parquet(path)
+                meta = df[df["kind"] == "meta"]
+                if len(meta) == 1 and json.loads(meta["record"].iloc[0]) == self._meta():
+                    for r in df[df["kind"] != "meta"].itertuples(index=False):
+                        self._old[(r.kind, r.key)] = (int(r.size), int(r.mtime_ns), r.record)
+            except Exception:  # an unreadable cache is only a slower run
+                self._old = {}
+
+    def _meta(self) -> dict[str, Any]:
+        return {"version": _CACHE_VERSION, "key": self.fingerprint}
+
+    def get(self, kind: str, key: str, size: int, mtime_ns: int) -> dict[str, Any] | None:
+        hit = self._old.get((kind, key))
+        if hit is None or hit[0] != size or hit[1] != mtime_ns:
+            return None
+        self._new[(kind, key)] = hit
+        return json.loads(hit[2])
+
+    def put(self, kind: str, key: str, size: int, mtime_ns: int, record: dict[str, Any]) -> None:
+        self._new[(kind, key)] = (size, mtime_ns, json.dumps(record))
+
+    def save(self) -> None:
+        # Only what this run used is kept, so deleted files drop out of the cache.
+        rows = [("meta", "", 0, 0, json.dumps(self._meta()))]
+        rows += [(k, key, s, m, r) for (k, key), (s, m, r) in sorted(self._new.items())]
+        df = pd.DataFrame(rows, columns=["kind", "key", "size", "mtime_ns", "record"])
+        tmp = self.path.with_suffix(".tmp")
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies found under the root
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """A study as found on disk: usable (geometry + pixel facts) or rejected with a reason code."""
+
+    study_key: str
+    patient_key: str | None
+    input: str
+    source_kind: str
+    files: list[str] = field(default_factory=list)
+    modality: str = "unknown"
+    series_key: str = ""
+    n_slices: int = 0
+    shape: list[int] = field(default_factory=list)
+    spacing: list[float] = field(default_factory=list)
+    orientation: str = "unknown"
+    intensity_min: float = 0.0
+    intensity_max: float = 0.0
+    content_hash: str = ""
+    reason_code: str | None = None
+    message: str | None = None
+    signature: str = ""  # files + sizes + mtimes, for the pixel cache
+
+
+@dataclass
+class Reject:
+    input: str
+    reason_code: str
+    message: str
+    study_key: str = ""
+
+
+@dataclass
+class Discovery:
+    studies: list[Study]
+    rejects: list[Reject]
+    series_log: list[dict[str, Any]]
+    files_seen: int = 0
+    files_read: int = 0
+    files_cached: int = 0
+    hidden_skipped: int = 0
+    ignored_files: int = 0
+    no_patient_id: int = 0
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _discover_dicom(
+    files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None, workers: int | None, decode: str
+) -> Discovery:
+    """Headers -> studies -> chosen series -> geometry -> pixels.
+
+    ``decode``: "full" (ingest: sampled slices decoded, hashed and ranged) or "check" (predict: one slice).
+    """
+    from medxfer.io import dicom
+
+    headers: list[dicom.Header] = []
+    to_read: list[str] = []
+    cached = 0
+    for p in files:
+        size, mtime = _stat(p)
+        rec = cache.get("h", p, size, mtime) if cache else None
+        if rec is not None:
+            headers.append(dicom.Header.from_dict(rec))
+            cached += 1
+        else:
+            to_read.append(p)
+    fresh = dicom.scan_headers(to_read, pseudo, workers)
+    if cache:
+        for h in fresh:
+            cache.put("h", h.path, h.size, h.mtime_ns, h.to_dict())
+    headers += fresh
+    disc = Discovery([], [], [], files_seen=len(files), files_read=len(to_read), files_cached=cached)
+    for h in headers:
+        if h.error:
+            disc.rejects.append(Reject(h.path, h.error, h.message or dicom.REASONS.get(h.error, h.error)))
+
+    by_study = dicom.group_by_study(headers)
+    use_accession = spec.labels.key == "AccessionNumber"
+    chosen: list[tuple[Study, dicom.Candidate, dicom.Geometry]] = []
+    for study_uid_key in sorted(by_study):
+        hs = by_study[study_uid_key]
+        paths = [h.path for h in hs]
+        study_key = study_uid_key
+        if use_accession:
+            accs = {h.accession for h in hs if h.accession}
+            if len(accs) == 1:
+                study_key = accs.pop()
+        patients = {h.patient for h in hs if h.patient}
+        if not patients:
+            disc.no_patient_id += 1
+        patient_key = next(iter(patients)) if len(patients) == 1 else pseudo.patient_key("study:" + study_uid_key)
+        st = Study(study_key, patient_key, _common_input(paths), "dicom")
+        if len(patients) > 1:
+            st.reason_code, st.message = "mixed_patients", f"the study's files carry {len(patients)} PatientIDs"
+            disc.studies.append(st)
+            continue
+        if use_accession and study_key == study_uid_key:
+            st.reason_code, st.message = "no_label", "the study has no single AccessionNumber to join labels on"
+            disc.studies.append(st)
+            continue
+        cands = dicom.candidates(hs, spec.dims)
+        pick, losers = dicom.select_series(cands, spec.series, spec.dims)
+        for nc in losers:
+            disc.series_log.append(
+                {
+                    "study_key": study_key,
+                    "series_key": nc.candidate.key,
+                    "chosen": False,
+                    "reason_code": nc.code,
+                    "message": f"{nc.candidate.label()}: {nc.message}",
+                }
+            )
+        if pick is None:
+            detail = "; ".join(f"{nc.candidate.label()}: {nc.message}" for nc in losers[:5])
+            more = f"; and {len(losers) - 5} more" if len(losers) > 5 else ""
+            st.reason_code = "no_series_selected"
+            st.message = f"{len(cands)} candidate(s), none passed the series rules: {detail}{more}"
+            disc.studies.append(st)
+            continue
+        disc.series_log.append(
+            {"study_key": study_key, "series_key": pick.key, "chosen": True, "reason_code": "", "message": pick.label()}
+        )
+        st.input = _common_input([h.path for h in pick.headers])
+        st.modality = pick.modality or "unknown"
+        st.series_key = pick.key
+        try:
+            geom = dicom.check_geometry(pick, spec.dims, spec.series.spacing_tolerance)
+        except dicom.GeometryError as exc:
+            st.reason_code, st.message = exc.code, f"{pick.label()}: {exc.message}"
+            disc.studies.append(st)
+            continue
+        st.files, st.n_slices, st.shape = geom.files, geom.n_slices, geom.shape
+        st.spacing, st.orientation = geom.spacing, geom.orientation
+        sizes = {h.path: (h.size, h.mtime_ns) for h in pick.headers}
+        st.signature = hashlib.sha256(
+            "\n".join(f"{f}|{sizes[f][0]}|{sizes[f][1]}" for f in geom.files).encode()
+        ).hexdigest()
+        chosen.append((st, pick, geom))
+        disc.studies.append(st)
+
+    def pixels(item: tuple[Study, Any, Any]) -> None:
+        st = item[0]
+        rec = cache.get("s", st.signature, 0, 0) if cache and decode == "full" else None
+        if rec is None:
+            rec = _decode_study(st, decode)
+            if cache and decode == "full":
+                cache.put("s", st.signature, 0, 0, rec)
+        if rec.get("reason_code"):
+            st.reason_code, st.message = rec["reason_code"], rec["message"]
+        elif decode == "full":
+            st.content_hash, st.intensity_min, st.intensity_max = rec["content_hash"], rec["min"], rec["max"]
+            st.shape = rec["shape"]
+
+    n_threads = max(1, workers or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_threads) as ex:
+        list(ui.progress(ex.map(pixels, chosen), total=len(chosen), description="decoding chosen series"))
+    return disc
+
+
+def _decode_study(st: Study, decode: str) -> dict[str, Any]:
+    from medxfer.io import dicom
+
+    try:
+        if decode == "check":
+            dicom.decode_check(st.files)
+            return {}
+        arr = dicom.sample_pixels(st.files)
+    except dicom.GeometryError as exc:
+        return {"reason_code": exc.code, "message": exc.message}
+    except Exception as exc:  # a file changed or vanished between the scan and now
+        return {"reason_code": "undecodable", "message": f"pixel data could not be read ({type(exc).__name__})"}
+    shape = [int(s) for s in st.shape]
+    if list(arr.shape[-2:]) != shape[-2:]:
+        return {
+            "reason_code": "undecodable",
+            "message": f"decoded slices are {arr.shape[-2]}x{arr.shape[-1]}, the header says {shape[-2]}x{shape[-1]}",
+        }
+    if not np.isfinite(arr).all():
+        return {"reason_code": "undecodable", "message": "decoded pixels contain NaN/Inf"}
+    h = hashlib.sha256(f"{shape}|{st.n_slices}|{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return {"content_hash": h.hexdigest(), "min": float(arr.min()), "max": float(arr.max()), "shape": shape}
+
+
+def _discover_nifti(
+    files: list[str], root: Path, spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None, workers: int | None
+) -> Discovery:
+    from medxfer.io import nifti
+
+    vols = [f for f in files if nifti.is_nifti(f)]
+    disc = Discovery([], [], [], files_seen=len(vols), ignored_files=len(files) - len(vols))
+
+    def one(path: str) -> tuple[Study, bool]:
+        # `files` were walked under `root` as given: a resolved root would not be their prefix when the
+        # root is reached through a symlink.
+        rel = normalise_key(Path(os.path.relpath(path, root)).as_posix(), "nifti")
+        size, mtime = _stat(path)
+        st = Study(
+            pseudo.study_key(rel),
+            None,
+            path,
+            "nifti",
+            files=[path],
+            modality=spec.source.modality.upper() if spec.source.modality else "unknown",
+        )
+        rec = cache.get("n", path, size, mtime) if cache else None
+        was_cached = rec is not None
+        if rec is None:
+            try:
+                info = nifti.inspect(path, spec.dims)
+                rec = {
+                    "shape": info.shape,
+                    "spacing": info.spacing,
+                    "orientation": info.orientation,
+                    "min": info.intensity_min,
+                    "max": info.intensity_max,
+                    "content_hash": info.content_hash,
+                }
+            except nifti.NiftiError as exc:
+                rec = {"reason_code": exc.code, "message": exc.message}
+            if cache:
+                cache.put("n", path, size, mtime, rec)
+        if rec.get("reason_code"):
+            st.reason_code, st.message = rec["reason_code"], rec["message"]
+        else:
+            st.shape, st.spacing, st.orientation = rec["shape"], rec["spacing"], rec["orientation"]
+            st.n_slices = rec["shape"][-1] if spec.dims == 3 else 1
+            st.intensity_min, st.intensity_max, st.content_hash = rec["min"], rec["max"], rec["content_hash"]
+        return st, was_cached
+
+    n_threads = max(1, workers or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_threads) as ex:
+        done = list(ui.progress(ex.map(one, vols), total=len(vols), description="reading NIfTI volumes"))
+    disc.studies = [st for st, _ in done]
+    disc.files_cached = sum(1 for _, c in done if c)
+    disc.files_read = len(done) - disc.files_cached
+    return disc
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelRow:
+    line: int
+    key: str  # pseudonym
+    label: str
+    patient: str | None  # pseudonym
+
+
+def read_labels(
+    spec: DataSpec, pseudo: Pseudonymizer, csv_path: Path | None = None, need_label: bool = True
+) -> list[LabelRow]:
+    """Rows of the labels CSV (or a pinned-test CSV) with keys pseudonymised. Column problems raise SpecError."""
+    path = csv_path or spec.labels_csv
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise SpecError(f"{path}: cannot be read as CSV ({type(exc).__name__}); fix the file") from None
+    wanted = [spec.labels.key] + ([spec.labels.column] if need_label else [])
+    if need_label and spec.labels.patient:
+        wanted.append(spec.labels.patient)
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise SpecError(
+            f"{path}: no column(s) {missing}; it has {list(df.columns)[:20]}. "
+            "fix: rename the column or set labels.key/labels.column/labels.patient in the spec"
+        )
+    rows = []
+    for i, rec in enumerate(df.to_dict(orient="records"), start=2):  # line 1 is the header
+        raw_key = normalise_key(rec[spec.labels.key], spec.source.kind)
+        if not raw_key:
+            continue
+        patient = None
+        if need_label and spec.labels.patient and str(rec[spec.labels.patient]).strip():
+            patient = pseudo.patient_key(str(rec[spec.labels.patient]))
+        rows.append(LabelRow(i, pseudo.study_key(raw_key), str(rec.get(spec.labels.column, "")).strip(), patient))
+    return rows
+
+
+def _short(s: str, n: int = 40) -> str:
+    return repr(s if len(s) <= n else s[: n - 1] + "…")
+
+
+def _join(
+    disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: Path, pseudo: Pseudonymizer
+) -> tuple[list[dict[str, Any]], list[Reject]]:
+    rejects = list(disc.rejects)
+    where = str(labels_csv)
+    by_key: dict[str, list[LabelRow]] = defaultdict(list)
+    for row in labels:
+        by_key[row.key].append(row)
+    studies_by_key: dict[str, list[Study]] = defaultdict(list)
+    for st in disc.studies:
+        studies_by_key[st.study_key].append(st)
+
+    # Resolve each key's label, or the reason it has none.
+    resolved: dict[str, LabelRow] = {}
+    bad: dict[str, tuple[str, str, int]] = {}
+    for key, rows in by_key.items():
+        first = rows[0]
+        if len({r.label for r in rows}) > 1 or len({r.patient for r in rows}) > 1:
+            lines = ", ".join(str(r.line) for r in rows)
+            bad[key] = ("duplicate_label", f"labels rows at lines {lines} give different labels/patients", first.line)
+            continue
+        for extra in rows[1:]:
+            rejects.append(
+                Reject(
+                    f"{where}:{extra.line}",
+                    "duplicate_label",
+                    f"same key and label as line {first.line}; kept line {first.line}",
+                    key,
+                )
+            )
+        if first.label not in spec.classes:
+            msg = (
+                f"label {_short(first.label)} (line {first.line}) is not one of classes {spec.classes}"
+                if first.label
+                else f"empty label (line {first.line})"
+            )
+            bad[key] = ("unknown_class", msg, first.line)
+            continue
+        resolved[key] = first
+
+    manifest: list[dict[str, Any]] = []
+    for key in sorted(studies_by_key):
+        group = studies_by_key[key]
+        if len(group) > 1:
+            for st in group:
+                rejects.append(
+                    Reject(st.input, "duplicate_study_key", f"{len(group)} different studies share this label key", key)
+                )
+            continue
+        st = group[0]
+        if st.reason_code:
+            rejects.append(Reject(st.input, st.reason_code, st.message or "", key))
+            continue
+        if key in bad:
+            code, msg, _ = bad[key]
+            rejects.append(Reject(st.input, code, msg, key))
+            continue
+        row = resolved.get(key)
+        if row is None:
+            rejects.append(Reject(st.input, "no_label", "no row in the labels CSV for this study", key))
+            continue
+        # DICOM patients come from PatientID (in the header), NIfTI patients from labels.patient.
+        patient = st.patient_key or row.patient or pseudo.patient_key("study:" + key)
+        manifest.append(
+            {
+                "study_key": key,
+                "patient_key": patient,
+                "label": row.label,
+                "label_index": spec.classes.index(row.label),
+                "modality": st.modality,
+                "source_kind": st.source_kind,
+                "files": _resolve_all(st.files),
+                "n_slices": int(st.n_slices),
+                "shape": [int(s) for s in st.shape],
+                "spacing": [float(s) for s in st.spacing],
+                "orientation": st.orientation,
+                "intensity_min": float(st.intensity_min),
+                "intensity_max": float(st.intensity_max),
+                "content_hash": st.content_hash,
+                "series_key": st.series_key,
+            }
+        )
+    for key, rows in sorted(by_key.items(), key=lambda kv: kv[1][0].line):
+        if key in studies_by_key:
+            continue
+        if key in bad:
+            code, msg, line = bad[key]
+            rejects.append(Reject(f"{where}:{line}", code, msg + "; and no study has this key", key))
+        else:
+            rejects.append(
+                Reject(
+                    f"{where}:{rows[0].line}",
+                    "label_without_study",
+                    "no study under source.root has this key (its files may be rejected above)",
+                    key,
+                )
+            )
+    return manifest, rejects
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats(values: list[list[float]]) -> dict[str, Any]:
+    if not values:
+        return {}
+    by_len: dict[int, list[list[float]]] = defaultdict(list)
+    for v in values:
+        by_len[len(v)].append(v)
+    n, vs = max(by_len.items(), key=lambda kv: len(kv[1]))
+    a = np.asarray(vs, float)
+    return {
+        "min": a.min(axis=0).round(4).tolist(),
+        "median": np.median(a, axis=0).round(4).tolist(),
+        "max": a.max(axis=0).round(4).tolist(),
+    }
+
+
+def _common(values: list[list[Any]], fmt: str = "{}") -> dict[str, int]:
+    c = Counter("x".join(fmt.format(x) for x in v) for v in values)
+    return dict(c.most_common(10))
+
+
+@dataclass
+class IngestResult:
+    spec_name: str
+    workspace: Path
+    manifest_path: Path
+    rejects_path: Path
+    report_path: Path
+    report: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        r = self.report
+        keys = (
+            "n_studies",
+            "n_patients",
+            "class_counts",
+            "imbalance_ratio",
+            "n_rejects",
+            "rejects_by_reason",
+            "files",
+            "spec_hash",
+            "manifest_hash",
+            "elapsed_s",
+            "source_kind",
+        )
+        return {
+            "stage": "ingest",
+            "spec": self.spec_name,
+            **{k: r[k] for k in keys},
+            "outputs": {
+                "manifest": str(self.manifest_path),
+                "rejects": str(self.rejects_path),
+                "report": str(self.report_path),
+            },
+        }
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        r = self.report
+        rows = [
+            ("studies", f"{r['n_studies']} usable ({r['n_patients']} patients)"),
+            ("classes", ", ".join(f"{k} {v}" for k, v in r["class_counts"].items())),
+            ("imbalance", f"{r['imbalance_ratio']:.2f}" if r["imbalance_ratio"] else "n/a"),
+            (
+                "rejected",
+                f"{r['n_rejects']}"
+                + (
+                    " (" + ", ".join(f"{k} {v}" for k, v in r["rejects_by_reason"].items()) + ")"
+                    if r["n_rejects"]
+                    else ""
+                ),
+            ),
+            ("files", f"{r['files']['seen']} seen, {r['files']['read']} read, {r['files']['cached']} cached"),
+            ("time", f"{r['elapsed_s']:.1f} s"),
+            ("manifest", str(self.manifest_path)),
+        ]
+        return f"ingest {self.spec_name}", rows
+
+
+def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int | None = None) -> IngestResult:
+    """Run the ingest stage for one spec; see the module docstring for what it writes."""
+    t0 = time.perf_counter()
+    problems = [p for p in check_spec_files(spec) if not p.startswith("split.")]
+    if problems:
+        raise SpecError(f"{spec.spec_path}:\n  - " + "\n  - ".join(problems))
+    ws = Workspace.for_spec(workspace, spec.name).ensure()
+    pseudo = Pseudonymizer.for_workspace_root(ws.root)
+    # Cached headers hold pseudonyms only; without the map their originals could not be recorded again.
+    cache = ScanCache(ws.scan_cache, pseudo.fingerprint, load=ws.pseudonym_map.is_file())
+    root = spec.root
+    exclude = {spec.labels_csv.resolve()}
+    if spec.spec_path:
+        exclude.add(spec.spec_path.resolve())
+    if spec.split.pinned_test:
+        exclude.add(spec.resolve(spec.split.pinned_test).resolve())
+    files, hidden = _walk(root, exclude)
+    ui.info(f"ingest {spec.name}: {len(files)} files under source.root")
+    if spec.source.kind == "dicom":
+        disc = _discover_dicom(files, spec, pseudo, cache, workers, decode="full")
+    else:
+        disc = _discover_nifti(files, root, spec, pseudo, cache, workers)
+    disc.hidden_skipped = hidden
+    labels = read_labels(spec, pseudo)
+    rows, rejects = _join(disc, labels, spec, spec.labels_csv, pseudo)
+
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("study_key").reset_index(drop=True)
+    manifest.to_parquet(ws.manifest, index=False)
+    rej_df = pd.DataFrame([(r.input, r.reason_code, r.message, r.study_key) for r in rejects], columns=REJECT_COLUMNS)
+    rej_df.to_csv(ws.rejects, index=False)
+    if spec.source.kind == "dicom":
+        pd.DataFrame(disc.series_log, columns=["study_key", "series_key", "chosen", "reason_code", "message"]).to_csv(
+            ws.series_selection, index=False
+        )
+    pseudo.write_map(ws.pseudonym_map)
+    cache.save()
+
+    counts = {c: int((manifest["label"] == c).sum()) for c in spec.classes}
+    nonzero = [v for v in counts.values() if v]
+    warnings = []
+    if disc.no_patient_id:
+        warnings.append(f"{disc.no_patient_id} studies have no PatientID; each is treated as its own patient")
+    if spec.source.kind == "nifti" and not spec.labels.patient:
+        warnings.append(
+            "labels.patient is not set: every volume is treated as a different patient, so one "
+            "patient's volumes may end up in different splits"
+        )
+    if disc.hidden_skipped:
+        warnings.append(f"{disc.hidden_skipped} hidden files/folders (names starting with '.') were skipped")
+    if disc.ignored_files:
+        warnings.append(f"{disc.ignored_files} files under source.root are not NIfTI and were ignored")
+    not_chosen = Counter(r["reason_code"] for r in disc.series_log if not r["chosen"])
+    report = {
+        "spec": spec.name,
+        "spec_hash": spec.content_hash(),
+        "source_kind": spec.source.kind,
+        "manifest_hash": manifest_hash(manifest),
+        "n_studies": len(manifest),
+        "n_patients": int(manifest["patient_key"].nunique()),
+        "class_counts": counts,
+        "imbalance_ratio": round(max(nonzero) / min(nonzero), 4) if len(nonzero) == len(counts) else None,
+        "n_rejects": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r.reason_code for r in rejects).items())),
+        "series_not_chosen_by_reason": dict(sorted(not_chosen.items())),
+        "modalities": dict(Counter(manifest["modality"])),
+        "studies_per_patient": dict(sorted(Counter(Counter(manifest["patient_key"]).values()).items())),
+        "shape": {"common": _common(manifest["shape"].tolist()), **_stats(manifest["shape"].tolist())},
+        "spacing": {"common": _common(manifest["spacing"].tolist(), "{:g}"), **_stats(manifest["spacing"].tolist())},
+        "orientation": dict(Counter(manifest["orientation"])),
+        "duplicate_content_groups": int((manifest["content_hash"].value_counts() > 1).sum()),
+        "files": {
+            "seen": disc.files_seen,
+            "read": disc.files_read,
+            "cached": disc.files_cached,
+            "hidden_skipped": disc.hidden_skipped,
+            "ignored": disc.ignored_files,
+        },
+        "warnings": warnings,
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+    ws.ingest_report.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    for w in warnings:
+        ui.warn(w)
+    result = IngestResult(spec.name, ws.dir, ws.manifest, ws.rejects, ws.ingest_report, report)
+
+    top = ", ".join(f"{k} {v}" for k, v in Counter(r.reason_code for r in rejects).most_common(4))
+    if manifest.empty:
+        raise StageError(
+            f"ingest {spec.name}: nothing usable; {len(rejects)} input(s) rejected ({top}). "
+            f"See {ws.rejects} for each input and its reason."
+        )
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise StageError(
+            f"ingest {spec.name}: class(es) {empty} have no usable studies ({counts}). Check "
+            f"labels.column and the class names in the spec, and {ws.rejects} for rejected studies."
+        )
+    if strict and rejects:
+        raise StageError(f"ingest {spec.name} --strict: {len(rejects)} input(s) rejected ({top}); see {ws.rejects}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict-time discovery
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputItem:
+    input: str
+    source_kind: str
+    files: list[str] | None
+    reason_code: str | None = None
+    message: str | None = None
+
+
+def _expand(paths: Iterable[Path]) -> list[tuple[Path, bool]]:
+    """(path, exists) for every input; CSVs with a 'path' column expand to their rows (relative to the CSV)."""
+    out: list[tuple[Path, bool]] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_file() and p.suffix.lower() == ".csv":
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            if "path" not in df.columns:
+                raise SpecError(f"{p}: an input CSV needs a 'path' column; it has {list(df.columns)[:20]}")
+            for v in df["path"]:
+                if str(v).strip():
+                    q = Path(str(v).strip())
+                    q = q if q.is_absolute() else p.parent / q
+                    out.append((q, q.exists()))
+        else:
+            out.append((p, p.exists()))
+    return out
+
+
+def resolve_inputs(paths: list[Path], spec: DataSpec, workers: int | None = None) -> list[InputItem]:
+    """Find studies in folders/files/CSVs the way ingest does (same series rules and checks), for predict.
+
+    One InputItem per study found, or per input that is unusable (with a reason code). ``input`` is the
+    path given when it holds exactly one study, else the study's folder (or file): a local path.
+    """
+    from medxfer.io import nifti
+
+    items: list[InputItem] = []
+    pseudo = Pseudonymizer.ephemeral()
+    for p, exists in _expand(paths):
+        if not exists:
+            items.append(InputItem(str(p), spec.source.kind, None, "not_found", "input does not exist"))
+            continue
+        files = [str(p)] if p.is_file() else _walk(p, set())[0]
+        if spec.source.kind == "nifti":
+            vols = [f for f in files if nifti.is_nifti(f)]
+            if not vols:
+                items.append(InputItem(str(p), "nifti", None, "not_nifti", "no .nii/.nii.gz file found"))
+            for f in vols:
+                try:
+                    nifti.inspect(f, spec.dims)
+                    items.append(InputItem(f, "nifti", [f]))
+                except nifti.NiftiError as exc:
+                    items.append(InputItem(f, "nifti", None, exc.code, exc.message))
+            continue
+        disc = _discover_dicom(files, spec, pseudo, None, workers, decode="check")
+        for r in disc.rejects:
+            items.append(InputItem(r.input, "dicom", None, r.reason_code, r.message))
+        single = len(disc.studies) == 1
+        for st in disc.studies:
+            label = str(p) if single else st.input
+            if st.reason_code:
+                items.append(InputItem(label, "dicom", None, st.reason_code, st.message))
+            else:
+                items.append(InputItem(label, "dicom", list(st.files)))
+        if not disc.studies and not disc.rejects:
+            items.append(InputItem(str(p), "dicom", None, "not_dicom", "no files found"))
+    return items

@@ -1,0 +1,994 @@
+"""DICOM, and the only module that imports pydicom.
+
+Ingest reads headers only, groups instances into studies and series, picks one
+series per study with the spec's rules, and checks slice geometry; training and
+predict read pixels through ``read_series``. Nothing here logs or raises text
+that carries header values or file paths: reasons are codes plus messages built
+from numbers and codes only.
+
+Array convention: 2D (rows, cols); 3D (slices, rows, cols) with slices ordered
+along the slice normal. Affines map (axis0, axis1, axis2) voxel indices to RAS+
+millimetres (DICOM's LPS with x and y negated), the convention nibabel and MONAI use.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from medxfer.core import ui
+from medxfer.core.errors import MedxferError
+from pydicom.errors import InvalidDicomError
+
+# pydicom reports odd values in warnings and log records that quote the value itself (a date, a
+# name); those must not reach a terminal or a CI log, so they are switched off here, once.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+logging.getLogger("pydicom").propagate = False
+
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Orientation vectors closer than this (max abs difference of the six cosines, ~6 degrees) are one
+# stack; a series that holds planes further apart is split into one candidate per plane.
+_SAME_PLANE = 0.1
+# Within one stack, cosines may jitter by float rounding (the GE MR in the tests differs by 6e-8);
+# more than this and the slices are not parallel.
+_ORIENT_TOL = 1e-3
+_TILT_TOL_DEG = 0.5
+_DUP_TOL_MM = 0.01
+_SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+# Reason codes this module can give, with what they mean (the ingest report and docs use this).
+REASONS = {
+    "not_dicom": "not a DICOM file",
+    "truncated": "file is cut short (header or pixel data incomplete)",
+    "unreadable": "file could not be opened",
+    "no_pixel_data": "a DICOM object without an image (DICOMDIR, report, presentation state)",
+    "missing_tags": "lacks StudyInstanceUID, SeriesInstanceUID, Rows or Columns",
+    "no_series_selected": "no series of the study passed the spec's series rules",
+    "missing_position": "ImagePositionPatient or ImageOrientationPatient missing in a volume",
+    "mixed_orientation": "slices of one stack are not parallel",
+    "inconsistent_pixel_spacing": "slices of one stack have different pixel spacing",
+    "duplicate_position": "two or more slices share one position",
+    "missing_slices": "gaps in the slice positions (missing slices)",
+    "uneven_spacing": "slice spacing varies beyond the tolerance",
+    "gantry_tilt": "slice positions advance off the slice normal (tilted gantry)",
+    "multiframe_no_geometry": "multi-frame file without per-frame position and orientation",
+    "undecodable": "pixel data cannot be decoded",
+}
+
+
+class GeometryError(MedxferError):
+    """A series that cannot be read as a consistent image; ``code`` is a key of REASONS. No PHI in the text."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Header scan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Header:
+    """What ingest needs from one file. Identifiers are already pseudonyms; no names, no dates."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    error: str | None = None
+    message: str | None = None
+    study: str = ""  # pseudonym of StudyInstanceUID
+    accession: str | None = None  # pseudonym of AccessionNumber (same key space as study keys)
+    patient: str | None = None  # pseudonym of PatientID
+    series: str = ""  # pseudonym of SeriesInstanceUID
+    frame_of_ref: str | None = None
+    modality: str = ""
+    description: str = ""
+    image_type: list[str] = field(default_factory=list)
+    series_number: int | None = None
+    instance_number: int | None = None
+    rows: int = 0
+    cols: int = 0
+    n_frames: int = 1
+    samples: int = 1
+    orientation: list[float] | None = None
+    position: list[float] | None = None
+    frame_positions: list[list[float]] | None = None
+    pixel_spacing: list[float] | None = None
+    transfer_syntax: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        # Shallow: the scan cache serialises it right away, and dataclasses.asdict's deep copy cost more
+        # per file than reading the header.
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Header:
+        return cls(**d)
+
+
+class _Pseudo:
+    """What scan needs from medxfer.io.phi.Pseudonymizer (kept structural to avoid a hard import cycle)."""
+
+    study_key: Callable[[str], str]
+    patient_key: Callable[[str], str]
+    series_key: Callable[[str], str]
+
+
+def _get(ds: Any, keyword: str, default: Any = None) -> Any:
+    # Malformed values raise on access (e.g. an IS holding letters); treat them as absent.
+    try:
+        v = ds.get(keyword, default)
+    except Exception:
+        return default
+    return default if v is None or v == "" else v
+
+
+# Plain-ASCII elements ingest reads from every file, decoded straight from the raw bytes: pydicom's
+# per-element conversion (hooks, value classes, keyword lookup) cost more than parsing the header.
+# Text whose meaning depends on SpecificCharacterSet (PatientID, AccessionNumber, SeriesDescription)
+# still goes through pydicom. Keyword -> (tag, VR, multi-valued).
+_RAW = {
+    "SOPClassUID": (0x00080016, "UI", False),
+    "StudyInstanceUID": (0x0020000D, "UI", False),
+    "SeriesInstanceUID": (0x0020000E, "UI", False),
+    "FrameOfReferenceUID": (0x00200052, "UI", False),
+    "Modality": (0x00080060, "CS", False),
+    "ImageType": (0x00080008, "CS", True),
+    "SeriesNumber": (0x00200011, "IS", False),
+    "InstanceNumber": (0x00200013, "IS", False),
+    "NumberOfFrames": (0x00280008, "IS", False),
+    "Rows": (0x00280010, "US", False),
+    "Columns": (0x00280011, "US", False),
+    "SamplesPerPixel": (0x00280002, "US", False),
+    "PixelSpacing": (0x00280030, "DS", True),
+    "ImagerPixelSpacing": (0x00181164, "DS", True),
+    "ImageOrientationPatient": (0x00200037, "DS", True),
+    "ImagePositionPatient": (0x00200032, "DS", True),
+}
+
+
+def _raw(ds: Any, keyword: str) -> Any:
+    """Value of a top-level _RAW element without pydicom's conversion; same results as ``_get`` for valid data.
+
+    Multi-valued keywords give a list of strings (so a single "5" is never iterated as characters);
+    anything unusual (already converted, an unexpected VR, odd length) falls back to ``_get``.
+    """
+    tag, vr, multi = _RAW[keyword]
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return None
+    value, elem_vr = getattr(elem, "value", None), getattr(elem, "VR", None)
+    if not isinstance(value, bytes) or elem_vr not in (None, vr) or not hasattr(elem, "is_little_endian"):
+        return _get(ds, keyword)
+    if vr == "US":
+        if len(value) != 2:
+            return _get(ds, keyword)
+        return int.from_bytes(value, "little" if elem.is_little_endian else "big")
+    text = value.decode("latin-1").strip(" \0")
+    if not text:
+        return None
+    if multi:
+        return [x.strip(" \0") for x in text.split("\\")]
+    return text
+
+
+def _floats(v: Any, n: int) -> list[float] | None:
+    try:
+        out = [float(x) for x in v]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(np.isfinite(out)) else None
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fg(ds: Any, seq: str, frame: int | None = None) -> Any:
+    """An item from the shared or per-frame functional groups of an enhanced object."""
+    sources = []
+    if frame is not None:
+        per = _get(ds, "PerFrameFunctionalGroupsSequence")
+        if per is not None and frame < len(per):
+            sources.append(per[frame])
+    shared = _get(ds, "SharedFunctionalGroupsSequence")
+    if shared:
+        sources.append(shared[0])
+    for src in sources:
+        s = _get(src, seq)
+        if s:
+            return s[0]
+    return None
+
+
+def _pixel_spacing(ds: Any) -> list[float] | None:
+    ps = _floats(_raw(ds, "PixelSpacing"), 2) or _floats(_raw(ds, "ImagerPixelSpacing"), 2)
+    if ps is None:
+        pm = _fg(ds, "PixelMeasuresSequence", 0)
+        ps = _floats(_get(pm, "PixelSpacing"), 2) if pm is not None else None
+    if ps is None:
+        # Ultrasound puts its calibration in the region sequence, in cm (units code 3).
+        for reg in _get(ds, "SequenceOfUltrasoundRegions") or []:
+            if _get(reg, "PhysicalUnitsXDirection") == 3 and _get(reg, "PhysicalUnitsYDirection") == 3:
+                dx, dy = _get(reg, "PhysicalDeltaX"), _get(reg, "PhysicalDeltaY")
+                if dx and dy:
+                    ps = [round(abs(float(dy)) * 10.0, 6), round(abs(float(dx)) * 10.0, 6)]
+                    break
+    if ps is not None and min(ps) <= 0:
+        return None
+    return ps
+
+
+def _frame_geometry(ds: Any, n_frames: int) -> tuple[list[float] | None, list[list[float]] | None]:
+    orient = _floats(_get(ds, "ImageOrientationPatient"), 6)
+    if orient is None:
+        po = _fg(ds, "PlaneOrientationSequence", 0)
+        orient = _floats(_get(po, "ImageOrientationPatient"), 6) if po is not None else None
+    per = _get(ds, "PerFrameFunctionalGroupsSequence")
+    if not per or len(per) < n_frames:
+        return orient, None
+    positions = []
+    for i in range(n_frames):
+        pp = _fg(ds, "PlanePositionSequence", i)
+        pos = _floats(_get(pp, "ImagePositionPatient"), 3) if pp is not None else None
+        if pos is None:
+            return orient, None
+        positions.append(pos)
+    return orient, positions
+
+
+def _pixel_data_truncated(fh: Any, pos: int, size: int, little: bool, implicit: bool) -> bool | None:
+    """True if the pixel data element runs past the end of the file; None if there is none."""
+    fh.seek(pos)
+    head = fh.read(12)
+    if len(head) < 8:
+        return None
+    group = int.from_bytes(head[0:2], "little" if little else "big")
+    elem = int.from_bytes(head[2:4], "little" if little else "big")
+    if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        return None
+    order = "little" if little else "big"
+    if implicit:
+        length, header_len = int.from_bytes(head[4:8], order), 8
+    else:
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN"):
+            if len(head) < 12:
+                return True
+            length, header_len = int.from_bytes(head[8:12], order), 12
+        else:
+            length, header_len = int.from_bytes(head[6:8], order), 8
+    if length == 0xFFFFFFFF:
+        # Encapsulated: walk the fragment items (seeking, not reading them) up to the sequence
+        # delimiter; elements may follow pixel data, so "ends with the delimiter" is not a test.
+        at = pos + header_len
+        while True:
+            fh.seek(at)
+            item = fh.read(8)
+            if len(item) < 8:
+                return True
+            if item == _SEQ_DELIM:
+                return False
+            if item[:4] != b"\xfe\xff\x00\xe0":
+                return True
+            at += 8 + int.from_bytes(item[4:8], "little")
+            if at > size:
+                return True
+    return pos + header_len + length > size
+
+
+# The only elements ingest looks at. pydicom skips every other value by seeking (nested sequences of
+# defined length included) and never converts it, which is most of the cost of reading a header.
+HEADER_TAGS = (
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "AccessionNumber",
+    "PatientID",
+    "Modality",
+    "SeriesDescription",
+    "ImageType",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SequenceOfUltrasoundRegions",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+)
+
+
+def read_header(path: str, pseudo: _Pseudo) -> Header:
+    """Header of one file, or a Header with ``error`` set to a reason code. Never raises."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Header(path=path, size=-1, mtime_ns=-1, error="unreadable", message="file could not be opened")
+    h = Header(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    try:
+        with open(path, "rb") as fh:
+            preamble = fh.read(132)
+            fh.seek(0)
+            has_magic = len(preamble) == 132 and preamble[128:132] == b"DICM"
+            if st.st_size == 0:
+                return _fail(h, "not_dicom", "empty file")
+            try:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_magic, specific_tags=list(HEADER_TAGS))
+            except InvalidDicomError:
+                return _fail(h, "not_dicom", "not a DICOM file")
+            except Exception:
+                if has_magic:
+                    return _fail(h, "truncated", "DICOM header is cut short or corrupt")
+                return _fail(h, "not_dicom", "not a DICOM file")
+            if not has_magic and not (_raw(ds, "SOPClassUID") and _raw(ds, "StudyInstanceUID")):
+                return _fail(h, "not_dicom", "not a DICOM file")
+            pos = fh.tell()
+            tsyntax = str(_get(getattr(ds, "file_meta", {}), "TransferSyntaxUID", "") or "")
+            implicit, little = ds.original_encoding
+            # None: no pixel data element found; "unknown": deflated, where file offsets mean nothing.
+            truncated: bool | None | str = "unknown"
+            if tsyntax != _DEFLATED:
+                truncated = _pixel_data_truncated(fh, pos, st.st_size, little is not False, bool(implicit))
+    except OSError:
+        return _fail(h, "unreadable", "file could not be read")
+    return _fill(h, ds, tsyntax, truncated, pseudo)
+
+
+def _fail(h: Header, code: str, message: str) -> Header:
+    h.error, h.message = code, message
+    return h
+
+
+def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo: _Pseudo) -> Header:
+    if truncated is True:
+        return _fail(h, "truncated", "pixel data is cut short (file ends early)")
+    rows, cols = _int(_raw(ds, "Rows")), _int(_raw(ds, "Columns"))
+    if truncated is None:
+        return _fail(h, "no_pixel_data", "DICOM object without pixel data (e.g. DICOMDIR, report)")
+    study_uid, series_uid = _raw(ds, "StudyInstanceUID"), _raw(ds, "SeriesInstanceUID")
+    if not study_uid or not series_uid or not rows or not cols:
+        missing = [
+            k
+            for k, v in (
+                ("StudyInstanceUID", study_uid),
+                ("SeriesInstanceUID", series_uid),
+                ("Rows", rows),
+                ("Columns", cols),
+            )
+            if not v
+        ]
+        return _fail(h, "missing_tags", "missing " + ", ".join(missing))
+    h.transfer_syntax = tsyntax
+    h.study = pseudo.study_key(str(study_uid))
+    acc = _get(ds, "AccessionNumber")
+    h.accession = pseudo.study_key(str(acc)) if acc else None
+    pid = _get(ds, "PatientID")
+    h.patient = pseudo.patient_key(str(pid)) if pid else None
+    h.series = pseudo.series_key(str(series_uid))
+    frame_of_ref = _raw(ds, "FrameOfReferenceUID")
+    h.frame_of_ref = pseudo.series_key("for:" + str(frame_of_ref)) if frame_of_ref else None
+    h.modality = str(_raw(ds, "Modality") or "").upper()
+    h.description = str(_get(ds, "SeriesDescription", "") or "")
+    it = _raw(ds, "ImageType") or []
+    h.image_type = [
+        str(x).upper() for x in (it if isinstance(it, list | tuple | pydicom.multival.MultiValue) else [it])
+    ]
+    h.series_number = _int(_raw(ds, "SeriesNumber"))
+    h.instance_number = _int(_raw(ds, "InstanceNumber"))
+    h.rows, h.cols = rows, cols
+    h.n_frames = max(_int(_raw(ds, "NumberOfFrames")) or 1, 1)
+    h.samples = _int(_raw(ds, "SamplesPerPixel")) or 1
+    h.pixel_spacing = _pixel_spacing(ds)
+    if h.n_frames > 1 or (0x52009230 in ds and _get(ds, "PerFrameFunctionalGroupsSequence")):
+        h.orientation, h.frame_positions = _frame_geometry(ds, h.n_frames)
+        if h.frame_positions and h.n_frames == 1:
+            h.position, h.frame_positions = h.frame_positions[0], None
+    else:
+        h.orientation = _floats(_raw(ds, "ImageOrientationPatient"), 6)
+        h.position = _floats(_raw(ds, "ImagePositionPatient"), 3)
+    return h
+
+
+class _Recorder:
+    """Pseudonymises like the real one and remembers what it was asked, so a worker process's map entries
+    can be replayed into the parent's Pseudonymizer (the originals stay in memory and in the pipe)."""
+
+    def __init__(self, inner: _Pseudo):
+        self.inner, self.calls = inner, []
+
+    def study_key(self, original: str) -> str:
+        self.calls.append(("study_key", original))
+        return self.inner.study_key(original)
+
+    def patient_key(self, original: str) -> str:
+        self.calls.append(("patient_key", original))
+        return self.inner.patient_key(original)
+
+    def series_key(self, original: str) -> str:
+        self.calls.append(("series_key", original))
+        return self.inner.series_key(original)
+
+
+_FORKED_PSEUDO: _Pseudo | None = None  # set in the parent just before forking the header workers
+
+
+def _scan_chunk(paths: list[str]) -> tuple[list[Header], list[tuple[str, str]]]:
+    assert _FORKED_PSEUDO is not None
+    rec = _Recorder(_FORKED_PSEUDO)
+    return [read_header(p, rec) for p in paths], rec.calls
+
+
+# Below this many files a process pool's start-up costs more than it saves.
+_PROCESS_MIN_FILES = 400
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def scan_headers(
+    paths: list[str], pseudo: _Pseudo, workers: int | None = None, description: str = "reading DICOM headers"
+) -> list[Header]:
+    """Headers of many files, with a progress bar.
+
+    Parsing a header is CPU-bound Python (pydicom walks every element), so threads only overlap file
+    I/O; large trees are read by forked worker processes, one per CPU, where fork is available.
+    """
+    if not paths:
+        return []
+    cpus = min(_cpus(), workers or _cpus())
+    if cpus > 1 and len(paths) >= _PROCESS_MIN_FILES and "fork" in mp.get_all_start_methods():
+        return _scan_processes(paths, pseudo, cpus, description)
+    threads = max(1, workers or min(32, (os.cpu_count() or 1) * 4))
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        it = ex.map(lambda p: read_header(p, pseudo), paths)
+        return list(ui.progress(it, total=len(paths), description=description))
+
+
+def _scan_processes(paths: list[str], pseudo: _Pseudo, cpus: int, description: str) -> list[Header]:
+    global _FORKED_PSEUDO
+    size = max(16, -(-len(paths) // (cpus * 8)))
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    _FORKED_PSEUDO = pseudo
+    try:
+        with ProcessPoolExecutor(max_workers=cpus, mp_context=mp.get_context("fork")) as ex:
+
+            def flat() -> Iterable[Header]:
+                for headers, calls in ex.map(_scan_chunk, chunks):
+                    for method, original in calls:  # the parent's map must know every pseudonym
+                        getattr(pseudo, method)(original)
+                    yield from headers
+
+            return list(ui.progress(flat(), total=len(paths), description=description))
+    finally:
+        _FORKED_PSEUDO = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping and series selection
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One stack (or one single image) that could become the study's image."""
+
+    key: str  # series pseudonym; "#n" appended when a series was split into several stacks
+    headers: list[Header]
+    single: bool = False  # a single 2D image (one instance is the study's image)
+
+    @property
+    def first(self) -> Header:
+        return self.headers[0]
+
+    @property
+    def modality(self) -> str:
+        return self.first.modality
+
+    @property
+    def description(self) -> str:
+        return self.first.description
+
+    @property
+    def image_type(self) -> set[str]:
+        return {v for h in self.headers for v in h.image_type}
+
+    @property
+    def multiframe(self) -> bool:
+        return len(self.headers) == 1 and self.first.n_frames > 1
+
+    @property
+    def n_slices(self) -> int:
+        return self.first.n_frames if self.multiframe else len(self.headers)
+
+    def label(self) -> str:
+        """A PHI-free description for messages: series number, modality, size."""
+        sn = self.first.series_number
+        what = f"series {sn}" if sn is not None else "a series without SeriesNumber"
+        if self.single:
+            inst = self.first.instance_number
+            what += f", instance {inst}" if inst is not None else ""
+        return (
+            f"{what} ({self.modality or 'no modality'}, {self.n_slices} image(s) of {self.first.rows}x"
+            f"{self.first.cols})"
+        )
+
+
+def group_by_study(headers: Iterable[Header]) -> dict[str, list[Header]]:
+    out: dict[str, list[Header]] = defaultdict(list)
+    for h in headers:
+        if h.error is None:
+            out[h.study].append(h)
+    return dict(out)
+
+
+def _same_plane(a: list[float] | None, b: list[float] | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) < _SAME_PLANE
+
+
+def _has_geometry(hs: list[Header]) -> bool:
+    return all(h.position is not None and h.orientation is not None for h in hs)
+
+
+def candidates(study_headers: list[Header], dims: int) -> list[Candidate]:
+    """Series of a study, split where one SeriesInstanceUID holds several stacks.
+
+    A series is split by FrameOfReferenceUID, plane orientation and image size: those mark
+    instances that cannot be one volume (a 3-plane localizer, a reformat stored in the same series).
+    For 2D specs a single image is the unit: each instance of a 2D modality is its own candidate.
+    """
+    by_series: dict[str, list[Header]] = defaultdict(list)
+    for h in study_headers:
+        by_series[h.series].append(h)
+    out: list[Candidate] = []
+    for series in sorted(by_series):
+        hs = sorted(by_series[series], key=lambda h: (h.instance_number or 0, h.path))
+        stacks: list[tuple[tuple[Any, ...], list[float] | None, list[Header]]] = []
+        multiframes = []
+        for h in hs:
+            if h.n_frames > 1:
+                multiframes.append(h)
+                continue
+            sig = (h.frame_of_ref, h.rows, h.cols)
+            for s_sig, s_orient, members in stacks:
+                if s_sig == sig and _same_plane(s_orient, h.orientation):
+                    members.append(h)
+                    break
+            else:
+                stacks.append((sig, h.orientation, [h]))
+        parts: list[tuple[list[Header], bool]] = []
+        for _, _, members in stacks:
+            volume_like = members[0].modality in VOLUME_MODALITIES and _has_geometry(members)
+            if dims == 2 and not (volume_like and len(members) > 1):
+                parts.extend(([m], True) for m in members)
+            else:
+                parts.append((members, False))
+        parts.extend(([m], dims == 2) for m in multiframes)
+        for i, (members, single) in enumerate(parts):
+            key = series if len(parts) == 1 else f"{series}#{i + 1}"
+            out.append(Candidate(key=key, headers=members, single=single))
+    return out
+
+
+@dataclass
+class NotChosen:
+    candidate: Candidate
+    code: str  # modality | image_type | description_exclude | description_include | min_slices | dims | preference
+    message: str
+
+
+def select_series(cands: list[Candidate], rules: Any, dims: int) -> tuple[Candidate | None, list[NotChosen]]:
+    """Apply the spec's series rules; return the chosen candidate and why every other one lost."""
+    rejected: list[NotChosen] = []
+    passing: list[Candidate] = []
+    min_slices = max(rules.min_slices, 2 if dims == 3 else 1)
+    for c in cands:
+        why = _rule_failure(c, rules, dims, min_slices)
+        if why:
+            rejected.append(NotChosen(c, *why))
+        else:
+            passing.append(c)
+    if not passing:
+        return None, rejected
+
+    def rank(c: Candidate) -> tuple[Any, ...]:
+        pref = next((i for i, p in enumerate(rules.prefer) if re.search(p, c.description)), len(rules.prefer))
+        return (
+            pref,
+            -c.n_slices,
+            c.first.series_number if c.first.series_number is not None else 1 << 30,
+            c.first.instance_number if c.first.instance_number is not None else 1 << 30,
+            c.key,
+        )
+
+    passing.sort(key=rank)
+    chosen = passing[0]
+    best = rank(chosen)
+    for c in passing[1:]:
+        r = rank(c)
+        if r[0] != best[0]:
+            msg = f"prefer rule #{best[0]} matched the chosen series; this one matched " + (
+                f"rule #{r[0]}" if r[0] < len(rules.prefer) else "no prefer rule"
+            )
+        elif r[1] != best[1]:
+            msg = f"fewer slices than the chosen series ({c.n_slices} < {chosen.n_slices})"
+        else:
+            msg = "same preference and size as the chosen one; the lower series/instance number won"
+        rejected.append(NotChosen(c, "preference", msg))
+    return chosen, rejected
+
+
+def _rule_failure(c: Candidate, rules: Any, dims: int, min_slices: int) -> tuple[str, str] | None:
+    if rules.modality is not None and c.modality not in rules.modality:
+        return "modality", f"modality {c.modality or 'none'} is not in series.modality {rules.modality}"
+    excluded = sorted(c.image_type & set(rules.imagetype_exclusions(c.modality)))
+    if excluded:
+        return "image_type", f"ImageType contains {', '.join(excluded)} (series.imagetype_exclude)"
+    for i, pat in enumerate(rules.description_exclude):
+        if re.search(pat, c.description):
+            return "description_exclude", f"SeriesDescription matches description_exclude rule #{i}"
+    if rules.description_include and not any(re.search(p, c.description) for p in rules.description_include):
+        return "description_include", "SeriesDescription matches no description_include rule"
+    if dims == 2 and not c.single:
+        return "dims", f"a stack of {c.n_slices} slices; a 2D spec takes single images"
+    if dims == 2 and c.first.n_frames > 1:
+        return "dims", f"a multi-frame image ({c.first.n_frames} frames); a 2D spec takes single images"
+    if dims == 3 and c.n_slices < min_slices:
+        return "min_slices", f"{c.n_slices} slice(s), fewer than series.min_slices ({min_slices})"
+    if dims == 2 and c.n_slices < rules.min_slices:
+        return "min_slices", f"{c.n_slices} image(s), fewer than series.min_slices ({rules.min_slices})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Geometry:
+    files: list[str]  # ordered along the slice normal
+    shape: list[int]
+    spacing: list[float]
+    affine: np.ndarray
+    orientation: str
+    n_slices: int
+
+
+def axcodes(affine: np.ndarray, n_axes: int) -> str:
+    """Anatomical direction (RAS+ letters) of each array axis, like nibabel's aff2axcodes."""
+    out = []
+    for j in range(n_axes):
+        col = affine[:3, j]
+        i = int(np.argmax(np.abs(col)))
+        out.append("RAS"[i] if col[i] > 0 else "LPI"[i])
+    return "".join(out)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def _affine_2d(orient: list[float] | None, pos: list[float] | None, spacing: list[float]) -> np.ndarray:
+    if orient is None or pos is None:
+        return np.diag([spacing[0], spacing[1], 1.0, 1.0])
+    row, col = np.asarray(orient[:3]), np.asarray(orient[3:])
+    a = np.eye(4)
+    a[:3, 0] = col * spacing[0]
+    a[:3, 1] = row * spacing[1]
+    a[:3, 2] = _unit(np.cross(row, col))
+    a[:3, 3] = pos
+    return LPS_TO_RAS @ a
+
+
+def _affine_3d(orient: list[float], first: np.ndarray, step: np.ndarray, spacing: list[float]) -> np.ndarray:
+    row, col = np.asarray(orient[:3]), np.asarray(orient[3:])
+    a = np.eye(4)
+    a[:3, 0] = step
+    a[:3, 1] = col * spacing[0]
+    a[:3, 2] = row * spacing[1]
+    a[:3, 3] = first
+    return LPS_TO_RAS @ a
+
+
+def stack_order(orient: list[float], positions: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Order of slices along the normal, and the mean step vector; GeometryError if not a clean stack."""
+    row, col = np.asarray(orient[:3]), np.asarray(orient[3:])
+    normal = _unit(np.cross(row, col))
+    proj = positions @ normal
+    order = np.argsort(proj, kind="stable")
+    p, pos = proj[order], positions[order]
+    steps = np.diff(p)
+    n = len(p)
+    problems: list[tuple[str, str]] = []
+    dup = int(np.sum(steps < _DUP_TOL_MM))
+    if dup:
+        problems.append(("duplicate_position", f"{dup} of {n} slices share a position with another slice"))
+    real = steps[steps >= _DUP_TOL_MM]
+    if len(real) and float(np.median(real)) > 0:
+        med = float(np.median(real))
+        if n >= 2:
+            # Tilt: the line through the slice origins is not parallel to the normal.
+            centred = pos - pos.mean(axis=0)
+            direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+            angle = float(np.degrees(np.arccos(min(1.0, abs(float(direction @ normal))))))
+            if angle > _TILT_TOL_DEG:
+                problems.append(("gantry_tilt", f"slices advance {angle:.1f} degrees off the slice normal"))
+        gaps = real[real >= 1.5 * med]
+        if len(gaps):
+            problems.append(
+                (
+                    "missing_slices",
+                    f"{len(gaps)} gap(s) of up to {float(gaps.max()) / med:.1f}x the typical {med:.3g} mm step",
+                )
+            )
+        dev = np.abs(real[real < 1.5 * med] - med)
+        if len(dev) and float(dev.max()) > tolerance * med:
+            problems.append(
+                (
+                    "uneven_spacing",
+                    f"slice steps vary by up to {float(dev.max()):.3g} mm around "
+                    f"{med:.3g} mm (series.spacing_tolerance {tolerance:g})",
+                )
+            )
+    if problems:
+        raise GeometryError(problems[0][0], "; ".join(m for _, m in problems))
+    step = (pos[-1] - pos[0]) / max(n - 1, 1)
+    return order, step
+
+
+def check_geometry(cand: Candidate, dims: int, tolerance: float) -> Geometry:
+    """Slice order, shape, spacing and affine of a chosen candidate; GeometryError with a code if unusable."""
+    h = cand.first
+    if dims == 2:
+        spacing = h.pixel_spacing or [1.0, 1.0]
+        aff = _affine_2d(h.orientation, h.position, spacing)
+        orient = axcodes(aff, 2) if h.orientation is not None and h.position is not None else "unknown"
+        return Geometry([h.path], [h.rows, h.cols], [float(s) for s in spacing], aff, orient, 1)
+    if cand.multiframe:
+        if h.frame_positions is None or h.orientation is None:
+            raise GeometryError(
+                "multiframe_no_geometry",
+                f"multi-frame file with {h.n_frames} frames but no per-frame position/orientation",
+            )
+        positions = np.asarray(h.frame_positions, float)
+        orient, spacing, files = h.orientation, h.pixel_spacing, [h.path]
+    else:
+        hs = cand.headers
+        if not _has_geometry(hs):
+            missing = sum(1 for x in hs if x.position is None or x.orientation is None)
+            raise GeometryError(
+                "missing_position", f"{missing} of {len(hs)} slices lack ImagePositionPatient/ImageOrientationPatient"
+            )
+        o = np.asarray([x.orientation for x in hs], float)
+        spread = float(np.max(np.abs(o - o[0])))
+        if spread > _ORIENT_TOL:
+            raise GeometryError("mixed_orientation", f"slice orientation cosines differ by up to {spread:.3g}")
+        sp = [x.pixel_spacing for x in hs]
+        known = [s for s in sp if s is not None]
+        if known and (len(known) < len(sp) or np.max(np.abs(np.asarray(known) - np.asarray(known[0]))) > 1e-4):
+            raise GeometryError("inconsistent_pixel_spacing", "slices of the stack have different PixelSpacing")
+        positions = np.asarray([x.position for x in hs], float)
+        orient, spacing = hs[0].orientation, hs[0].pixel_spacing
+        files = [x.path for x in hs]
+    spacing = spacing or [1.0, 1.0]
+    order, step = stack_order(orient, positions, tolerance)
+    first = positions[order[0]]
+    aff = _affine_3d(orient, first, step, spacing)
+    n = len(positions)
+    ordered = files if cand.multiframe else [files[i] for i in order]
+    slice_sp = float(np.linalg.norm(step))
+    return Geometry(
+        ordered,
+        [n, h.rows, h.cols],
+        [round(slice_sp, 6), float(spacing[0]), float(spacing[1])],
+        aff,
+        axcodes(aff, 3),
+        n,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels
+# ---------------------------------------------------------------------------------------------
+
+
+def _rescale(ds: Any, frame: int | None) -> tuple[float, float]:
+    slope, icpt = _get(ds, "RescaleSlope"), _get(ds, "RescaleIntercept")
+    if slope is None and icpt is None:
+        pv = _fg(ds, "PixelValueTransformationSequence", frame)
+        if pv is not None:
+            slope, icpt = _get(pv, "RescaleSlope"), _get(pv, "RescaleIntercept")
+    try:
+        return float(slope if slope is not None else 1.0), float(icpt if icpt is not None else 0.0)
+    except (TypeError, ValueError):
+        return 1.0, 0.0
+
+
+_GRAY = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def _pixels(ds: Any) -> np.ndarray:
+    """Decoded pixels as float32 (frames, rows, cols): colour to gray, rescale applied, MONOCHROME1 inverted."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoder plugin missing, corrupt stream, wrong length
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", None) or str(ts or "unknown")
+        raise GeometryError(
+            "undecodable",
+            f"pixel data could not be decoded ({name}; {type(exc).__name__}); "
+            "install the matching pylibjpeg plugin or convert the series",
+        ) from None
+    frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
+    samples = _int(_get(ds, "SamplesPerPixel")) or 1
+    photometric = str(_get(ds, "PhotometricInterpretation", "") or "")
+    if photometric == "PALETTE COLOR":
+        arr = pydicom.pixels.apply_color_lut(arr, ds)
+        samples = 3
+    arr = np.asarray(arr)
+    if samples > 1:
+        arr = arr[..., :3].astype(np.float32) @ _GRAY
+    arr = arr.astype(np.float32, copy=False)
+    if frames == 1 or arr.ndim == 2:
+        arr = arr.reshape((1, *arr.shape[-2:]))
+    out = np.empty(arr.shape, np.float32)
+    for i in range(arr.shape[0]):
+        slope, icpt = _rescale(ds, i)
+        out[i] = arr[i] * slope + icpt
+    if photometric == "MONOCHROME1":
+        out = out.max() + out.min() - out
+    return out
+
+
+def _read(path: str) -> Any:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # pydicom and OSError messages quote the path: keep it out
+        raise GeometryError("unreadable", f"a file of the series could not be read ({type(exc).__name__})") from None
+
+
+def read_series(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and affine of one study image: (rows, cols) for one single-frame file, else (slices, rows, cols).
+
+    Slices are ordered along the slice normal here too, so callers may pass files in any order.
+    Raises GeometryError (code ``undecodable`` and others) for series ingest would have quarantined.
+    """
+    if not files:
+        raise GeometryError("missing_tags", "no files")
+    dss = [_read(f) for f in files]
+    ds0 = dss[0]
+    if len(dss) == 1:
+        px = _pixels(ds0)
+        spacing = _pixel_spacing(ds0) or [1.0, 1.0]
+        if px.shape[0] == 1:
+            orient = _floats(_get(ds0, "ImageOrientationPatient"), 6)
+            pos = _floats(_get(ds0, "ImagePositionPatient"), 3)
+            if (orient is None or pos is None) and _get(ds0, "PerFrameFunctionalGroupsSequence"):
+                orient, fp = _frame_geometry(ds0, 1)
+                pos = fp[0] if fp else None
+            return px[0], _affine_2d(orient, pos, spacing)
+        orient, positions = _frame_geometry(ds0, px.shape[0])
+        if orient is None or positions is None:
+            raise GeometryError("multiframe_no_geometry", "multi-frame file without per-frame geometry")
+        pos = np.asarray(positions, float)
+        order, step = stack_order(orient, pos, tolerance=0.49)
+        return px[order], _affine_3d(orient, pos[order[0]], step, spacing)
+    orient = _floats(_get(ds0, "ImageOrientationPatient"), 6)
+    positions = [_floats(_get(d, "ImagePositionPatient"), 3) for d in dss]
+    if orient is None or any(p is None for p in positions):
+        raise GeometryError("missing_position", "slices lack ImagePositionPatient/ImageOrientationPatient")
+    pos = np.asarray(positions, float)
+    order, step = stack_order(orient, pos, tolerance=0.49)
+    first = _pixels(dss[order[0]])
+    vol = np.empty((len(dss), *first.shape[1:]), np.float32)
+    vol[0] = first[0]
+    for k, i in enumerate(order[1:], start=1):
+        sl = _pixels(dss[i])
+        if sl.shape[1:] != vol.shape[1:]:
+            raise GeometryError("missing_tags", "slices of the series differ in size")
+        vol[k] = sl[0]
+    return vol, _affine_3d(orient, pos[order[0]], step, _pixel_spacing(ds0) or [1.0, 1.0])
+
+
+def sample_indices(n: int) -> list[int]:
+    """Which slices of an n-slice series ingest decodes: first, middle and last."""
+    return sorted({0, n // 2, max(n - 1, 0)})
+
+
+def sample_pixels(files: list[str]) -> np.ndarray:
+    """Decoded pixels (float32, (k, rows, cols)) of the first, middle and last file of an ordered series.
+
+    Decoding a few slices finds decoder gaps (the transfer syntax is the same across a series) and gives a
+    representative intensity range without reading every slice twice at ingest; a single file (2D image or
+    multi-frame object) is decoded whole. Raises GeometryError like read_series.
+    """
+    if not files:
+        raise GeometryError("missing_tags", "no files")
+    arrs = [_pixels(_read(files[i])) for i in sample_indices(len(files))]
+    if any(a.shape[1:] != arrs[0].shape[1:] for a in arrs):
+        raise GeometryError("missing_tags", "slices of the series differ in size")
+    return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
+
+
+def decode_check(files: list[str]) -> None:
+    """Decode the middle file of a series: decoder gaps show up at ingest/predict, not in a worker."""
+    _pixels(_read(files[len(files) // 2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (the demo and tests build DICOM through here and through pydicom directly)
+# ---------------------------------------------------------------------------------------------
+
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def generate_uid(*entropy: object) -> str:
+    """A valid UID; deterministic when entropy is given (reproducible demo data)."""
+    if entropy:
+        return pydicom.uid.generate_uid(entropy_srcs=[str(e) for e in entropy])
+    return pydicom.uid.generate_uid()
+
+
+def write_2d_image(
+    path: str | os.PathLike[str], pixels: np.ndarray, attrs: dict[str, Any], sop_class: str = US_IMAGE_STORAGE
+) -> None:
+    """Write one single-frame MONOCHROME2 image (uint8/uint16) with the given top-level attributes."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    sop_uid = attrs.get("SOPInstanceUID") or generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    for k, v in attrs.items():
+        if k != "SOPInstanceUID":
+            setattr(ds, k, v)
+    arr = np.ascontiguousarray(pixels)
+    bits = 8 if arr.dtype == np.uint8 else 16
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = arr.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)

@@ -1,0 +1,158 @@
+"""NIfTI, and the only module that imports nibabel.
+
+``inspect`` runs the ingest checks on one file and returns either its facts or a
+reason code; ``read_volume`` is what training and predict use. Arrays keep
+nibabel's axis order (i, j, k); the affine maps them to RAS+ millimetres.
+Trailing singleton axes are dropped, so an (x, y, z, 1) file reads as 3D and
+an (x, y, 1) file as 2D.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from medxfer.core.errors import MedxferError
+
+# nibabel logs header fix-ups to the terminal; ingest reports problems as reason codes instead.
+logging.getLogger("nibabel").setLevel(logging.ERROR)
+SUFFIXES = (".nii", ".nii.gz")
+REASONS = {
+    "not_nifti": "not a readable NIfTI file",
+    "truncated": "voxel data is cut short",
+    "bad_affine": "affine is singular or has zero/non-finite voxel sizes",
+    "qform_sform_mismatch": "qform and sform are both set and disagree",
+    "nonfinite_voxels": "NaN or Inf voxels",
+    "wrong_dims": "the volume has another number of dimensions than the spec's dims (e.g. 4D where 3D is expected)",
+}
+# qform can only store rotations + zooms + shear-free matrices to float32 precision; a real
+# disagreement is a different position or orientation, far above this.
+_QS_TOL_MM = 1e-3
+
+
+class NiftiError(MedxferError):
+    """An unusable volume; ``code`` is a key of REASONS. No PHI (no path) in the text."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).endswith(SUFFIXES)
+
+
+@dataclass
+class VolumeInfo:
+    shape: list[int]
+    spacing: list[float]
+    orientation: str
+    affine: np.ndarray
+    intensity_min: float
+    intensity_max: float
+    content_hash: str
+
+
+def _squeeze(arr_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = list(arr_shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return tuple(shape)
+
+
+def _load(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    try:
+        img = nib.load(str(path))
+    except Exception:
+        raise NiftiError("not_nifti", "not a readable NIfTI file") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise NiftiError("not_nifti", f"not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def _data(img: nib.Nifti1Image) -> np.ndarray:
+    try:
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError):
+        raise NiftiError("truncated", "voxel data is cut short or corrupt") from None
+    return arr.reshape(_squeeze(arr.shape))
+
+
+def check_header(img: nib.Nifti1Image, dims: int) -> tuple[int, ...]:
+    """Header-level checks; returns the squeezed shape."""
+    shape = _squeeze(tuple(int(s) for s in img.shape))
+    if len(shape) != dims:
+        what = {2: "2D", 3: "3D", 4: "4D"}.get(len(shape), f"{len(shape)}D")
+        raise NiftiError("wrong_dims", f"{what} volume of shape {list(shape)} where a {dims}D one is expected")
+    aff = img.affine
+    zooms = img.header.get_zooms()[:dims]
+    if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12 or min(zooms) <= 0:
+        raise NiftiError("bad_affine", "affine is singular or voxel sizes are zero/non-finite")
+    hdr = img.header
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode > 0 and scode > 0:
+        q, s = hdr.get_qform(), hdr.get_sform()
+        # Compare where they send the corners of the volume, in mm: robust to how each is stored.
+        corners = np.array(
+            [[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2] if dims == 3 else 1)],
+            float,
+        ).T
+        diff = float(np.max(np.abs(q @ corners - s @ corners)))
+        if diff > max(_QS_TOL_MM, 1e-4 * float(np.max(np.abs(s @ corners)))):
+            raise NiftiError(
+                "qform_sform_mismatch",
+                f"qform and sform disagree by up to {diff:.3g} mm; "
+                "fix the header (e.g. set qform = sform) or re-export",
+            )
+    return shape
+
+
+def inspect(path: str | Path, dims: int) -> VolumeInfo:
+    """All ingest checks on one file (reads the voxels once); NiftiError with a reason code if unusable."""
+    img = _load(path)
+    check_header(img, dims)
+    arr = _data(img)
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise NiftiError("nonfinite_voxels", f"{bad} NaN/Inf voxel(s) of {arr.size}")
+    zooms = [float(z) for z in img.header.get_zooms()[:dims]]
+    h = hashlib.sha256(repr(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    codes = "".join(nib.aff2axcodes(img.affine))[:dims]
+    return VolumeInfo(list(arr.shape), zooms, codes, img.affine, float(arr.min()), float(arr.max()), h.hexdigest())
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 array in nibabel's axis order, trailing singleton axes dropped; 4x4 RAS affine)."""
+    img = _load(path)
+    return _data(img), np.asarray(img.affine, float)
+
+
+def write_volume(
+    path: str | Path,
+    array: np.ndarray,
+    spacing: tuple[float, ...] | None = None,
+    affine: np.ndarray | None = None,
+    qform_code: int = 1,
+    sform_code: int = 1,
+) -> Path:
+    """Write a NIfTI-1 volume with spacing and affine set (qform and sform agree)."""
+    if affine is None:
+        sp = list(spacing or [1.0] * array.ndim)[:3] + [1.0] * (3 - min(array.ndim, 3))
+        affine = np.diag([*sp, 1.0])
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_qform(affine, code=qform_code)
+    img.header.set_sform(affine, code=sform_code)
+    if array.ndim > 3:
+        img.header.set_zooms(tuple(img.header.get_zooms()[:3]) + (1.0,) * (array.ndim - 3))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path

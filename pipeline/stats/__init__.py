@@ -1,0 +1,1 @@
+"""Metrics, bootstrap CIs, calibration and plots (the only matplotlib importer)."""

@@ -1,0 +1,1 @@
+"""MLflow (the only mlflow importer): run tracking, registry calls and the PHI guard."""

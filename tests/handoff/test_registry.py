@@ -1,0 +1,175 @@
+"""register / promote, and the registered pyfunc as a user loads it: mlflow.pyfunc.load_model(...).predict(df)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import PHI, write_image2d, write_nifti
+from medxfer.core.errors import StageError
+from medxfer.handoff import registry
+from medxfer.io.phi import scan_for_phi
+from medxfer.runall import TEST_METRICS
+from medxfer.tracking import tracker as tracking
+
+
+def _blob_image(positive: bool, size: int = 48, seed: int = 7) -> np.ndarray:
+    """Like the training data (bright blob = 'pos'), at a size the pipeline has never seen."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(60, 12, (size, size))
+    if positive:
+        yy, xx = np.mgrid[:size, :size]
+        img += 120 * np.exp(-((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (2 * (size / 8) ** 2))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_version_has_alias_tags_and_description(registered) -> None:
+    mv = tracking.get_model_version(registered.tracking_uri, registered.model_name, registered.model_version)
+    assert "candidate" in mv["aliases"] and mv["run_id"] == registered.run_id
+    tags = mv["tags"]
+    ev = json.loads(
+        (registered.workspace / "tiny-dicom2d" / "runs" / registered.run_id / "evaluation.json").read_text()
+    )
+    # Every defined value and CI bound is a tag; an undefined one (e.g. NPV with no predicted negatives) is not.
+    for m in TEST_METRICS:
+        for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            v = ev["test"][m][part]
+            assert (f"test_{m}{suffix}" in tags) == (v is not None), (m, part)
+            if v is not None:
+                assert float(tags[f"test_{m}{suffix}"]) == pytest.approx(v, rel=1e-5, abs=1e-9)
+    assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"} <= set(tags)
+    assert {
+        "spec_hash",
+        "manifest_hash",
+        "split_hash",
+        "git_commit",
+        "weight_source",
+        "threshold",
+        "temperature",
+        "floor.min_auroc_ci_low",
+        "weights_sha256",
+    } <= set(tags)
+    assert tags["weight_source"] == "package" and tags["run_id"] == registered.run_id
+    run = tracking.get_run(registered.tracking_uri, registered.run_id)
+    assert tags["git_commit"] == run["params"]["git.commit"]  # the commit it was trained at
+    assert tags["split_hash"] == run["params"]["hash.split"]
+    assert float(tags["threshold"]) == pytest.approx(ev["threshold"], rel=1e-5)
+
+
+def test_model_is_code_plus_safetensors_with_a_phi_free_example(registered, tmp_path: Path) -> None:
+    local = tracking.download_registered_model(
+        registered.tracking_uri, f"models:/{registered.model_name}@candidate", tmp_path / "m"
+    )
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    bundle = {
+        f"artifacts/bundle/{n}"
+        for n in ("weights.safetensors", "preprocessing.json", "evaluation.json", "model_card.md", "model_card.json")
+    }
+    assert bundle <= files and "pyfunc_model.py" in files
+    # Models from code: no pickled PythonModel anywhere in the model's files.
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
+    mlmodel = (local / "MLmodel").read_text()
+    assert "mlflow.pyfunc.loaders.code_model" in mlmodel and "model_version: '" in mlmodel
+    example = json.loads((local / "input_example.json").read_text())
+    assert example == {"columns": ["path"], "data": [[registry.INPUT_EXAMPLE_PATH]]}
+    card = (local / "artifacts/bundle/model_card.md").read_text()
+    assert registered.model_name in card
+
+
+def test_model_card_is_attached_to_the_run(registered, tmp_path: Path) -> None:
+    got = tracking.download_run_artifact(registered.tracking_uri, registered.run_id, "model_card", tmp_path)
+    assert got is not None and {p.name for p in got.iterdir()} == {"model_card.md", "model_card.json"}
+    run = tracking.get_run(registered.tracking_uri, registered.run_id)
+    assert run["tags"]["medxfer.registered"] == f"{registered.model_name}/{registered.model_version}"
+    assert run["status"] == "FINISHED"  # registering does not reopen the training run
+
+
+def test_pyfunc_on_unseen_dicom_and_nifti_with_error_rows(registered, tmp_path: Path) -> None:
+    import mlflow
+
+    new = tmp_path / "new"
+    # Folder names a user's export might carry: they stay in the user's own output only.
+    pos_dir = new / "DOE_JANE" / "study"
+    write_image2d(pos_dir / "IM0001", _blob_image(True), patient_name="DOE^JANE", patient_id="NEW-1")
+    neg_file = write_image2d(new / "neg.dcm", _blob_image(False), patient_id="NEW-2")
+    # NIfTI: the model was trained on DICOM; a 2D NIfTI of the same kind of image must work too.
+    pos_nii = write_nifti(new / "pos.nii.gz", _blob_image(True).astype(np.float32), spacing=(0.5, 0.5))
+    (new / "corrupt.dcm").write_bytes(b"DICM but not really")
+    paths = [str(pos_dir), str(neg_file), str(pos_nii), str(new / "corrupt.dcm"), str(new / "missing")]
+
+    mlflow.set_tracking_uri(registered.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{registered.model_name}@candidate")
+        df = model.predict(pd.DataFrame({"path": paths}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(df["input"]) == paths
+    assert list(df.columns) == ["input", "prob_neg", "prob_pos", "decision", "model_name", "model_version", "error"]
+    ok, bad = df.iloc[:3], df.iloc[3:]
+    assert ok["error"].isna().all(), ok["error"].tolist()
+    np.testing.assert_allclose(ok["prob_neg"] + ok["prob_pos"], 1.0, rtol=1e-6)
+    assert set(ok["model_name"]) == {registered.model_name} and set(ok["model_version"]) == {registered.model_version}
+    assert ok["prob_pos"].iloc[0] > ok["prob_pos"].iloc[1]  # blob vs no blob: the model learned something
+    assert bad["error"].str.match(r"^[a-z_]+: ").all() and bad[["prob_neg", "prob_pos"]].isna().all().all()
+    assert bad["error"].iloc[1].startswith("not_found")
+
+
+def test_promote_checks_the_recipe_floor(registered) -> None:
+    uri, name, version = registered.tracking_uri, registered.model_name, registered.model_version
+    tags = tracking.get_model_version(uri, name, version)["tags"]
+    ci_low = float(tags["test_auroc_ci_low"])
+    guard = tracking.PHIGuard()
+    try:
+        # A floor just above the achieved lower bound: refused, and the message says which and by how much.
+        tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": f"{ci_low + 0.01:.4f}"}, guard)
+        with pytest.raises(registry.PromotionRefused, match=r"test AUROC 95% CI lower bound .* < required"):
+            registry.promote(name, version, "champion", registered.workspace)
+        assert "champion" not in tracking.get_model_version(uri, name, version)["aliases"]
+        # A floor the model meets: promoted.
+        tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": f"{ci_low - 0.01:.4f}"}, guard)
+        res = registry.promote(name, version, "champion", registered.workspace)
+        assert res.summary()["checks"][0]["ok"] is True
+        assert "champion" in tracking.get_model_version(uri, name, version)["aliases"]
+    finally:
+        tracking.set_model_version_tags(
+            uri, name, version, {"floor.min_auroc_ci_low": tags["floor.min_auroc_ci_low"]}, guard
+        )
+
+
+def test_promotion_checks_without_metrics_refuse() -> None:
+    checks = registry.promotion_checks({"floor.min_auroc_ci_low": "0.7"})
+    assert len(checks) == 1 and not checks[0].ok and "missing" in checks[0].text()
+    assert registry.promotion_checks({"test_auroc_ci_low": "0.5"}) == []  # no floor in the recipe
+
+
+def test_register_refuses_unknown_runs_and_bad_names(registered) -> None:
+    with pytest.raises(StageError, match="no MLflow run"):
+        registry.register("0" * 32, "x", registered.workspace)
+    with pytest.raises(registry.MedxferError, match="model name"):
+        registry.register(registered.run_id, "bad name/with slash", registered.workspace)
+
+
+def test_no_phi_in_the_mlflow_store(registered) -> None:
+    store = [registered.workspace / "mlflow.db", registered.workspace / "mlartifacts"]
+    assert scan_for_phi(store, [*PHI.values(), "DOE^JANE"]) == []
+
+
+def test_cli_promote_refusal_exits_nonzero_with_the_reason(registered) -> None:
+    from medxfer.cli import app
+    from typer.testing import CliRunner
+
+    uri, name, version = registered.tracking_uri, registered.model_name, registered.model_version
+    floor = tracking.get_model_version(uri, name, version)["tags"]["floor.min_auroc_ci_low"]
+    guard = tracking.PHIGuard()
+    tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": "1.5"}, guard)
+    try:
+        res = CliRunner().invoke(
+            app, ["promote", name, version, "--alias", "champion", "--workspace", str(registered.workspace), "--json"]
+        )
+    finally:
+        tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": floor}, guard)
+    assert res.exit_code == 1 and "refusing to set alias 'champion'" in res.output
+    assert "required 1.500" in res.output and res.stdout.strip() == ""
