@@ -116,7 +116,7 @@ def run_all(
 
     overrides = list(overrides or [])
     # Validate the recipe before spending minutes on ingest: a typo in --set should fail in a second.
-    resolved = load_recipe(recipe, spec.dims, overrides)
+    resolved = load_recipe(recipe, spec.dims, overrides, n_classes=len(spec.classes))
     seconds: dict[str, float] = {}
     stages: dict[str, dict[str, Any]] = {}
 

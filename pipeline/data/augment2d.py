@@ -5,7 +5,8 @@ interface: ``build_augment2d(cfg)`` returns a callable on one float32 image in
 [0, 1] (H x W, or H x W x C) that returns an augmented float32 image of the same
 shape, still in [0, 1]. Replacing the library means rewriting this file only.
 
-Keys of ``cfg`` (``recipe.data.augment`` for 2D specs; unknown keys are an error):
+Keys of ``cfg`` (``recipe.data.augment`` for 2D specs, checked by ``medxfer.config.recipe`` when the recipe
+loads: unknown keys and out-of-range values are refused there, so this module only reads them):
 
 - ``flip``: true -> horizontal flip with p = 0.5 (no vertical flip: anatomy is not
   symmetric top to bottom).
@@ -23,8 +24,6 @@ import random
 from typing import Any
 
 import numpy as np
-from medxfer.config.recipe import augment_problems
-from medxfer.config.spec import SpecError
 
 # cv2 constants, spelled out so this module does not need cv2 at import time.
 _INTER_LINEAR = 1
@@ -35,9 +34,6 @@ class Augment2D:
     """Callable augmenter. ``seed(n)`` makes the following calls reproducible (per worker, per epoch)."""
 
     def __init__(self, cfg: dict[str, Any]):
-        problems = augment_problems(cfg, dims=2)
-        if problems:
-            raise SpecError("data.augment (2D): " + " | ".join(problems))
         self.cfg = dict(cfg)
         import albumentations as A  # heavy; only this module imports it
 
@@ -79,6 +75,8 @@ class Augment2D:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self._compose is None:
             return image
+        # A guard on the data, not the recipe: albumentations reads uint8 as 0-255 and the [0, 1] clip below
+        # assumes floats; the readers and the cache hand over float32.
         if image.dtype != np.float32:
             raise TypeError(f"augment2d expects float32 images in [0, 1], got {image.dtype}")
         out = self._compose(image=image)["image"]
@@ -88,5 +86,5 @@ class Augment2D:
 
 
 def build_augment2d(cfg: dict[str, Any]) -> Augment2D:
-    """The 2D augmenter for ``recipe.data.augment``; SpecError naming the key for anything unknown or out of range."""
+    """The 2D augmenter for ``recipe.data.augment``, as ``medxfer.config.recipe.check_recipe`` passed it for 2D."""
     return Augment2D(cfg)

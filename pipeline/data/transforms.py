@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from medxfer.config.recipe import Recipe, augment_problems
-from medxfer.config.spec import DataSpec, SpecError
+from medxfer.config.recipe import Recipe
+from medxfer.config.spec import DataSpec
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
@@ -160,10 +160,12 @@ class Augment2Dd(MapTransform, Randomizable):
 # ------------------------------------------------------------------------------------------- config
 
 
+# The recipe reaches this module checked against the spec's dims (data.size length, data.augment keys and
+# ranges: medxfer.config.recipe.check_recipe, run by load_recipe), and preprocess.size by the spec itself.
+
+
 def output_size(spec: DataSpec, recipe: Recipe) -> list[int] | None:
     size = recipe.data.size or spec.preprocess.size
-    if size is not None and len(size) != spec.dims:
-        raise SpecError(f"data.size {size} needs {spec.dims} values for a {spec.dims}D spec")
     return list(size) if size is not None else None
 
 
@@ -247,9 +249,6 @@ def _flip_axes(flip: Any) -> list[int]:
 def random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
     """Per-epoch augmentation from ``recipe.data.augment``; None when it is empty."""
     cfg = recipe.data.augment
-    problems = augment_problems(cfg, spec.dims)
-    if problems:
-        raise SpecError(f"data.augment for a {spec.dims}D spec:\n  - " + "\n  - ".join(problems))
     if not cfg:
         return None
     if spec.dims == 2:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from medxfer.config.recipe import check_focal_alpha
 from medxfer.config.spec import SpecError
 from torch import nn
 
@@ -23,12 +24,14 @@ def class_alpha(counts: Sequence[int], alpha: str | Sequence[float] | None) -> l
     loss keeps the scale of an unweighted loss and the learning rate needs no retuning.
     """
     k = len(counts)
+    # The rule is medxfer.config.recipe's; load_recipe runs it only when given the class count, and a recipe
+    # rebuilt from a checkpoint is not re-checked, while a list one short would index past its end in the loss.
+    check_focal_alpha(alpha, k)
     if alpha is None:
         return None
-    if isinstance(alpha, str):
-        if alpha != "auto":
-            raise SpecError(f"focal.alpha {alpha!r}: use 'auto', a list of {k} floats, or null")
+    if isinstance(alpha, str):  # "auto"
         if any(c <= 0 for c in counts):
+            # About the data, not the recipe: the counts come from the split's training studies.
             empty = [i for i, c in enumerate(counts) if c <= 0]
             raise SpecError(
                 f"focal.alpha auto: class index(es) {empty} have no training samples; "
@@ -36,12 +39,7 @@ def class_alpha(counts: Sequence[int], alpha: str | Sequence[float] | None) -> l
             )
         n = float(sum(counts))
         return [n / (k * c) for c in counts]
-    values = [float(a) for a in alpha]
-    if len(values) != k:
-        raise SpecError(f"focal.alpha has {len(values)} values but the spec has {k} classes; give one per class")
-    if any(a < 0 for a in values):
-        raise SpecError("focal.alpha values must be >= 0")
-    return values
+    return [float(a) for a in alpha]
 
 
 def log_priors(counts: Sequence[int]) -> torch.Tensor:
@@ -99,11 +97,12 @@ def build_loss(
     "ce" is cross-entropy with the same class weighting rule, expressed as a focal
     loss with gamma=0 so both paths share one implementation.
     """
+    if kind not in ("focal", "ce"):
+        # Recipe.loss (a Literal) is the rule users meet; only code that bypasses the Recipe gets here.
+        raise ValueError(f"loss {kind!r}: use focal or ce")
     weights = class_alpha(counts, alpha)
+    # A guard on the data, not the recipe: "auto" weights are n / (k * c) from the training counts (a recipe's
+    # own list is checked finite by recipe.py); a NaN weight would turn every loss, and then the weights, NaN.
     if weights is not None and not all(math.isfinite(w) for w in weights):
         raise SpecError("focal.alpha: class weights must be finite")
-    if kind == "ce":
-        return FocalLoss(gamma=0.0, alpha=weights), weights
-    if kind == "focal":
-        return FocalLoss(gamma=gamma, alpha=weights), weights
-    raise SpecError(f"loss {kind!r}: use focal or ce")
+    return FocalLoss(gamma=0.0 if kind == "ce" else gamma, alpha=weights), weights

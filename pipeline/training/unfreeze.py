@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from medxfer.config.recipe import OptimCfg, StageCfg
+from medxfer.config.recipe import OptimCfg, StageCfg, check_stages
 from medxfer.config.spec import SpecError
 from torch import nn
 
@@ -48,10 +48,8 @@ class Group:
 
 
 def model_groups(model: nn.Module) -> list[Group]:
-    """The model's layer groups, stem first, with depth counted from the head."""
+    """The model's layer groups, stem first, with depth counted from the head (none: an empty list)."""
     raw = list(getattr(model, "layer_groups", None) or [])
-    if not raw:
-        raise SpecError("the model declares no layer_groups; progressive unfreezing needs them (models/ registry)")
     n = len(raw)
     groups = []
     for i, g in enumerate(raw):
@@ -85,16 +83,10 @@ class Unfreezer:
     ):
         self.model = model
         self.groups = model_groups(model)
+        # The stages against this model's layer groups: the rules live in medxfer.config.recipe.
+        check_stages(stages, [g.name for g in self.groups])
         self.by_name = {g.name: g for g in self.groups}
-        if len(self.by_name) != len(self.groups):
-            raise SpecError("layer group names must be unique")
         self.stages = list(stages)
-        for i, s in enumerate(self.stages[1:], start=1):
-            if s.epoch is None and s.plateau_patience is None:
-                raise SpecError(
-                    f"stages[{i}]: give 'epoch' (start epoch) or 'plateau_patience' (epochs without "
-                    "improvement of the select metric), e.g. {epoch: 2, groups: 3}"
-                )
         self.cfg = optim
         self.epochs = epochs
         self.steps_per_epoch = max(1, int(steps_per_epoch))

@@ -73,6 +73,8 @@ def test_alpha_errors_say_how_to_fix() -> None:
         class_alpha([5, 5, 5], [0.5, 0.5])
     with pytest.raises(SpecError, match="no training samples"):
         class_alpha([5, 0], "auto")
+    with pytest.raises(SpecError, match=">= 0"):  # the rule is medxfer.config.recipe's, run by class_alpha
+        class_alpha([5, 5], [1.0, -0.5])
 
 
 def test_build_loss_ce_and_focal() -> None:
@@ -80,6 +82,8 @@ def test_build_loss_ce_and_focal() -> None:
     assert ce.gamma == 0.0 and w == pytest.approx([40 / 60, 40 / 20])
     focal, _ = build_loss("focal", 1.5, None, [30, 10])
     assert focal.gamma == 1.5 and focal.alpha is None
+    with pytest.raises(ValueError, match="use focal or ce"):  # Recipe.loss refuses it first: a caller's bug
+        build_loss("mse", 2.0, None, [30, 10])
 
 
 def test_bias_init_makes_the_untrained_head_predict_the_prior() -> None:

@@ -150,3 +150,15 @@ def test_schedule_description_and_errors() -> None:
     assert "block2" in lines[1] and "stem" in lines[2]
     with pytest.raises(SpecError, match="plateau_patience"):
         _setup(stages=[StageCfg(epoch=0, groups=0), StageCfg(groups="all")])
+
+
+def test_the_model_layer_groups_are_checked_by_the_recipe_rules() -> None:
+    """The Unfreezer hands its stages and the model's group names to medxfer.config.recipe.check_stages."""
+    model = TinyNet()
+    cfg = OptimCfg()
+    model.layer_groups[1] = model.layer_groups[1]._replace(name="block2")
+    with pytest.raises(SpecError, match=r"field 'encoder': layer group names must be unique; \['block2'\]"):
+        Unfreezer(model, STAGES, cfg, epochs=2, steps_per_epoch=1)
+    model.layer_groups = []
+    with pytest.raises(SpecError, match="declares no layer_groups"):
+        Unfreezer(model, STAGES, cfg, epochs=2, steps_per_epoch=1)
