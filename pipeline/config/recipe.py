@@ -264,6 +264,12 @@ class Recipe(BaseModel):
             raise ValueError(" | ".join(problems))
         return v
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `amp: off` (and `--set amp=off`) as false: that is what the user wrote.
+        return "off" if v is False else v
+
     @field_validator("stages")
     @classmethod
     def _stages(cls, v: list[StageCfg]) -> list[StageCfg]:

@@ -100,6 +100,7 @@ GOOD = [
     (2, ["focal.alpha=[1.0, 3.0]", "focal.alpha=null"]),
     (2, ["focal.alpha=[1.0, 3.0]"]),
     (2, ["evaluation.threshold=sensitivity", "evaluation.target=0.9"]),
+    (2, ["amp=off"]),  # the non-finite-loss error's fix; YAML reads a bare off as false
     (2, ["stages=[{epoch: 0, groups: 0}, {epoch: 2, groups: 2}, {epoch: 4, groups: all}]"]),
     (2, ["stages=[{epoch: 0, groups: 0}, {plateau_patience: 2, groups: all}]"]),
     (3, ["data.augment.flip=[0, 2]", "data.augment.intensity_shift=0.2", "evaluation.tta=true"]),
@@ -112,6 +113,13 @@ GOOD = [
 def test_good_overrides_pass(dims: int, sets: list[str]) -> None:
     recipe = load_recipe(None, dims, sets, n_classes=2)
     check_recipe(recipe, dims=dims, n_classes=2, group_names=GROUPS)
+
+
+def test_amp_off_means_off_in_yaml_and_in_set(tmp_path: Path) -> None:
+    assert load_recipe(None, 2, ["amp=off"]).amp == "off"
+    f = tmp_path / "r.yaml"
+    f.write_text("amp: off\n")
+    assert load_recipe(f, 2).amp == "off"
 
 
 def test_overrides_land_where_they_say() -> None:
