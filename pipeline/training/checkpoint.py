@@ -189,7 +189,7 @@ def for_tracking(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def build_model(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the trained architecture (random init; the caller loads the state dict)."""
-    from medxfer.models.registry import create_classifier
+    from medxfer.models.factory import create_classifier
 
     args = ckpt["model_args"]
     return create_classifier(

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 from medxfer.core.errors import MedxferError
-from medxfer.models.registry import DEFAULT_ENCODERS, create_classifier, get_entry, list_encoders, models_command
+from medxfer.models.catalog import models_command
+from medxfer.models.factory import create_classifier
+from medxfer.models.registry import DEFAULT_ENCODERS, get_entry, list_encoders
 
 ENCODERS = list_encoders()
 
@@ -56,6 +58,26 @@ def test_defaults_exist_in_their_dims_and_load_offline():
     for dims, name in DEFAULT_ENCODERS.items():
         assert get_entry(name).spatial_dims == dims
         assert create_classifier(name, 2, spatial_dims=dims).weight_report.source == "package"
+
+
+def test_registry_imports_no_encoder_and_the_package_registers_them():
+    """timm's layout: registry.py is the table only; `medxfer.models` imports the encoder modules."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import medxfer.models.registry as registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not {m for m in imported if m and m.startswith("medxfer.models")}, imported
+    # A fresh process that imports only the registry module still sees every encoder (the parent package ran).
+    code = "import medxfer.models.registry as r; print(len(r.list_encoders()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout) == len(ENCODERS) >= 16
 
 
 def test_unknown_name_and_wrong_dims_say_what_to_do():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from medxfer.core.errors import MedxferError
 from medxfer.models.encoders_2d import efficientnet_pytorch_to_timm
-from medxfer.models.registry import create_classifier
+from medxfer.models.factory import create_classifier
 from safetensors.torch import save_file
 
 skdata = pytest.importorskip("skimage.data")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from medxfer.core.errors import MedxferError
 from medxfer.models.base import ForegroundZScore
 from medxfer.models.encoders_3d import ShortcutA
-from medxfer.models.registry import create_classifier
+from medxfer.models.factory import create_classifier
 
 skdata = pytest.importorskip("skimage.data")
 

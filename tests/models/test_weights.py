@@ -9,7 +9,7 @@ import pytest
 import torch
 from medxfer.core.errors import MedxferError
 from medxfer.models import weights as W
-from medxfer.models.registry import create_classifier
+from medxfer.models.factory import create_classifier
 
 
 @pytest.fixture
