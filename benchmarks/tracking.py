@@ -36,7 +36,7 @@ def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"tracking-{tag}")
     store_s = None
     if tracked:
-        from medxfer.tracking import tracker as tracking
+        from medxfer import tracking
 
         uri = Workspace.for_spec(run_ws, spec.name).tracking_uri
         importlib.import_module("mlflow.tracking")  # untimed here: the timed run pays its own import

@@ -2,19 +2,57 @@
 
 No logic lives here. Stage modules are imported inside each command so that
 ``medxfer --help`` stays fast and heavy imports (torch, mlflow) load only when used.
+
+No error reaches the user as a traceback: a ``MedxferError`` (bad spec, recipe, flag, file or data)
+prints ``error: <message with the fix>`` and exits with its code; anything else is a bug and prints
+``internal error: <type>: <message>; rerun with --debug ...`` and exits 1. ``medxfer --debug CMD``
+(or ``MEDXFER_DEBUG=1``) prints the full traceback first. Usage errors stay typer's own.
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from medxfer.core.errors import MedxferError
 from medxfer.core.workspace import DEFAULT_WORKSPACE
+from typer.core import TyperGroup
+
+DEBUG_ENV = "MEDXFER_DEBUG"
+
+
+class _Commands(TyperGroup):
+    """Turns every error of a command into one line on stderr (and the traceback too under --debug)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):  # usage errors, exits: typer's own handling
+            raise
+        except MedxferError as exc:
+            _report(ctx, exc, "error:", str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            _report(ctx, exc, "internal error:", f"{what}; rerun with --debug for the traceback, and report it")
+            raise typer.Exit(1) from None
+
+
+def _report(ctx: typer.Context, exc: BaseException, prefix: str, message: str) -> None:
+    from medxfer.core import ui
+    from rich.text import Text
+
+    if ctx.params.get("debug"):
+        ui.console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False, end="")
+    # One unwrapped line (a wrapped one reads as several messages); Text, not markup: messages hold [brackets].
+    ui.console.print(Text.assemble((prefix, "red"), " ", message), soft_wrap=True)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="medxfer",
     help="Transfer learning for medical images: ingest -> split -> train -> evaluate -> register -> predict/export.",
     no_args_is_help=True,
@@ -28,15 +66,20 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary objec
 SpecArg = Annotated[Path, typer.Argument(help="Data spec YAML (see data_specs/template.yaml).")]
 
 
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar=DEBUG_ENV, help="On an error, also print the full traceback.")
+    ] = False,
+) -> None:
+    """Options for every command; errors are handled by `_Commands`."""
+
+
 def _run(fn, as_json: bool):
-    """Call the stage, print its summary (table, or JSON on stdout); a MedxferError exits with its code."""
+    """Call the stage and print its summary (table, or JSON on stdout); errors are `_Commands`' business."""
     from medxfer.core import ui
 
-    try:
-        result = fn()
-    except MedxferError as exc:
-        ui.console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(exc.exit_code) from None
+    result = fn()
     if result is not None:
         ui.finish(result, as_json)
     return result
@@ -89,7 +132,7 @@ def split(spec: SpecArg, workspace: Workspace = DEFAULT_WORKSPACE, json: Json = 
 @app.command("models", epilog="Example: `medxfer models --json`")
 def list_models(json: Json = False) -> None:
     """List registered encoders, their dims, parameter counts, weight sources and layer groups."""
-    from medxfer.models.registry import models_command
+    from medxfer.models.catalog import models_command
 
     _run(models_command, json)
 

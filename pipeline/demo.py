@@ -173,7 +173,7 @@ def write_breast(out: Path, limit: int | None = None) -> dict[str, Any]:
             if sc:
                 attrs["ConversionType"] = "WSD"
             else:
-                attrs["SequenceOfUltrasoundRegions"] = _us_region(imgs.shape[1:], delta_cm=0.18)
+                attrs["SequenceOfUltrasoundRegions"] = dicom.ultrasound_regions(imgs.shape[1:], delta_cm=0.18)
             folder = root / who["folder"] / f"{date}_US_BREAST" / ("SC0001" if sc else "SE0001")
             folder.mkdir(parents=True, exist_ok=True)
             dicom.write_2d_image(
@@ -192,23 +192,6 @@ def write_breast(out: Path, limit: int | None = None) -> dict[str, Any]:
         "pinned_test": str(out / "pinned_test.csv"),
         "format": "dicom",
     }
-
-
-def _us_region(shape: tuple[int, ...], delta_cm: float) -> Any:
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-
-    reg = Dataset()
-    reg.RegionSpatialFormat = 1
-    reg.RegionDataType = 1
-    reg.RegionFlags = 0
-    reg.RegionLocationMinX0, reg.RegionLocationMinY0 = 0, 0
-    reg.RegionLocationMaxX1, reg.RegionLocationMaxY1 = shape[1] - 1, shape[0] - 1
-    reg.PhysicalUnitsXDirection = 3
-    reg.PhysicalUnitsYDirection = 3
-    reg.PhysicalDeltaX = delta_cm
-    reg.PhysicalDeltaY = delta_cm
-    return Sequence([reg])
 
 
 def write_adrenal(out: Path, limit: int | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Layout of a bundle folder (format ``medxfer-bundle/1``)::
 ``preprocessing.json``::
 
     format, medxfer_version, run_id,
-    model {encoder, num_classes, in_chans, spatial_dims},      -> medxfer.models.registry.create_classifier(...)
+    model {encoder, num_classes, in_chans, spatial_dims},      -> medxfer.models.factory.create_classifier(...)
     weights {file, sha256},
     task, classes, positive_class, positive_index,
     temperature, threshold (binary; null = argmax), threshold_policy, decision_rule,
@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 from medxfer.core.errors import MedxferError
+from medxfer.core.jsonio import dump_json, medxfer_version
 
 BUNDLE_FORMAT = "medxfer-bundle/1"
 WEIGHTS = "weights.safetensors"
@@ -111,8 +112,6 @@ def _input_size(spec: dict[str, Any], recipe: dict[str, Any]) -> list[int] | Non
 
 
 def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    from medxfer.evaluation.evaluate import medxfer_version
-
     spec = ckpt.get("spec") or {}
     recipe = ckpt.get("recipe") or {}
     args = ckpt.get("model_args") or {}
@@ -192,19 +191,13 @@ def write_bundle(
         metadata={"format": "pt", "encoder": cfg["model"]["encoder"], "medxfer": BUNDLE_FORMAT},
     )
     cfg["weights"]["sha256"] = sha256_file(out / WEIGHTS)
-    _write_json(out / PREPROCESSING, cfg)
+    dump_json(cfg, out / PREPROCESSING)
     if evaluation:
-        _write_json(out / EVALUATION, evaluation)
+        dump_json(evaluation, out / EVALUATION)
     md, card = build_model_card(run_info or run_info_from_checkpoint(ckpt), evaluation or {})
     (out / CARD_MD).write_text(md)
-    _write_json(out / CARD_JSON, card)
+    dump_json(card, out / CARD_JSON)
     return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from medxfer.evaluation.evaluate import json_safe
-
-    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------- loading and predicting
@@ -224,7 +217,7 @@ def load_config(bundle_dir: Path) -> dict[str, Any]:
 
 def build_model(cfg: dict[str, Any]):
     """The architecture from preprocessing.json, randomly initialised (weights come from the safetensors)."""
-    from medxfer.models.registry import create_classifier
+    from medxfer.models.factory import create_classifier
 
     m = cfg["model"]
     return create_classifier(

@@ -84,9 +84,9 @@ class ModelSource:
 
 def resolve_model(model_uri: str, workspace: Path, tmp: Path) -> ModelSource:
     """Find (download or build) the bundle behind a model URI into `tmp`."""
+    from medxfer import tracking
     from medxfer.core.workspace import Workspace
     from medxfer.handoff.bundle import find_bundle
-    from medxfer.tracking import tracker as tracking
 
     uri = Workspace.for_spec(workspace, "_").tracking_uri
     if model_uri.startswith("models:/"):
@@ -197,33 +197,10 @@ def _resize(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False)[0, 0].numpy()
 
 
-def write_overlay_png(path: Path, image: np.ndarray, cam: np.ndarray, title: str) -> Path:
-    """The image as stored (left) and with the map over it (right): a reader needs both to judge the map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-    shown = np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    h, w = image.shape
-    side = 3.2 * max(1.0, w / h)
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(2 * side, 3.2 * max(1.0, h / w) + 0.5), dpi=100)
-    for ax in (ax0, ax1):
-        ax.imshow(shown, cmap="gray", interpolation="nearest")
-        ax.axis("off")
-    # Transparency follows the map: weak evidence stays see-through, strong evidence is opaque.
-    ax1.imshow(cam, cmap="jet", alpha=0.6 * cam, vmin=0, vmax=1, interpolation="bilinear")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def write_saliency(out_dir: Path, index: int, predictor: Predictor, item: Any, row: dict[str, Any]) -> str:
     """One Grad-CAM file for a predicted row; returns its file name (relative to `out_dir`)."""
     from medxfer.io import nifti
+    from medxfer.stats import plots
 
     classes = predictor.classes
     k = _target_class(predictor, row)
@@ -234,7 +211,7 @@ def write_saliency(out_dir: Path, index: int, predictor: Predictor, item: Any, r
     )
     if src.ndim == 2:
         name = f"{index:04d}.png"
-        write_overlay_png(out_dir / name, src, cam, title)
+        plots.overlay_plot(src, cam, out_dir / name, title)
     else:
         name = f"{index:04d}.nii.gz"
         nifti.write_volume(out_dir / name, cam.astype(np.float32), affine=affine)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from medxfer.tracking import tracker as tracking
+from medxfer import tracking
 
 
 def _paths(model_input: Any) -> list[str]:

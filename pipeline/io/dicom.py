@@ -950,7 +950,7 @@ def decode_check(files: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing (the demo and tests build DICOM through here and through pydicom directly)
+# Writing (the demo builds DICOM through here only; tests also use pydicom directly)
 # ---------------------------------------------------------------------------------------------
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -962,6 +962,24 @@ def generate_uid(*entropy: object) -> str:
     if entropy:
         return pydicom.uid.generate_uid(entropy_srcs=[str(e) for e in entropy])
     return pydicom.uid.generate_uid()
+
+
+def ultrasound_regions(shape: tuple[int, ...], delta_cm: float) -> Any:
+    """A SequenceOfUltrasoundRegions with one region over the whole (rows, cols) image, `delta_cm` per pixel."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    reg = Dataset()
+    reg.RegionSpatialFormat = 1
+    reg.RegionDataType = 1
+    reg.RegionFlags = 0
+    reg.RegionLocationMinX0, reg.RegionLocationMinY0 = 0, 0
+    reg.RegionLocationMaxX1, reg.RegionLocationMaxY1 = shape[1] - 1, shape[0] - 1
+    reg.PhysicalUnitsXDirection = 3  # cm
+    reg.PhysicalUnitsYDirection = 3
+    reg.PhysicalDeltaX = delta_cm
+    reg.PhysicalDeltaY = delta_cm
+    return Sequence([reg])
 
 
 def write_2d_image(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from medxfer.core.errors import DataError
 
 METRIC_NAMES = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv")
 
@@ -269,7 +270,10 @@ def choose_threshold(
     """
     y = np.asarray(y_true).astype(int)
     if y.min(initial=1) == y.max(initial=0):
-        raise ValueError("choosing a threshold needs both classes in the validation split")
+        raise DataError(
+            "choosing a threshold needs both classes in the validation split; give the split more studies "
+            "(a larger split.fractions.val in the data spec) and rerun split and train"
+        )
     fpr, tpr, thr = roc_points(y, score)
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # drop the +inf point: it predicts no positives at all
     spec = 1.0 - fpr
@@ -278,19 +282,21 @@ def choose_threshold(
         i = int(np.argmax(tpr - fpr))
     elif policy == "sensitivity":
         if target is None:
-            raise ValueError("policy 'sensitivity' needs a target")
+            raise DataError("threshold policy 'sensitivity' needs a target; set evaluation.target in the recipe")
         ok = np.nonzero(tpr >= target - 1e-12)[0]
         i = int(ok[0])  # thresholds descend, so the first qualifying one is the highest
     elif policy == "specificity":
         if target is None:
-            raise ValueError("policy 'specificity' needs a target")
+            raise DataError("threshold policy 'specificity' needs a target; set evaluation.target in the recipe")
         ok = np.nonzero(spec >= target - 1e-12)[0]
         if ok.size:
             i = int(ok[-1])
         else:
             i, achieved = 0, False  # even the strictest observed threshold misses the target
     else:
-        raise ValueError(f"unknown threshold policy {policy!r}: use youden, sensitivity or specificity")
+        raise DataError(
+            f"unknown threshold policy {policy!r}: set evaluation.threshold to youden, sensitivity or specificity"
+        )
     return ThresholdChoice(float(thr[i]), policy, target, float(tpr[i]), float(spec[i]), achieved)
 
 

@@ -1,13 +1,16 @@
-"""Evaluation figures as PNG files: ROC, precision-recall, reliability diagram, confusion matrix.
+"""Every figure medxfer draws, as PNG files: ROC, precision-recall, reliability diagram, confusion matrix
+(evaluate), learning curves (train, through tracking) and Grad-CAM overlays (predict).
 
 The only module importing matplotlib; it forces the Agg backend so plotting works headless
-(CI, servers) and never opens a window.
+(CI, servers) and never opens a window. Callers import it inside functions, so a stage that
+draws nothing never loads matplotlib.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -105,3 +108,48 @@ def confusion_plot(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     ax.set_yticks(range(len(classes)), labels=list(classes))
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save(fig, path)
+
+
+def plot_learning_curves(
+    history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path, select_metric: str
+) -> Path:
+    """Loss and validation metrics per epoch, with stage changes marked."""
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_auroc"] for h in history], "o-", label="val AUROC")
+    ax2.plot(epochs, [h["val_balanced_accuracy"] for h in history], "o-", label="val balanced acc.")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="lower right")
+    for ax in (ax1, ax2):
+        for t in transitions:
+            ax.axvline(int(t["epoch"]) + 0.5, color="grey", ls="--", lw=0.8)
+    ax2.set_title(f"selection: {select_metric}; dashed: unfreezing stages", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def overlay_plot(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> Path:
+    """The image as stored (left) and with the map over it (right): a reader needs both to judge the map."""
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    shown = np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    h, w = image.shape
+    side = 3.2 * max(1.0, w / h)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(2 * side, 3.2 * max(1.0, h / w) + 0.5), dpi=100)
+    for ax in (ax0, ax1):
+        ax.imshow(shown, cmap="gray", interpolation="nearest")
+        ax.axis("off")
+    # Transparency follows the map: weak evidence stays see-through, strong evidence is opaque.
+    ax1.imshow(cam, cmap="jet", alpha=0.6 * cam, vmin=0, vmax=1, interpolation="bilinear")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,14 +1,8 @@
-"""MLflow, behind one module: the only place that imports mlflow.
+"""MLflow runs: the Tracker (one run), finding and reading runs back, and the environment facts a run records.
 
-Every string that leaves for the tracking store (param keys and values, tags,
-metric names, text artifacts, strings inside logged checkpoints) passes through
-``PHIGuard.check``: a value that contains the data root, the labels CSV, a
-path component of a source file, or a known original identifier is refused
-before it is written. Training never logs the manifest's ``files`` or the
-spec's paths in the first place; the guard is there for the day someone does.
-
-mlflow is imported inside functions so ``medxfer --help`` and stages that do
-not track stay fast.
+Every string a Tracker writes passes its :class:`medxfer.tracking.guard.PHIGuard`. mlflow is imported
+inside functions so ``medxfer --help`` and stages that do not track stay fast; registered models are
+:mod:`medxfer.tracking.model_registry`.
 """
 
 from __future__ import annotations
@@ -17,15 +11,15 @@ import functools
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from medxfer.core.errors import StageError
+from medxfer.tracking.guard import PHIGuard
 
 TAG_STATUS = "medxfer.status"  # running | finished | failed | interrupted
 TAG_ROLE = "medxfer.role"  # main | control
@@ -46,123 +40,6 @@ PACKAGES = (
     "scikit-learn",
 )
 MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
-
-
-class PHIRefused(StageError):
-    """A value bound for MLflow looked like PHI or a source path; the message never repeats the value."""
-
-
-# --- the PHI guard ---------------------------------------------------------------------------------------------------
-_WORD_SPLIT = re.compile(r"[^A-Za-z0-9._^\-]+")
-_PSEUDONYM = re.compile(r"^(st|pt)-[0-9a-f]{20}$")
-# Words that legitimately appear in what we log and may also name folders in a source tree.
-_ALWAYS_SAFE = {
-    "dicom",
-    "nifti",
-    "train",
-    "val",
-    "test",
-    "images",
-    "image",
-    "data",
-    "dcm",
-    "nii",
-    "nii.gz",
-    "labels.csv",
-    "series",
-    "study",
-    "studies",
-    "patient",
-    "patients",
-}
-
-
-def _word_ok_to_guard(w: str, safe: set[str]) -> bool:
-    if w.lower() in safe:
-        return False
-    if w.isdigit():
-        return len(w) >= 6  # IDs, dates; short numbers collide with epochs, sizes, seeds
-    return len(w) >= 4
-
-
-class PHIGuard:
-    """Refuses values containing protected path prefixes (substring) or protected words (whole words)."""
-
-    def __init__(self, prefixes: Iterable[str] = (), words: Iterable[str] = (), safe: Iterable[str] = ()):
-        self.prefixes = sorted({p for p in prefixes if p and len(p) > 1}, key=len, reverse=True)
-        safe_set = {s.lower() for s in safe} | _ALWAYS_SAFE
-        self.words = {w.lower() for w in words if w and _word_ok_to_guard(w, safe_set)}
-
-    @classmethod
-    def for_training(
-        cls,
-        spec: Any,
-        files: Iterable[Iterable[str]] = (),
-        pseudonym_map: Path | None = None,
-        originals: Iterable[str] = (),
-    ) -> PHIGuard:
-        """Guard for a training run: the spec's local paths, source-path components, and the original
-        identifiers in the workspace's pseudonym map (the local-only ``pseudonym,kind,original`` CSV)."""
-        originals = list(originals)
-        if pseudonym_map is not None and Path(pseudonym_map).is_file():
-            import csv
-
-            with Path(pseudonym_map).open(newline="") as fh:
-                originals += [r["original"] for r in csv.DictReader(fh) if r.get("original")]
-        root = Path(spec.root)
-        prefixes = {str(root), str(root.resolve()), str(spec.labels_csv), str(Path(spec.labels_csv).resolve())}
-        if spec.spec_path is not None and spec.split.pinned_test is not None:
-            prefixes.add(str(spec.resolve(spec.split.pinned_test)))
-        words: set[str] = set(originals)
-        for study in files:
-            for f in study:
-                p = Path(f)
-                try:
-                    rel = p.relative_to(root)
-                except ValueError:
-                    try:
-                        rel = p.resolve().relative_to(root.resolve())
-                    except ValueError:
-                        rel = Path(p.name)
-                words.update(rel.parts)
-                words.add(rel.stem)
-                if len(rel.parts) > 1:
-                    prefixes.add(str(rel))
-        safe = set(spec.classes) | {spec.name}
-        return cls(prefixes, words, safe)
-
-    def problem(self, value: str) -> str | None:
-        """Why `value` may not be logged, or None. The reason never contains the value itself."""
-        for p in self.prefixes:
-            if p in value:
-                return "it contains a local source path"
-        if self.words:
-            for w in _WORD_SPLIT.split(value):
-                if w and w.lower() in self.words:
-                    return "it contains a source folder/file name or an original identifier"
-        return None
-
-    def check(self, what: str, value: Any) -> str:
-        text = value if isinstance(value, str) else str(value)
-        why = self.problem(text)
-        if why:
-            raise PHIRefused(
-                f"refusing to log {what} to MLflow: {why}. This is a bug or a spec/recipe value "
-                "that names a source file; remove it and rerun"
-            )
-        return text
-
-    def check_tree(self, what: str, obj: Any) -> None:
-        """Check every string (and dict key) in a nested structure; tensors are skipped."""
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                self.check(f"{what} key", str(k))
-                self.check_tree(f"{what}.{k}", v)
-        elif isinstance(obj, list | tuple):
-            for v in obj:
-                self.check_tree(what, v)
-        elif isinstance(obj, str):
-            self.check(what, obj)
 
 
 # --- environment facts -----------------------------------------------------------------------------------------------
@@ -390,253 +267,13 @@ class Tracker:
 def plot_learning_curves(
     history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path, select_metric: str
 ) -> Path:
-    """Loss and validation metrics per epoch, with stage changes marked."""
-    import matplotlib
+    """:func:`medxfer.stats.plots.plot_learning_curves`, imported here so importing tracking loads no matplotlib."""
+    from medxfer.stats import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(h["epoch"]) + 1 for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    ax2.plot(epochs, [h["val_auroc"] for h in history], "o-", label="val AUROC")
-    ax2.plot(epochs, [h["val_balanced_accuracy"] for h in history], "o-", label="val balanced acc.")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylim(0, 1)
-    ax2.legend(loc="lower right")
-    for ax in (ax1, ax2):
-        for t in transitions:
-            ax.axvline(int(t["epoch"]) + 0.5, color="grey", ls="--", lw=0.8)
-    ax2.set_title(f"selection: {select_metric}; dashed: unfreezing stages", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.plot_learning_curves(history, transitions, path, select_metric)
 
 
-# --- model registry ---
-# (appended by the registry/evaluation stage; keep above this line stable)
-# Registration logs an MLflow "models from code" pyfunc (pipeline/pyfunc_model.py is the code; the weights
-# travel as safetensors inside the model's artifacts), so loading it never unpickles an object.
-def python_model_base() -> type:
-    """mlflow.pyfunc.PythonModel, for the models-from-code file (which must not import mlflow itself)."""
-    from mlflow.pyfunc import PythonModel
-
-    return PythonModel
-
-
-def set_model(model: Any) -> None:
-    from mlflow.models import set_model as _set_model
-
-    _set_model(model)
-
-
-class _GlobalURIs:
-    """mlflow.pyfunc.log_model (and the sqlite registry's logged-model lookup) use MLflow's *global* URIs and
-    write them to the environment: point them at `uri` for one call, then restore globals and environment
-    exactly (an unset URI must stay unset, or later Workspace.tracking_uri reads would follow it)."""
-
-    _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    def __enter__(self) -> _GlobalURIs:
-        import mlflow
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        _quiet_mlflow()
-        self._saved = (
-            tracking_utils._tracking_uri,
-            registry_utils._registry_uri,
-            {k: os.environ.get(k) for k in self._ENV},
-        )
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import mlflow
-        from mlflow.tracking._model_registry import utils as registry_utils
-
-        tracking_uri, registry_uri, env = self._saved
-        mlflow.set_tracking_uri(tracking_uri)
-        registry_utils._registry_uri = registry_uri
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _registry_client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    _quiet_mlflow()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def reserve_model_version(
-    tracking_uri: str, run_id: str, experiment_id: str, name: str, description: str | None = None
-) -> dict[str, str]:
-    """Create (pending) logged model + registered model version first, so the version number is known
-    before the model's files are written (the pyfunc reports it in every prediction row)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = _registry_client(tracking_uri)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name, description=description)
-        except MlflowException:  # created meanwhile by another process
-            client.get_registered_model(name)
-    # The sqlite registry looks the logged model up through the *global* tracking URI.
-    with _GlobalURIs(tracking_uri):
-        lm = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment_id)
-        mv = client.create_model_version(
-            name, source=f"models:/{lm.model_id}", run_id=run_id, model_id=lm.model_id, description=description
-        )
-    return {"name": name, "version": str(mv.version), "model_id": lm.model_id}
-
-
-def log_pyfunc(
-    tracking_uri: str,
-    model_id: str,
-    run_id: str,
-    code_path: Path,
-    artifacts: Mapping[str, Path],
-    model_config: Mapping[str, Any],
-    inputs: list[tuple[str, str, bool]],
-    outputs: list[tuple[str, str, bool]],
-    input_example: Any,
-    pip_requirements: list[str],
-) -> None:
-    """Write the pyfunc's files into the reserved logged model and link it to the run's outputs.
-
-    inputs/outputs: (column, mlflow type, required). MLflow loads the model once here to check the input
-    example against the signature, so a model that cannot load fails registration, not a later user.
-    """
-    import mlflow
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    def schema(cols: list[tuple[str, str, bool]]) -> Schema:
-        return Schema([ColSpec(t, n, required=r) for n, t, r in cols])
-
-    # Registration is a batch step with its own summary; MLflow's per-file download bars are noise there.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    import warnings
-
-    with _GlobalURIs(tracking_uri), warnings.catch_warnings():
-        # MLflow nags about type hints on predict(); the explicit signature below is the contract.
-        warnings.simplefilter("ignore", UserWarning)
-        mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code_path),
-            artifacts={k: str(v) for k, v in artifacts.items()},
-            model_config=dict(model_config),
-            signature=ModelSignature(inputs=schema(inputs), outputs=schema(outputs)),
-            input_example=input_example,
-            pip_requirements=pip_requirements,
-            model_id=model_id,
-        )
-    _registry_client(tracking_uri).log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
-
-
-def abandon_model_version(tracking_uri: str, name: str, version: str, model_id: str | None) -> None:
-    """Undo a reservation whose files never made it, so no version points at an empty model."""
-    from contextlib import suppress
-
-    from mlflow.entities import LoggedModelStatus
-
-    client = _registry_client(tracking_uri)
-    # Best effort: the original error is what the user needs to see.
-    with suppress(Exception):
-        client.delete_model_version(name, version)
-    if model_id:
-        with suppress(Exception):
-            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
-
-
-def set_model_version_tags(
-    tracking_uri: str, name: str, version: str, tags: Mapping[str, Any], guard: PHIGuard
-) -> None:
-    client = _registry_client(tracking_uri)
-    for k, v in tags.items():
-        client.set_model_version_tag(
-            name, version, guard.check(f"version tag key {k!r}", k), guard.check(f"version tag {k!r}", v)
-        )
-
-
-def set_model_version_description(tracking_uri: str, name: str, version: str, description: str) -> None:
-    _registry_client(tracking_uri).update_model_version(name, version, description=description)
-
-
-def set_model_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
-    """Point `alias` at `version`; MLflow's refusal (reserved names like 'latest', 'v3') as a user error."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        _registry_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
-    except MlflowException as exc:
-        raise StageError(f"could not set alias {alias!r} on {name} version {version}: {exc.message}") from None
-
-
-def get_model_version(tracking_uri: str, name: str, version: str | int) -> dict[str, Any]:
-    """A registered version's facts; a clear error when it does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    client = _registry_client(tracking_uri)
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException:
-        raise StageError(
-            f"no registered model {name!r} version {version} in {tracking_uri}; `mlflow ui` lists registered models"
-        ) from None
-    return {
-        "name": mv.name,
-        "version": str(mv.version),
-        "run_id": mv.run_id or "",
-        "tags": dict(mv.tags or {}),
-        "aliases": list(mv.aliases or []),
-        "source": mv.source,
-        "status": mv.status,
-    }
-
-
-def download_registered_model(tracking_uri: str, model_uri: str, dst: Path) -> Path:
-    """Download a registered version's files (models:/NAME@alias, models:/NAME/VERSION) into `dst`.
-
-    Inside _GlobalURIs: MLflow resolves a version's models:/<model_id> source through the global URIs,
-    whatever tracking_uri/registry_uri the download call is given.
-    """
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        with _GlobalURIs(tracking_uri):
-            return Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
-                )
-            )
-    except MlflowException as exc:
-        raise StageError(f"{model_uri}: could not download from {tracking_uri}: {exc.message}") from None
-
-
-# --- evaluation ---
-# (appended by the evaluation/export stage: reading a finished run back, logging evaluation results into it,
-# and fetching registered models for export)
+# --- reading a finished run back, and logging more into it (evaluate, export) ----------------------------------------
 def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
     """A run's facts as plain values; a clear error when the id is unknown to this store."""
     from mlflow.exceptions import MlflowException
@@ -682,21 +319,3 @@ def attach(tracking_uri: str, experiment: str, run_id: str, guard: PHIGuard) -> 
     tracker = Tracker(tracking_uri, experiment, guard, system_metrics=False)
     tracker.run_id = run_id
     return tracker
-
-
-def resolve_model_version(tracking_uri: str, model_uri: str) -> dict[str, str]:
-    """models:/NAME@alias or models:/NAME/VERSION -> {name, version, run_id}."""
-    from mlflow.exceptions import MlflowException
-
-    ref = model_uri.removeprefix("models:/")
-    client = _client(tracking_uri)
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = ref.rpartition("/")
-            mv = client.get_model_version(name, version)
-    except MlflowException:
-        raise StageError(f"{model_uri}: no such registered model version in {tracking_uri}") from None
-    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}

@@ -11,7 +11,7 @@ import torch
 from evalfixtures import PHI, checkpoint_dict, outputs
 from medxfer.evaluation.evaluate import compute_evaluation
 from medxfer.handoff import bundle as B
-from medxfer.models.registry import create_classifier
+from medxfer.models.factory import create_classifier
 
 
 def make_bundle(

@@ -286,9 +286,7 @@ def test_rgb_to_gray_and_monochrome1_inverted(tmp_path):
 
 
 def test_ultrasound_region_calibration_gives_spacing(tmp_path):
-    from medxfer.demo import _us_region
-
-    p = write_image2d(tmp_path / "us", SequenceOfUltrasoundRegions=_us_region((16, 16), delta_cm=0.02))
+    p = write_image2d(tmp_path / "us", SequenceOfUltrasoundRegions=dicom.ultrasound_regions((16, 16), delta_cm=0.02))
     [c] = dicom.candidates(only_study([p]), 2)
     assert dicom.check_geometry(c, 2, 0.1).spacing == pytest.approx([0.2, 0.2])
 

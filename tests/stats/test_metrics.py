@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from medxfer.core.errors import DataError
 from medxfer.stats import metrics as M
 from sklearn import metrics as skm
 
@@ -127,8 +128,12 @@ def test_target_sensitivity_and_specificity() -> None:
 
 
 def test_threshold_needs_both_classes() -> None:
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(DataError, match="both classes"):
         M.choose_threshold(np.ones(4), np.linspace(0, 1, 4))
+    with pytest.raises(DataError, match="evaluation.target"):
+        M.choose_threshold(np.arange(4) % 2, np.linspace(0, 1, 4), "sensitivity")
+    with pytest.raises(DataError, match="evaluation.threshold"):
+        M.choose_threshold(np.arange(4) % 2, np.linspace(0, 1, 4), "f1")
 
 
 # ---------------------------------------------------------------------------- bootstrap

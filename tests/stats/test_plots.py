@@ -33,3 +33,27 @@ def test_plots_are_valid_pngs(tmp_path: Path, k: int) -> None:
     ]
     for path in out:
         assert _is_png(path), path.name
+
+
+def test_learning_curve_plot(tmp_path) -> None:
+    hist = [
+        {
+            "epoch": e,
+            "train_loss": 1 / (e + 1),
+            "val_loss": 1.1 / (e + 1),
+            "val_auroc": 0.5 + e / 10,
+            "val_balanced_accuracy": 0.5,
+        }
+        for e in range(3)
+    ]
+    out = plots.plot_learning_curves(hist, [{"epoch": 1}], tmp_path / "curve.png", "auroc")
+    assert out.stat().st_size > 1000
+    assert _is_png(out)
+
+
+def test_saliency_overlay_png(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (24, 40))
+    cam = np.clip(rng.random((24, 40)), 0, 1)
+    out = plots.overlay_plot(image, cam, tmp_path / "0001.png", "#0001  Grad-CAM for 'pos'")
+    assert _is_png(out)
