@@ -13,7 +13,8 @@ import pytest
 from medxfer.config.spec import load_spec
 from medxfer.core.workspace import Workspace
 from medxfer.demo import write_demo
-from medxfer.ingest.ingest import ingest, read_manifest
+from medxfer.ingest.ingest import ingest
+from medxfer.ingest.manifest import read_manifest
 from medxfer.ingest.split import split
 
 REPO = Path(__file__).resolve().parents[1]

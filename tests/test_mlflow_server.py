@@ -164,7 +164,7 @@ def test_registered_version_alias_and_logged_model_are_served(mlflow_server, ser
         "test_auroc_ci_low",
         "test_auroc_ci_high",
         "spec_hash",
-        "manifest_hash",
+        "labelled_content_hash",
         "split_hash",
         "git_commit",
         "weight_source",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+from medxfer import tracking
 from medxfer.cli import app
 from medxfer.core import ui
 from medxfer.runall import TEST_METRICS, mlflow_ui_command
-from medxfer.tracking import tracker as tracking
 from typer.testing import CliRunner
 
 

@@ -46,15 +46,15 @@ What it does, in order:
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medxfer.core.errors import DataError
+from medxfer.core.jsonio import dump_json, json_safe, medxfer_version
 from medxfer.stats import metrics as M
 from medxfer.stats.calibration import fit_temperature, softmax
 
@@ -64,13 +64,6 @@ NEGATIVE_TRANSFER_RULE = (
     "AUROC gain point estimate <= 0 or its 95% paired patient-bootstrap CI lower bound <= 0"
 )
 HEADLINE = (*M.METRIC_NAMES, "ece", "brier")
-
-
-def medxfer_version() -> str:
-    try:
-        return metadata.version("medxfer")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "0+unknown"
 
 
 @dataclass
@@ -97,23 +90,6 @@ class Computed:
     prob_test: np.ndarray
     prob_val: np.ndarray
     decision_test: np.ndarray
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON-safe: nan/inf -> None, numpy -> python, Paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _calibration_block(y: np.ndarray, before: np.ndarray, after: np.ndarray, pos: int | None) -> dict[str, float]:
@@ -160,7 +136,7 @@ def compute_evaluation(
     binary = task == "binary"
     pos = classes.index(positive_class) if binary and positive_class else None
     if binary and pos is None:
-        raise ValueError("a binary task needs positive_class")
+        raise DataError(f"a binary task needs positive_class, one of {classes}; set positive_class in the data spec")
 
     fit = fit_temperature(val.logits, val.y)
     t = fit.temperature
@@ -278,7 +254,10 @@ def _transfer(
     """Paired comparison on the studies both arms scored (normally all test studies)."""
     common = [s for s in test.studies if s in set(control_test.studies)]
     if not common:
-        raise ValueError("the control arm scored none of the main run's test studies")
+        raise DataError(
+            "the control arm scored none of the main run's test studies (none could be read for it); "
+            "check that the source files are still in place and rerun evaluate"
+        )
     main = test.subset(common)
     ctrl = control_test.subset(common)
     # Each arm is calibrated on its own validation outputs; binary AUROC does not depend on it, the
@@ -390,12 +369,6 @@ def metrics_for_mlflow(ev: dict[str, Any]) -> dict[str, float]:
             if m.get(k) is not None:
                 out[f"test_{safe}_{k}"] = float(m[k])
     return out
-
-
-def dump_json(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -563,8 +536,8 @@ def infer_split(
 
 
 def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
+    from medxfer import tracking
     from medxfer.core.errors import StageError
-    from medxfer.tracking import tracker as tracking
 
     local = ws.run_dir(run_id) / "best.pt"
     if local.is_file():
@@ -579,8 +552,8 @@ def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
 
 
 def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
-    import pandas as pd
     from medxfer.core.errors import StageError
+    from medxfer.ingest.manifest import join
 
     if not ws.manifest.is_file() or not ws.splits.is_file():
         raise StageError(
@@ -595,9 +568,7 @@ def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
             "the split changed since this run was trained (split hash differs); evaluating would "
             "mix training studies into the test set. Retrain, or restore the original split"
         )
-    manifest = pd.read_parquet(ws.manifest)
-    splits = pd.read_csv(ws.splits)
-    rows = manifest.merge(splits[["study_key", "split"]], on="study_key", how="inner")
+    rows = join(ws, select_fold=False).rows  # the fixed val and test splits, as written
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
     for s in ("train", "val", "test"):
@@ -626,12 +597,12 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     import tempfile
 
     import pandas as pd
+    from medxfer import tracking
     from medxfer.config.recipe import recipe_from_dict
     from medxfer.core import ui
     from medxfer.core.errors import StageError
     from medxfer.core.workspace import Workspace
     from medxfer.data.transforms import inference_model, tta_views
-    from medxfer.tracking import tracker as tracking
     from medxfer.training import checkpoint as ckpt_io
 
     uri = Workspace.for_spec(workspace, "_").tracking_uri
@@ -725,7 +696,7 @@ def _log_to_run(
     uri: str, run: dict[str, Any], spec: Any, ws: Any, ev: dict[str, Any], out_dir: Path, rows: Any
 ) -> bool:
     """Everything into the training run itself (see the module docstring for names)."""
-    from medxfer.tracking import tracker as tracking
+    from medxfer import tracking
 
     guard = tracking.PHIGuard.for_training(spec, list(rows["files"]), pseudonym_map=ws.pseudonym_map)
     t = tracking.attach(uri, run["experiment"], run["run_id"], guard)

@@ -125,13 +125,13 @@ def example_input(predictor: B.Predictor, workspace: Path) -> tuple[Any, str]:
 
     ws = Workspace.for_spec(workspace, predictor.config["spec"]["name"])
     if ws.manifest.is_file() and ws.splits.is_file():
-        import pandas as pd
+        from medxfer.ingest.manifest import join
 
-        manifest = pd.read_parquet(ws.manifest)
-        splits = pd.read_csv(ws.splits)
-        test_keys = set(splits.loc[splits["split"] == "test", "study_key"])
-        rows = manifest[manifest["study_key"].isin(test_keys)].head(5)
-        for r in rows.itertuples():
+        try:
+            rows = list(join(ws, select_fold=False).part("test").head(5).itertuples())
+        except MedxferError:  # a split the manifest no longer matches: use the random input below
+            rows = []
+        for r in rows:
             try:
                 return predictor.load(list(r.files), r.source_kind)[None], "a preprocessed test-split study"
             except Exception:  # try the next study; the reason may quote a path, so it is not shown

@@ -12,11 +12,11 @@ Registration turns an evaluated training run into an MLflow pyfunc model version
   ``model_version`` and ``error`` (unreadable inputs get an error row, never a failed batch);
 - the version is reserved before the files are written, so the model knows its own version and the
   model card names it;
-- version tags: test metrics with CIs, threshold and temperature, spec/manifest/split hashes, git
+- version tags: test metrics with CIs, threshold and temperature, spec/labelled-content/split hashes, git
   commit, pretrained-weight source, the recipe's promotion floors; alias ``candidate``;
 - the model card is also attached to the training run (``model_card/``).
 
-Everything sent to MLflow passes the run's PHI guard (see :mod:`medxfer.tracking.tracker`).
+Everything sent to MLflow passes the run's PHI guard (see :mod:`medxfer.tracking.guard`).
 
 Promotion sets any alias but first checks the recipe's promotion floors (recorded on the version
 at registration) against the version's test metrics, and refuses with the reason when one fails.
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medxfer import tracking
 from medxfer.core import ui
 from medxfer.core.errors import MedxferError, StageError
 from medxfer.core.workspace import Workspace
-from medxfer.tracking import tracker as tracking
 
 CANDIDATE = "candidate"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -118,7 +118,7 @@ def _ingest_facts(ws: Workspace) -> dict[str, Any] | None:
 
 def card_run_info(ra: RunArtifacts, model_name: str | None = None, model_version: str | None = None) -> dict[str, Any]:
     """The model card's run metadata (medxfer.evaluation.modelcard), PHI-free: pseudonymous facts only."""
-    from medxfer.evaluation.evaluate import medxfer_version
+    from medxfer.core.jsonio import medxfer_version
     from medxfer.evaluation.modelcard import run_info_from_checkpoint
 
     extra: dict[str, Any] = {
@@ -154,11 +154,11 @@ def write_run_bundle(
 
 def _guard(ra: RunArtifacts) -> tracking.PHIGuard:
     """The training run's guard: the spec's paths, source path parts and original identifiers."""
-    import pandas as pd
     from medxfer.config.spec import DataSpec
+    from medxfer.ingest.manifest import read_manifest
 
     spec = DataSpec.model_validate({k: v for k, v in ra.ckpt["spec"].items() if k != "spec_path"})
-    files = list(pd.read_parquet(ra.ws.manifest, columns=["files"])["files"]) if ra.ws.manifest.is_file() else []
+    files = list(read_manifest(ra.ws.manifest, columns=["files"])["files"]) if ra.ws.manifest.is_file() else []
     return tracking.PHIGuard.for_training(spec, files, pseudonym_map=ra.ws.pseudonym_map)
 
 

@@ -43,25 +43,9 @@ from medxfer.config.spec import DataSpec, SpecError, check_spec_files
 from medxfer.core import ui
 from medxfer.core.errors import StageError
 from medxfer.core.workspace import Workspace
+from medxfer.ingest.manifest import MANIFEST_COLUMNS, json_default, manifest_content_hash
 from medxfer.io.phi import Pseudonymizer
 
-MANIFEST_COLUMNS = [
-    "study_key",
-    "patient_key",
-    "label",
-    "label_index",
-    "modality",
-    "source_kind",
-    "files",
-    "n_slices",
-    "shape",
-    "spacing",
-    "orientation",
-    "intensity_min",
-    "intensity_max",
-    "content_hash",
-    "series_key",
-]
 REJECT_COLUMNS = ["input", "reason_code", "message", "study_key"]
 LABEL_REASONS = {
     "no_label": "a usable study has no row in the labels CSV",
@@ -87,31 +71,6 @@ def normalise_key(value: Any, source_kind: str) -> str:
         while s.startswith("./"):
             s = s[2:]
     return s
-
-
-def manifest_hash(df: pd.DataFrame) -> str:
-    """Hash of the manifest's content, without file paths: moving the data folder does not change it."""
-    cols = [c for c in MANIFEST_COLUMNS if c != "files" and c in df.columns]
-    rows = df[cols].sort_values("study_key").to_dict(orient="records")
-    blob = json.dumps(rows, sort_keys=True, default=_jsonable).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return str(v)
-
-
-def read_manifest(path: Path) -> pd.DataFrame:
-    """The manifest with list columns as Python lists (parquet gives numpy arrays)."""
-    df = pd.read_parquet(path)
-    for c in ("files", "shape", "spacing"):
-        if c in df.columns:
-            df[c] = df[c].map(lambda v: [x.item() if isinstance(x, np.generic) else x for x in v])
-    return df
 
 
 def _walk(root: Path, exclude: set[Path]) -> tuple[list[str], int]:
@@ -743,7 +702,7 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
         "spec": spec.name,
         "spec_hash": spec.content_hash(),
         "source_kind": spec.source.kind,
-        "manifest_hash": manifest_hash(manifest),
+        "manifest_hash": manifest_content_hash(manifest),
         "n_studies": len(manifest),
         "n_patients": int(manifest["patient_key"].nunique()),
         "class_counts": counts,
@@ -767,7 +726,7 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
         "warnings": warnings,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
-    ws.ingest_report.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    ws.ingest_report.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     for w in warnings:
         ui.warn(w)
     result = IngestResult(spec.name, ws.dir, ws.manifest, ws.rejects, ws.ingest_report, report)

@@ -152,7 +152,7 @@ def _pinned_keys(spec: DataSpec, ws: Workspace) -> set[str]:
 
 def split(spec: DataSpec, workspace: Path) -> SplitResult:
     """Write splits.csv and split_report.json for a spec whose ingest has run."""
-    from medxfer.ingest.ingest import manifest_hash, read_manifest
+    from medxfer.ingest.manifest import manifest_content_hash, read_manifest
 
     ws = Workspace.for_spec(workspace, spec.name)
     if not ws.manifest.is_file():
@@ -247,7 +247,7 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
     report = {
         "spec": spec.name,
         "spec_hash": spec.content_hash(),
-        "manifest_hash": manifest_hash(df),
+        "manifest_hash": manifest_content_hash(df),
         "split_hash": split_hash,
         "seed": policy.seed,
         "folds": policy.folds,

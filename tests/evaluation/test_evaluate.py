@@ -113,6 +113,17 @@ def test_transfer_gain_and_negative_transfer_flag() -> None:
     assert ev["transfer"]["n_studies"] == 150 and ev["transfer"]["missing_in_control"] == 50
 
 
+def test_data_conditions_raise_data_errors() -> None:
+    from medxfer.core.errors import DataError
+
+    val, test = outputs(80, 1), outputs(120, 2)
+    with pytest.raises(DataError, match="set positive_class in the data spec"):
+        compute_evaluation(val, test, CLASSES, None, "binary", n_bootstrap=10)
+    other = outputs(40, 3, prefix="x")  # a control whose studies are not the main run's
+    with pytest.raises(DataError, match="control arm scored none"):
+        compute_evaluation(val, test, CLASSES, "malignant", "binary", n_bootstrap=10, control_test=other)
+
+
 # ---------------------------------------------------------------------------- end to end on a tiny trained run
 
 
@@ -220,7 +231,7 @@ def test_phi_guard_knows_the_real_data_root(evaluated_run) -> None:
     """The spec in a checkpoint has a relative source root: the guard must resolve it like training did."""
     import pandas as pd
     from medxfer.evaluation.evaluate import spec_from_checkpoint
-    from medxfer.tracking.tracker import PHIGuard
+    from medxfer.tracking import PHIGuard
     from medxfer.training.checkpoint import load
 
     ws = evaluated_run.workspace / "tiny-dicom2d"

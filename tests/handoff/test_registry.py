@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers import PHI, write_image2d, write_nifti
+from medxfer import tracking
 from medxfer.core.errors import StageError
 from medxfer.handoff import registry
 from medxfer.io.phi import scan_for_phi
 from medxfer.runall import TEST_METRICS
-from medxfer.tracking import tracker as tracking
 
 
 def _blob_image(positive: bool, size: int = 48, seed: int = 7) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_version_has_alias_tags_and_description(registered) -> None:
     assert {"test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"} <= set(tags)
     assert {
         "spec_hash",
-        "manifest_hash",
+        "labelled_content_hash",
         "split_hash",
         "git_commit",
         "weight_source",
@@ -56,6 +56,7 @@ def test_version_has_alias_tags_and_description(registered) -> None:
     run = tracking.get_run(registered.tracking_uri, registered.run_id)
     assert tags["git_commit"] == run["params"]["git.commit"]  # the commit it was trained at
     assert tags["split_hash"] == run["params"]["hash.split"]
+    assert tags["labelled_content_hash"] == run["params"]["hash.labelled_content"]
     assert float(tags["threshold"]) == pytest.approx(ev["threshold"], rel=1e-5)
 
 

@@ -28,7 +28,8 @@ from helpers import (
 from medxfer.config.spec import load_spec
 from medxfer.core.errors import StageError
 from medxfer.core.workspace import Workspace
-from medxfer.ingest.ingest import MANIFEST_COLUMNS, ingest, read_manifest, resolve_inputs
+from medxfer.ingest.ingest import ingest, resolve_inputs
+from medxfer.ingest.manifest import MANIFEST_COLUMNS, read_manifest
 from medxfer.io.phi import scan_for_phi
 
 MEDXFER = Path(sys.executable).parent / "medxfer"

@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import PHI, make_dicom2d_dataset, make_nifti3d_dataset
+from medxfer import tracking as T
 from medxfer.config.recipe import load_recipe
 from medxfer.core.errors import MedxferError
 from medxfer.core.workspace import Workspace
 from medxfer.io.phi import scan_for_phi
-from medxfer.tracking import tracker as T
 from medxfer.training import checkpoint as C
-from medxfer.training.stage import STOP_ENV, train
+from medxfer.training.stage import train
 
 REPO = Path(__file__).resolve().parents[2]
+KILL = Path(__file__).with_name("kill_train.py")  # train, SIGKILLed after epoch N by a callback
 STAGES = "stages=[{epoch: 0, groups: 0}, {epoch: 1, groups: 2}, {epoch: 2, groups: all}]"
 # random init: ImageNet EfficientNet-Lite0 pools to all-zero features at 32 px, which would make the
 # validation metrics constant and the resume comparison meaningless
@@ -60,32 +61,25 @@ def _client(ds):
     return MlflowClient(Workspace.for_spec(ds.workspace, ds.spec.name).tracking_uri)
 
 
-def _cli(ds, *args: str, env: dict[str, str] | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "medxfer",
-        "train",
-        str(ds.spec_path),
-        "--workspace",
-        str(ds.workspace),
-        "--json",
-        *args,
-    ]
+def _cli(ds, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """`medxfer train SPEC --workspace WS --json ARGS`, in a new process (under torchrun with `torchrun` ranks)."""
+    return _run(
+        ["-m", "medxfer", "train", str(ds.spec_path), "--workspace", str(ds.workspace), "--json", *args], torchrun
+    )
+
+
+def _kill(ds, after: int, overrides: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Train in a new process that SIGKILLs itself (rank 0) once epoch `after` is logged and checkpointed."""
+    return _run([str(KILL), str(after), str(ds.spec_path), str(ds.workspace), *overrides], torchrun)
+
+
+def _run(args: list[str], torchrun: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *args]
     if torchrun:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={torchrun}",
-            "-m",
-            "medxfer",
-            *cmd[3:],
-        ]
-    full_env = {**os.environ, "MEDXFER_SYSTEM_METRICS": "0", **(env or {})}
-    full_env.pop("MEDXFER_PSEUDONYM_KEY", None)
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", *args]
+    env = {**os.environ, "MEDXFER_SYSTEM_METRICS": "0"}
+    env.pop("MEDXFER_PSEUDONYM_KEY", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -114,7 +108,8 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     assert p["optim.lr"] == str(default.optim.lr) and p["focal.gamma"] == str(default.focal.gamma)
     assert p["model.encoder"] == "efficientnet_lite0"
     assert p["model.weights.source"] == "none" and p["weights"] == "none"
-    assert {"hash.spec", "hash.manifest", "hash.split", "git.commit", "version.torch", "version.mlflow"} <= set(p)
+    hashes = {"hash.spec", "hash.labelled_content", "hash.split"}  # medxfer.ingest.manifest names what each covers
+    assert hashes | {"git.commit", "version.torch", "version.mlflow"} <= set(p)
     assert p["loss.class_weight.pos"] and p["schedule.0"].startswith("stage 0")
     assert "spec.source.root" not in p and "spec.labels.csv" not in p
     hist = {
@@ -144,16 +139,18 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
 
 
-def _kill_and_resume(ds, full, overrides: list[str]) -> tuple[str, dict, dict]:
+def _kill_and_resume(ds, full, overrides: list[str], check_refusal: bool = False) -> tuple[str, dict, dict]:
     """Kill a run after epoch 2 with SIGKILL, resume it, and check it ends where `full` ended."""
     ws = Workspace.for_spec(ds.workspace, ds.spec.name)
-    killed = _cli(ds, *_sets(overrides), env={STOP_ENV: "2"})
+    killed = _kill(ds, 2, overrides)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_id = T.find_unfinished_run(ws.tracking_uri, ds.spec.name)
     assert run_id and run_id != full.run_id
     at_kill = C.load(ws.run_dir(run_id) / "last.pt")
     assert at_kill["epoch"] == 1 and at_kill["stage"] == 1
     assert [g["name"] for g in at_kill["param_groups"]] == ["head", "stage4", "stage3"]
+    if check_refusal:
+        _resume_refuses_a_changed_split(ds, ws)
 
     resumed = train(ds.spec, ds.workspace, resume=True)
     assert resumed.run_id == run_id and resumed.main.resumed_from_epoch == 2
@@ -175,9 +172,20 @@ def _kill_and_resume(ds, full, overrides: list[str]) -> tuple[str, dict, dict]:
     return run_id, end_a, end_b
 
 
+def _resume_refuses_a_changed_split(ds, ws: Workspace) -> None:
+    """A re-split could move validation studies into training: the killed run must not continue on it."""
+    report = ws.split_report.read_text()
+    try:
+        ws.split_report.write_text(json.dumps({**json.loads(report), "split_hash": "0" * 16}))
+        with pytest.raises(MedxferError, match="the split changed since it started"):
+            train(ds.spec, ds.workspace, resume=True)
+    finally:
+        ws.split_report.write_text(report)
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(prepared, baseline) -> None:
     ds = prepared
-    _, end, _ = _kill_and_resume(ds, baseline, BASE)
+    _, end, _ = _kill_and_resume(ds, baseline, BASE, check_refusal=True)
     assert "train_model" not in end and "ema" not in end
 
     with pytest.raises(MedxferError, match="no unfinished training run"):
@@ -233,17 +241,23 @@ def test_scratch_control_trains_the_same_architecture_from_random_init(prepared)
     assert "control (scratch)" in dict(res.table()[1])
 
 
-def test_ddp_two_cpu_processes_under_torchrun(prepared) -> None:
+def test_ddp_two_cpu_processes_under_torchrun_killed_and_resumed(prepared) -> None:
     ds = prepared
-    out = _cli(ds, *_sets(["epochs=2", *BASE[1:]]), torchrun=2)
+    ws = Workspace.for_spec(ds.workspace, ds.spec.name)
+    killed = _kill(ds, 1, ["epochs=2", *BASE[1:]], torchrun=2)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    run_id = T.find_unfinished_run(ws.tracking_uri, ds.spec.name)
+    assert run_id and C.load(ws.run_dir(run_id) / "last.pt")["epoch"] == 0
+
+    out = _cli(ds, "--resume", torchrun=2)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["run_id"] == run_id and summary["main"]["resumed_from_epoch"] == 1
     client = _client(ds)
     run = client.get_run(summary["run_id"])
     assert run.data.params["run.world_size"] == "2" and run.info.status == "FINISHED"
-    # rank 0 alone logs: one value per epoch, one run for the job
-    assert len(client.get_metric_history(summary["run_id"], "train_loss")) == 2
+    # rank 0 alone logs: one value per epoch (nothing twice across the kill), one run for the job
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "train_loss")] == [0, 1]
     runs = client.search_runs([run.info.experiment_id], filter_string="params.`run.world_size` = '2'")
     assert len(runs) == 1
 
@@ -274,8 +288,8 @@ def test_3d_smoke_on_tiny_nifti(tmp_path) -> None:
 
 @pytest.mark.parametrize("encoder", ["efficientnet_lite0_acs", "efficientnet_lite0_i3d"])
 def test_channels_last_3d_converts_what_it_can(encoder) -> None:
-    from medxfer.models.registry import create_classifier
-    from medxfer.training.stage import to_memory_format
+    from medxfer.models.factory import create_classifier
+    from medxfer.training.distributed import to_memory_format
 
     model = create_classifier(encoder, num_classes=2, in_chans=1, spatial_dims=3, weights=None)
     x = torch.rand(2, 1, 32, 32, 32)
@@ -290,7 +304,7 @@ def test_channels_last_3d_converts_what_it_can(encoder) -> None:
 
 def test_val_metrics_binary_positive_column_and_multiclass() -> None:
     import numpy as np
-    from medxfer.training.stage import val_metrics
+    from medxfer.training.loop import val_metrics
 
     y = np.array([0, 0, 1, 1])
     prob = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
@@ -304,7 +318,8 @@ def test_val_metrics_binary_positive_column_and_multiclass() -> None:
 
 def test_control_recipes_change_only_what_the_control_varies() -> None:
     from medxfer.config.recipe import load_recipe
-    from medxfer.training.stage import control_recipe, sampled_counts
+    from medxfer.training.loop import sampled_counts
+    from medxfer.training.stage import control_recipe
 
     base = load_recipe(None, 2)
     scratch, probe = control_recipe(base, "scratch"), control_recipe(base, "probe")
@@ -356,9 +371,10 @@ def test_k_fold_split_uses_the_chosen_fold_as_validation(tmp_path) -> None:
     ws = Workspace.for_spec(ds.workspace, spec.name)
     folds = pd.read_csv(ws.splits)
     t1 = _read_tables(spec, ws, fold=1)
-    assert t1.fold == 1 and set(t1.val["study_key"]) == set(folds.loc[folds["fold"] == 1, "study_key"])
-    assert not set(t1.train["study_key"]) & set(t1.val["study_key"])
-    assert t1.hashes["split"] == json.loads(ws.split_report.read_text())["split_hash"]  # evaluate checks it
+    val, trn = t1.part("val"), t1.part("train")
+    assert t1.fold == 1 and set(val["study_key"]) == set(folds.loc[folds["fold"] == 1, "study_key"])
+    assert not set(trn["study_key"]) & set(val["study_key"])
+    assert t1.hashes(spec)["split"] == json.loads(ws.split_report.read_text())["split_hash"]  # evaluate checks it
     assert _read_tables(spec, ws).fold == 0
     with pytest.raises(MedxferError, match="fold 7 does not exist"):
         _read_tables(spec, ws, fold=7)
