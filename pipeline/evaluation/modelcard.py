@@ -249,6 +249,15 @@ def _split(run: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Held by tests/test_reproducibility.py: two fresh processes, two workspaces (two pseudonym keys), two
+# PYTHONHASHSEEDs give the same weights SHA-256. One torch thread instead of two changed the weights there
+# (float sums regroup), hence the thread-count condition.
+REPRODUCIBILITY = (
+    "the same spec, recipe and seed give bit-identical weights in a new process, on the same hardware, "
+    "library versions and torch thread count"
+)
+
+
 def _training(run: dict[str, Any]) -> dict[str, Any]:
     r = run.get("recipe") or {}
     return {
@@ -263,6 +272,7 @@ def _training(run: dict[str, Any]) -> dict[str, Any]:
         "augment": _get(r, "data", "augment"),
         "best_epoch": run.get("best_epoch"),
         "best_val_metric": run.get("best_metric"),
+        "reproducibility": REPRODUCIBILITY,
     }
 
 
@@ -585,6 +595,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"optimizer {json.dumps(tr.get('optimizer'), sort_keys=True)}",
         f"- Unfreezing stages: {json.dumps(tr.get('stages'))}",
         f"- Model selection: best validation {tr.get('select_metric')} at epoch {_fmt(tr.get('best_epoch'))}",
+        f"- Reproducibility: seed {tr.get('seed')}; {tr.get('reproducibility') or REPRODUCIBILITY}",
         "",
     ]
     perf = card["performance"]

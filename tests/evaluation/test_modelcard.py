@@ -74,6 +74,9 @@ def test_card_sections_and_no_phi(task: str) -> None:
     assert card["data"]["deidentification"].startswith("Pseudonymised")
     assert card["split"]["counts"]["test"]
     assert "95% CIs: patient-level percentile bootstrap" in md
+    # The reproducibility guarantee (held by tests/test_reproducibility.py) is stated with its conditions.
+    assert "Reproducibility: seed" in md and "bit-identical weights in a new process" in md
+    assert "thread count" in card["training"]["reproducibility"]
     assert json.loads(json.dumps(card)) == card
 
 
