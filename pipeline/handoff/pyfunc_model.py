@@ -22,12 +22,16 @@ from typing import Any
 
 import pandas as pd
 from medxfer import tracking
+from medxfer.core.errors import DataError
 
 
 def _paths(model_input: Any) -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         if "path" not in model_input.columns:
-            raise ValueError(f"input needs a 'path' column; got columns {list(model_input.columns)[:20]}")
+            raise DataError(
+                f"input needs a 'path' column; got columns {list(model_input.columns)[:20]}: "
+                "pass pd.DataFrame({'path': [...]}) with one study folder or file per row"
+            )
         values = model_input["path"].tolist()
     elif isinstance(model_input, dict) and "path" in model_input:
         values = model_input["path"]

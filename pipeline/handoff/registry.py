@@ -2,7 +2,7 @@
 
 Registration turns an evaluated training run into an MLflow pyfunc model version:
 
-- the model is logged as *code* (``pipeline/pyfunc_model.py``, MLflow "models from code"); its
+- the model is logged as *code* (``pipeline/handoff/pyfunc_model.py``, MLflow "models from code"); its
   artifacts are the medxfer bundle (:mod:`medxfer.handoff.bundle`: weights as safetensors with their
   SHA-256, ``preprocessing.json`` with classes, temperature, threshold and the training
   preprocessing, ``evaluation.json``, the model card). Loading it runs our code on those files and

@@ -39,7 +39,6 @@ from medxfer.tracking.tracker import (
     get_run,
     git_commit,
     package_versions,
-    plot_learning_curves,
     run_tags,
     ui_command,
 )
@@ -68,7 +67,6 @@ __all__ = [
     "git_commit",
     "log_pyfunc",
     "package_versions",
-    "plot_learning_curves",
     "python_model_base",
     "reserve_model_version",
     "resolve_model_version",

@@ -264,15 +264,6 @@ class Tracker:
                 raise
 
 
-def plot_learning_curves(
-    history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path, select_metric: str
-) -> Path:
-    """:func:`medxfer.stats.plots.plot_learning_curves`, imported here so importing tracking loads no matplotlib."""
-    from medxfer.stats import plots
-
-    return plots.plot_learning_curves(history, transitions, path, select_metric)
-
-
 # --- reading a finished run back, and logging more into it (evaluate, export) ----------------------------------------
 def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
     """A run's facts as plain values; a clear error when the id is unknown to this store."""

@@ -183,7 +183,9 @@ class Tracking(Callback):
         if not self.tracker.enabled:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            curve = tracking.plot_learning_curves(
+            from medxfer.stats.plots import plot_learning_curves  # matplotlib: only when a curve is drawn
+
+            curve = plot_learning_curves(
                 fit.history, fit.unfreezer.transitions, Path(tmp) / "learning_curve.png", fit.recipe.select_metric
             )
             self.tracker.log_file(curve, "plots")
