@@ -191,6 +191,21 @@ def test_bootstrap_ci_contains_point_and_is_seeded() -> None:
     assert a.intervals["auroc"].value == pytest.approx(skm.roc_auc_score(y, s))
 
 
+def test_bootstrap_does_not_depend_on_how_patients_are_named() -> None:
+    # Patient keys are pseudonyms: another workspace key renames every patient (and reorders them when sorted).
+    y, s = _data(n=120, seed=3)
+    p = _prob(1 / (1 + np.exp(-s)))
+    patients = np.arange(y.size) // 3
+    import hashlib
+
+    renamed = np.array([hashlib.sha256(f"other-key-{q}".encode()).hexdigest()[:20] for q in patients])
+    assert sorted(set(renamed)) != [renamed[i] for i in sorted(np.unique(patients, return_index=True)[1])]
+    stat = M.headline_statistic(threshold=0.5, positive_index=1)
+    a = M.bootstrap(y, p, patients.astype(str), stat, n_resamples=200, seed=0)
+    b = M.bootstrap(y, p, renamed, stat, n_resamples=200, seed=0)
+    assert a.intervals == b.intervals
+
+
 def test_bootstrap_skips_resamples_lacking_a_class() -> None:
     # 2 patients positive out of 8: many resamples draw no positive patient.
     y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
