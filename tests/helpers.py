@@ -462,3 +462,23 @@ def make_nifti3d_dataset(
 
 def dicom_uid(path: Path, keyword: str = "StudyInstanceUID") -> str:
     return str(pydicom.dcmread(str(path), stop_before_pixels=True).get(keyword))
+
+
+def write_nifti_raw(path: Path, data: np.ndarray, dtype: Any = None) -> Path:
+    """A NIfTI written with nibabel as given (no medxfer checks): zero-size axes, RGB24, complex voxels."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0]), dtype=dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def set_dicom_attrs(path: Path, **attrs: Any) -> Path:
+    """Rewrite one DICOM file with some top-level attributes changed (e.g. RescaleSlope='NaN')."""
+    ds = pydicom.dcmread(str(path))
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(str(path), enforce_file_format=True)
+    return Path(path)

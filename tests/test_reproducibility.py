@@ -5,7 +5,9 @@ workspace. Everything that differs between two users' runs differs here too: the
 secret pseudonym key (so every study key), PYTHONHASHSEED (set and dict order of strings), the working
 directory. The weights that train ships (best.pt "model") and the last epoch's must be bit-identical: the
 SHA-256 of their safetensors serialisation is compared, not a tolerance, because on the CPU every kernel
-used is deterministic (train turns on torch.use_deterministic_algorithms there).
+used is deterministic (train turns on torch.use_deterministic_algorithms there). So must the hand-off file
+(the bundle's weights.safetensors, whose SHA-256 register tags): safetensors' own header order changed per
+process until the bundle writer canonicalised it.
 
 The recipe keeps the default's moving parts (pretrained weights, augmentation, focal loss with auto alpha,
 discriminative LRs, warm-up) and shrinks only size and epochs, so a new source of randomness in any of
@@ -14,6 +16,7 @@ them fails this test.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -46,8 +49,6 @@ def _medxfer(*args: str, cwd: Path, hashseed: str) -> subprocess.CompletedProces
 
 
 def _weights_sha256(path: Path) -> str:
-    import hashlib
-
     from medxfer.training.checkpoint import load
     from safetensors.torch import save
 
@@ -68,7 +69,13 @@ def _train_in_new_process(ds, tmp: Path, hashseed: str) -> dict[str, str]:
     )
     summary = json.loads(out.stdout)
     best = Path(summary["checkpoint"])
+    # The hand-off file too, written by a fresh process: its SHA-256 is what register tags as weights_sha256.
+    bundle = tmp / f"bundle-{hashseed}"
+    code = "import sys; from medxfer.handoff.bundle import write_bundle; write_bundle(sys.argv[1], None, sys.argv[2])"
+    env = {**os.environ, "PYTHONHASHSEED": hashseed}
+    subprocess.run([sys.executable, "-c", code, str(best), str(bundle)], check=True, env=env, timeout=300)
     return {
+        "file": hashlib.sha256((bundle / "weights.safetensors").read_bytes()).hexdigest(),
         "key": (ws / ".pseudonym_key").read_bytes().hex(),
         "best": _weights_sha256(best),
         "last": _weights_sha256(best.with_name("last.pt")),
@@ -84,4 +91,5 @@ def test_same_spec_recipe_seed_same_weights_in_a_new_process(tmp_path: Path) -> 
     assert a["key"] != b["key"], "the two workspaces must have different pseudonym keys for this test to mean anything"
     assert a["last"] == b["last"], f"last-epoch weights differ between processes: {a['last']} vs {b['last']}"
     assert a["best"] == b["best"], f"shipped weights differ between processes: {a['best']} vs {b['best']}"
+    assert a["file"] == b["file"], "the bundle's weights.safetensors differs although the weights do not"
     assert (a["val_auroc"], a["best_epoch"]) == (b["val_auroc"], b["best_epoch"])

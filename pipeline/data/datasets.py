@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -315,6 +316,10 @@ class DataBundle(dict):
             "prepare_s": round(self.seconds, 2),
             "n": {s: len(ds) for s, ds in self.items()},
             "failed": len(self.failed_keys),
+            # Quarantined at cache build, by reason code (medxfer.io.checks.REASONS) and by pseudonymous key, so
+            # a study refused here (e.g. one slice with a NaN slope: nonfinite_pixels) is in the run's report.
+            "failed_by_reason": dict(sorted(Counter(r for ds in self.values() for r in ds.failed.values()).items())),
+            "failed_studies": {s: dict(ds.failed) for s, ds in self.items() if ds.failed},
         }
 
 

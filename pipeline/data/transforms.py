@@ -68,18 +68,28 @@ ZSCORE_CLIP = 3.0
 
 
 def read_study(files: Sequence[str], source_kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 array, 4x4 RAS+ affine) of one study, through the one module that owns the format."""
+    """(float32 array, 4x4 RAS+ affine) of one study, through the one module that owns the format.
+
+    Every read passes the shared pixel checks (``medxfer.io.checks.check_pixels``): a study whose pixels are
+    NaN/Inf or constant raises InputError with its reason code, so the training cache quarantines it and
+    predict reports it, instead of a NaN tensor reaching the model.
+    """
+    from medxfer.io.checks import check_pixels
+
     if source_kind == "dicom":
         from medxfer.io.dicom import read_series
 
-        return read_series(list(files))
-    if source_kind == "nifti":
+        arr, affine = read_series(list(files))
+    elif source_kind == "nifti":
         from medxfer.io.nifti import read_volume
 
         if len(files) != 1:
             raise ValueError(f"a NIfTI study is one file, got {len(files)}")
-        return read_volume(files[0])
-    raise ValueError(f"unknown source_kind {source_kind!r} (expected dicom or nifti)")
+        arr, affine = read_volume(files[0])
+    else:
+        raise ValueError(f"unknown source_kind {source_kind!r} (expected dicom or nifti)")
+    check_pixels(arr)
+    return arr, affine
 
 
 class LoadStudyd(MapTransform):

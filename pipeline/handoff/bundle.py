@@ -35,7 +35,9 @@ Usage (this is the API the pyfunc wrapper and ``medxfer predict`` build on)::
     p.probabilities(p.logits(x[None])) # ... with the temperature applied
 
 An input that cannot be read gets a row with ``error`` set and NaN probabilities; a bad input
-never raises for the whole batch.
+never raises for the whole batch. A study whose preprocessed tensor or whose logits are not finite gets
+``error`` = ``nonfinite_pixels: ...``, NaN probabilities and no decision: NaN compares false with every
+threshold, so without this check garbage would come out as a confident-looking negative.
 """
 
 from __future__ import annotations
@@ -159,6 +161,26 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
     }
 
 
+def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors with a canonical header, so the same weights always give the same file SHA-256.
+
+    safetensors writes ``__metadata__`` in its (Rust HashMap) iteration order, which changes from process to
+    process: bit-identical demo weights were registered as bbe5b427... by one run and f8ef2d3b... by the next.
+    The header is re-serialised with sorted keys; tensor offsets are relative to the data block, so they hold.
+    """
+    import json
+
+    from safetensors.torch import save
+
+    blob = save(state, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment with spaces
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n :])
+    tmp.replace(path)
+
+
 def write_bundle(
     ckpt: dict[str, Any] | Path | str,
     evaluation: dict[str, Any] | None,
@@ -172,7 +194,6 @@ def write_bundle(
     """
     import torch
     from medxfer.evaluation.modelcard import build_model_card, run_info_from_checkpoint
-    from safetensors.torch import save_file
 
     if not isinstance(ckpt, dict):
         from medxfer.training.checkpoint import load
@@ -185,10 +206,8 @@ def write_bundle(
     state = {
         k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)
     }
-    save_file(
-        state,
-        str(out / WEIGHTS),
-        metadata={"format": "pt", "encoder": cfg["model"]["encoder"], "medxfer": BUNDLE_FORMAT},
+    save_safetensors(
+        state, out / WEIGHTS, {"format": "pt", "encoder": cfg["model"]["encoder"], "medxfer": BUNDLE_FORMAT}
     )
     cfg["weights"]["sha256"] = sha256_file(out / WEIGHTS)
     dump_json(cfg, out / PREPROCESSING)
@@ -223,6 +242,15 @@ def build_model(cfg: dict[str, Any]):
     return create_classifier(
         m["encoder"], num_classes=m["num_classes"], in_chans=m["in_chans"], spatial_dims=m["spatial_dims"], weights=None
     )
+
+
+def _medxfer_cause(exc: BaseException) -> MedxferError | None:
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, MedxferError):
+            return e
+        e = e.__cause__
+    return None
 
 
 class Predictor:
@@ -362,8 +390,13 @@ class Predictor:
             for i, x in pending:
                 by_shape.setdefault(tuple(x.shape), []).append((i, x))
             for group in by_shape.values():
-                prob = self.probabilities(self.logits(torch.stack([x for _, x in group])))
-                for (i, _), p, d in zip(group, prob, self.decide(prob), strict=True):
+                logits = self.logits(torch.stack([x for _, x in group]))
+                prob = self.probabilities(logits)
+                finite = np.isfinite(logits).all(axis=1) & np.isfinite(prob).all(axis=1)
+                for (i, _), p, d, ok in zip(group, prob, self.decide(prob), finite, strict=True):
+                    if not ok:
+                        rows[i]["error"] = "nonfinite_pixels: the model output (logits) is NaN/Inf for this input"
+                        continue
                     rows[i].update({f"prob_{c}": float(v) for c, v in zip(self.classes, p, strict=True)})
                     rows[i].update(decision=d, error=None)
             pending.clear()
@@ -384,11 +417,16 @@ class Predictor:
                 continue
             try:
                 x = self.load(it.files, it.source_kind)
-            except MedxferError as exc:  # PHI-free by contract: the message can be shown
-                row["error"] = f"{getattr(exc, 'code', None) or 'unreadable'}: {exc}"
+            except Exception as exc:
+                known = _medxfer_cause(exc)  # MONAI wraps reader errors in RuntimeError("applying transform")
+                if known is not None:  # PHI-free by contract: the message can be shown
+                    row["error"] = f"{getattr(known, 'code', None) or 'unreadable'}: {known}"
+                else:  # library errors may quote file paths: report the type only
+                    row["error"] = f"unreadable: could not load the study ({type(exc).__name__})"
                 continue
-            except Exception as exc:  # library errors may quote file paths: report the type only
-                row["error"] = f"unreadable: could not load the study ({type(exc).__name__})"
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                row["error"] = f"nonfinite_pixels: {bad} NaN/Inf value(s) in the preprocessed input"
                 continue
             pending.append((len(rows) - 1, x))
             if len(pending) >= batch_size:

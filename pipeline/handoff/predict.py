@@ -44,8 +44,9 @@ class FlexiblePredictor(Predictor):
         own = spec.source.kind
         other_kind = "nifti" if own == "dicom" else "dicom"
         other = spec.model_copy(update={"source": spec.source.model_copy(update={"kind": other_kind})})
-        # The code the other format reports for "this is not my format" (ingest's reason codes).
-        not_mine = {"dicom": {"not_dicom"}, "nifti": {"not_nifti"}}[own]
+        # The code each format reports for "this is not my format" (ingest's reason codes).
+        not_format = {"dicom": {"not_dicom"}, "nifti": {"not_nifti"}}
+        names = {"dicom": "DICOM", "nifti": "NIfTI"}
         items: list[Any] = []
         for p in paths:
             if not str(p).strip():
@@ -53,10 +54,18 @@ class FlexiblePredictor(Predictor):
                 continue
             found = resolve_inputs([Path(p)], spec)
             for it in found:
-                if it.reason_code in not_mine:
+                if it.reason_code in not_format[own]:
                     retry = resolve_inputs([Path(it.input)], other)
-                    if any(r.reason_code is None for r in retry):
-                        items.extend(retry)
+                    # Read as the other format it is usable, or unusable for a reason of its own (a NIfTI file
+                    # with NaN voxels): either way that, not "not DICOM", is what the row must say.
+                    real = [r for r in retry if r.reason_code not in not_format[other_kind]]
+                    if real:
+                        for r in real:
+                            if r.reason_code is not None:
+                                r.message = (
+                                    f"a {names[other_kind]} file (the model was trained on {names[own]}): {r.message}"
+                                )
+                        items.extend(real)
                         continue
                 items.append(it)
         return items

@@ -14,6 +14,7 @@ millimetres (DICOM's LPS with x and y negated), the convention nibabel and MONAI
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from medxfer.core import ui
-from medxfer.core.errors import MedxferError
+from medxfer.io import checks
 from pydicom.errors import InvalidDicomError
 
 # pydicom reports odd values in warnings and log records that quote the value itself (a date, a
@@ -50,33 +51,15 @@ _DUP_TOL_MM = 0.01
 _SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
-# Reason codes this module can give, with what they mean (the ingest report and docs use this).
-REASONS = {
-    "not_dicom": "not a DICOM file",
-    "truncated": "file is cut short (header or pixel data incomplete)",
-    "unreadable": "file could not be opened",
-    "no_pixel_data": "a DICOM object without an image (DICOMDIR, report, presentation state)",
-    "missing_tags": "lacks StudyInstanceUID, SeriesInstanceUID, Rows or Columns",
-    "no_series_selected": "no series of the study passed the spec's series rules",
-    "missing_position": "ImagePositionPatient or ImageOrientationPatient missing in a volume",
-    "mixed_orientation": "slices of one stack are not parallel",
-    "inconsistent_pixel_spacing": "slices of one stack have different pixel spacing",
-    "duplicate_position": "two or more slices share one position",
-    "missing_slices": "gaps in the slice positions (missing slices)",
-    "uneven_spacing": "slice spacing varies beyond the tolerance",
-    "gantry_tilt": "slice positions advance off the slice normal (tilted gantry)",
-    "multiframe_no_geometry": "multi-frame file without per-frame position and orientation",
-    "undecodable": "pixel data cannot be decoded",
-}
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+# Reason codes this module can give, with what they mean: its rows of the one table, medxfer.io.checks.REASONS
+# (the pixel checks there - too_small, too_large, constant_image, nonfinite_pixels - apply here too).
+REASONS = checks.reasons("dicom")
 
 
-class GeometryError(MedxferError):
+class GeometryError(checks.InputError):
     """A series that cannot be read as a consistent image; ``code`` is a key of REASONS. No PHI in the text."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +333,7 @@ def read_header(path: str, pseudo: _Pseudo) -> Header:
             if not has_magic and not (_raw(ds, "SOPClassUID") and _raw(ds, "StudyInstanceUID")):
                 return _fail(h, "not_dicom", "not a DICOM file")
             pos = fh.tell()
+            at_eof = pos >= st.st_size
             tsyntax = str(_get(getattr(ds, "file_meta", {}), "TransferSyntaxUID", "") or "")
             implicit, little = ds.original_encoding
             # None: no pixel data element found; "unknown": deflated, where file offsets mean nothing.
@@ -358,7 +342,7 @@ def read_header(path: str, pseudo: _Pseudo) -> Header:
                 truncated = _pixel_data_truncated(fh, pos, st.st_size, little is not False, bool(implicit))
     except OSError:
         return _fail(h, "unreadable", "file could not be read")
-    return _fill(h, ds, tsyntax, truncated, pseudo)
+    return _fill(h, ds, tsyntax, truncated, pseudo, at_eof)
 
 
 def _fail(h: Header, code: str, message: str) -> Header:
@@ -366,11 +350,32 @@ def _fail(h: Header, code: str, message: str) -> Header:
     return h
 
 
-def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo: _Pseudo) -> Header:
+def _image_sop_class(ds: Any) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    uid = _raw(ds, "SOPClassUID") or (_get(meta, "MediaStorageSOPClassUID") if meta is not None else None)
+    return "Image Storage" in str(getattr(pydicom.uid.UID(str(uid)), "name", "")) if uid else False
+
+
+def _fill(
+    h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo: _Pseudo, at_eof: bool = False
+) -> Header:
     if truncated is True:
         return _fail(h, "truncated", "pixel data is cut short (file ends early)")
     rows, cols = _int(_raw(ds, "Rows")), _int(_raw(ds, "Columns"))
     if truncated is None:
+        if tsyntax == _BIG_ENDIAN and not (rows and cols):
+            # Real big-endian images parse and decode (pydicom's MR_small_bigendian); one whose elements make
+            # no sense read that way is little-endian data under a big-endian claim.
+            return _fail(
+                h,
+                "wrong_transfer_syntax",
+                "the file claims Explicit VR Big Endian but its elements do not read that way (no image found); "
+                "rewrite it with its real transfer syntax (e.g. dcmconv +te)",
+            )
+        # An image object whose file ends before Rows/Columns was cut short, not a DICOMDIR or a report (those
+        # have no image SOP class); a whole header without the pixel element stays no_pixel_data.
+        if at_eof and (len(ds) == 0 or (_image_sop_class(ds) and not (rows and cols))):
+            return _fail(h, "truncated", "DICOM header is cut short (an image whose file ends inside its header)")
         return _fail(h, "no_pixel_data", "DICOM object without pixel data (e.g. DICOMDIR, report)")
     study_uid, series_uid = _raw(ds, "StudyInstanceUID"), _raw(ds, "SeriesInstanceUID")
     if not study_uid or not series_uid or not rows or not cols:
@@ -385,6 +390,11 @@ def _fill(h: Header, ds: Any, tsyntax: str, truncated: bool | None | str, pseudo
             if not v
         ]
         return _fail(h, "missing_tags", "missing " + ", ".join(missing))
+    try:  # before any pixel is decoded: a 1x1 or 1x4096 "image", or one that would not fit in memory
+        samples = _int(_raw(ds, "SamplesPerPixel")) or 1
+        checks.check_shape([max(_int(_raw(ds, "NumberOfFrames")) or 1, 1), rows, cols], samples)
+    except checks.InputError as exc:
+        return _fail(h, exc.code, exc.message)
     h.transfer_syntax = tsyntax
     h.study = pseudo.study_key(str(study_uid))
     acc = _get(ds, "AccessionNumber")
@@ -866,9 +876,11 @@ def _pixels(ds: Any) -> np.ndarray:
     if frames == 1 or arr.ndim == 2:
         arr = arr.reshape((1, *arr.shape[-2:]))
     out = np.empty(arr.shape, np.float32)
-    for i in range(arr.shape[0]):
-        slope, icpt = _rescale(ds, i)
-        out[i] = arr[i] * slope + icpt
+    # A slope of 1e38 or NaN makes Inf/NaN here; the shared checks (medxfer.io.checks) refuse it with a reason.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(arr.shape[0]):
+            slope, icpt = _rescale(ds, i)
+            out[i] = arr[i] * slope + icpt
     if photometric == "MONOCHROME1":
         out = out.max() + out.min() - out
     return out
@@ -925,22 +937,43 @@ def read_series(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sample_indices(n: int) -> list[int]:
-    """Which slices of an n-slice series ingest decodes: first, middle and last."""
+    """Which slices of an n-slice series make ingest's hash and intensity range: first, middle and last."""
     return sorted({0, n // 2, max(n - 1, 0)})
 
 
 def sample_pixels(files: list[str]) -> np.ndarray:
-    """Decoded pixels (float32, (k, rows, cols)) of the first, middle and last file of an ordered series.
+    """Decode every file of an ordered series; return the first, middle and last (float32, (k, rows, cols)).
 
-    Decoding a few slices finds decoder gaps (the transfer syntax is the same across a series) and gives a
-    representative intensity range without reading every slice twice at ingest; a single file (2D image or
-    multi-frame object) is decoded whole. Raises GeometryError like read_series.
+    Every slice is decoded and checked (decodable, same size, finite after rescaling) because one bad slice
+    otherwise passes ingest and fails mid-epoch (issue 14); a constant series (RescaleSlope 0) is refused.
+    Only the sampled slices are kept: they make the content hash and the intensity range, as before, so a
+    manifest does not change. Decoding all 130 slices of the GE MR series costs about 180 ms, against 6 ms
+    for three. A single file (2D image or multi-frame object) is decoded whole. Raises GeometryError.
     """
     if not files:
         raise GeometryError("missing_tags", "no files")
-    arrs = [_pixels(_read(files[i])) for i in sample_indices(len(files))]
-    if any(a.shape[1:] != arrs[0].shape[1:] for a in arrs):
-        raise GeometryError("missing_tags", "slices of the series differ in size")
+    keep = set(sample_indices(len(files)))
+    arrs: list[np.ndarray] = []
+    lo, hi, shape, bad = math.inf, -math.inf, None, 0
+    for i, f in enumerate(files):
+        a = _pixels(_read(f))
+        if shape is None:
+            shape = a.shape[1:]
+        elif a.shape[1:] != shape:
+            raise GeometryError("missing_tags", "slices of the series differ in size")
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad += 1
+            continue
+        lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+        if i in keep:
+            arrs.append(a)
+    if bad:
+        raise GeometryError(
+            "nonfinite_pixels", f"{bad} of {len(files)} file(s) decode to NaN/Inf pixels (e.g. a NaN RescaleSlope)"
+        )
+    if lo == hi:
+        raise GeometryError("constant_image", f"every pixel of the series is {lo:g} (e.g. RescaleSlope 0)")
     return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
 
 

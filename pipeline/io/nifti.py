@@ -18,31 +18,21 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from medxfer.core.errors import MedxferError
+from medxfer.io import checks
 
 # nibabel logs header fix-ups to the terminal; ingest reports problems as reason codes instead.
 logging.getLogger("nibabel").setLevel(logging.ERROR)
 SUFFIXES = (".nii", ".nii.gz")
-REASONS = {
-    "not_nifti": "not a readable NIfTI file",
-    "truncated": "voxel data is cut short",
-    "bad_affine": "affine is singular or has zero/non-finite voxel sizes",
-    "qform_sform_mismatch": "qform and sform are both set and disagree",
-    "nonfinite_voxels": "NaN or Inf voxels",
-    "wrong_dims": "the volume has another number of dimensions than the spec's dims (e.g. 4D where 3D is expected)",
-}
+# This module's rows of the one reason table (medxfer.io.checks.REASONS); the pixel checks there
+# (too_small, too_large, constant_image, nonfinite_pixels) apply here too.
+REASONS = checks.reasons("nifti")
 # qform can only store rotations + zooms + shear-free matrices to float32 precision; a real
 # disagreement is a different position or orientation, far above this.
 _QS_TOL_MM = 1e-3
 
 
-class NiftiError(MedxferError):
-    """An unusable volume; ``code`` is a key of REASONS. No PHI (no path) in the text."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class NiftiError(checks.InputError):
+    """An unusable volume; ``code`` is a key of medxfer.io.checks.REASONS. No PHI (no path) in the text."""
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -77,7 +67,31 @@ def _load(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     return img
 
 
+def check_voxel_type(img: nib.Nifti1Image) -> None:
+    """One real number per voxel, before reading: RGB24/structured types cannot become float32 (numpy raises
+    DTypePromotionError) and complex ones would silently lose their imaginary part."""
+    dt = np.dtype(img.get_data_dtype())
+    if dt.fields is not None or dt.kind == "V":
+        raise NiftiError("unsupported_dtype", f"voxel type {dt.str} is not one number per voxel (e.g. RGB24)")
+    if dt.kind == "c":
+        raise NiftiError(
+            "complex_data", f"complex voxels ({dt.name}); save the magnitude (or the part you mean) as real numbers"
+        )
+
+
+def check_size(img: nib.Nifti1Image) -> None:
+    """Zero-size or too-thin volumes, and ones above the decoded-size cap, from the header alone."""
+    shape = tuple(int(s) for s in img.shape)
+    try:
+        # nibabel's axis order: the first two axes are the image plane, further ones are slices (or time).
+        checks.check_shape(shape, plane_axes=(0, 1))
+    except checks.InputError as exc:
+        raise NiftiError(exc.code, exc.message) from None
+
+
 def _data(img: nib.Nifti1Image) -> np.ndarray:
+    check_voxel_type(img)
+    check_size(img)
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError):
@@ -117,11 +131,14 @@ def check_header(img: nib.Nifti1Image, dims: int) -> tuple[int, ...]:
 def inspect(path: str | Path, dims: int) -> VolumeInfo:
     """All ingest checks on one file (reads the voxels once); NiftiError with a reason code if unusable."""
     img = _load(path)
+    check_voxel_type(img)
+    check_size(img)  # a zero-size axis would stop check_header's min(zooms) and the reductions below
     check_header(img, dims)
     arr = _data(img)
-    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-    if bad:
-        raise NiftiError("nonfinite_voxels", f"{bad} NaN/Inf voxel(s) of {arr.size}")
+    try:
+        checks.check_pixels(arr)
+    except checks.InputError as exc:
+        raise NiftiError(exc.code, exc.message.replace("pixel", "voxel")) from None
     zooms = [float(z) for z in img.header.get_zooms()[:dims]]
     h = hashlib.sha256(repr(arr.shape).encode())
     h.update(np.ascontiguousarray(arr).tobytes())

@@ -110,3 +110,23 @@ def test_find_bundle_inside_a_model_folder(tmp_path: Path) -> None:
     out.rename(nested / "bundle")
     assert B.find_bundle(tmp_path / "model") == nested / "bundle"
     assert B.find_bundle(tmp_path / "nothing-here") is None
+
+
+def test_same_weights_give_the_same_file_sha256_in_every_process(tmp_path: Path) -> None:
+    # safetensors' own header order (a Rust HashMap) changes per process: the registered weights_sha256 of
+    # bit-identical weights differed between two demo runs before the header was canonicalised.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from pathlib import Path; from medxfer.handoff.bundle import save_safetensors; "
+        "save_safetensors({'w': torch.arange(6.0).view(2, 3), 'b': torch.ones(2)}, Path(sys.argv[1]), "
+        "{'format': 'pt', 'encoder': 'efficientnet_lite0', 'medxfer': 'medxfer-bundle/1'})"
+    )
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True, timeout=120)
+    assert len({B.sha256_file(p) for p in paths}) == 1
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(paths[0])["w"], torch.arange(6.0).view(2, 3))

@@ -322,7 +322,7 @@ def test_nifti_rejects_patients_and_paths(tmp_path):
     res = ingest(spec, tmp_path / "ws")
     rej = rejects_of(tmp_path / "ws", spec.name)
     assert set(rej["reason_code"]) == {
-        "nonfinite_voxels",
+        "nonfinite_pixels",
         "wrong_dims",
         "not_nifti",
         "truncated",
@@ -381,7 +381,7 @@ def test_resolve_inputs_nifti(tmp_path):
     spec = load_spec(build_nifti_tree(tmp_path / "n"))
     items = resolve_inputs([spec.root], spec)
     assert sum(i.reason_code is None for i in items) == 4
-    assert {i.reason_code for i in items} >= {"nonfinite_voxels", "wrong_dims", "not_nifti"}
+    assert {i.reason_code for i in items} >= {"nonfinite_pixels", "wrong_dims", "not_nifti"}
 
 
 def test_real_series_mr_volume_and_kits_quarantine(shared_data, tmp_path):

@@ -54,7 +54,7 @@ def test_nan_and_inf_voxels(tmp_path):
     p = write_nifti(tmp_path / "n.nii.gz", v)
     with pytest.raises(nifti.NiftiError) as exc:
         nifti.inspect(p, 3)
-    assert exc.value.code == "nonfinite_voxels" and "2 NaN/Inf" in exc.value.message
+    assert exc.value.code == "nonfinite_pixels" and "2 NaN/Inf" in exc.value.message
 
 
 def test_qform_sform_disagreement(tmp_path):
