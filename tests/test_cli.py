@@ -65,3 +65,47 @@ def test_debug_also_traces_user_errors(tmp_path: Path) -> None:
 def test_usage_errors_stay_typers_own() -> None:
     res = CliRunner().invoke(app, ["check-spec"])
     assert res.exit_code == 2 and "Missing argument" in res.output and "internal error" not in res.output
+
+
+def test_version_names_medxfer_torch_and_mlflow() -> None:
+    from importlib.metadata import version
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == (
+        f"medxfer {version('medxfer')} (torch {version('torch')}, mlflow {version('mlflow')})"
+    )
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_help_shows_set_examples_that_work(command: str) -> None:
+    from medxfer.config.recipe import load_recipe
+
+    res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "--set optim.lr=3e-4" in res.output, res.output
+    assert "--set lr=" not in res.output
+    load_recipe(None, 2, ["optim.lr=3e-4", "epochs=8"])  # the examples given are valid keys
+
+
+def test_run_has_trains_device_resume_and_control_options() -> None:
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "300"})
+    assert all(opt in res.output for opt in ("--device", "--resume", "--control")), res.output
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"), [("lr", "optim.lr"), ("batch_size", "data.batch_size"), ("optim.lrr", "optim.lr")]
+)
+def test_an_unknown_set_key_suggests_the_dotted_one(tiny_dicom2d, key: str, meant: str) -> None:
+    ds = tiny_dicom2d
+    res = CliRunner().invoke(app, ["run", str(ds.spec_path), "-w", str(ds.workspace), "--set", f"{key}=3"])
+    assert res.exit_code == 2, res.output
+    assert f"did you mean `{meant}`?" in res.output and f"field '{key}'" in res.output
+
+
+def test_check_spec_refuses_a_root_that_climbs_out(tmp_path: Path) -> None:
+    from helpers import spec_dict, write_spec
+
+    (tmp_path / "specs").mkdir()
+    spec = write_spec(tmp_path / "specs" / "s.yaml", spec_dict("x", "dicom", 2, "../../../../etc"))
+    res = CliRunner().invoke(app, ["check-spec", str(spec)])
+    assert res.exit_code == 2 and "field 'source.root'" in res.output and "allow_outside" in res.output

@@ -6,7 +6,9 @@ it without reading this code. Nothing here reads an image.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,21 +22,43 @@ class SpecError(MedxferError, ValueError):
     """A spec or recipe problem the user can fix by editing a file or a flag."""
 
 
-def _fmt_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<top level>"
+class FieldsError(ValueError):
+    """A model validator's error that names its fields (pydantic places those at the model, not at a field).
+
+    The first field is the one to fix; the others are what it was checked against. Names are relative to the model
+    that raises, e.g. ``FieldsError(msg, "positive_class", "classes")`` in DataSpec.
+    """
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
+
+
+def _fields(e: Any) -> list[str]:
+    """The dotted fields an error is about: its location, or, for a FieldsError, the fields it names there."""
+    where = ".".join(str(p) for p in e["loc"])
+    named = getattr((e.get("ctx") or {}).get("error"), "fields", ())
+    if named:
+        return [f"{where}.{f}" if where else f for f in named]
+    return [where or "the whole file"]
 
 
 def format_validation_error(path: Path | str, err: ValidationError, hints: dict[str, str]) -> str:
     lines = [f"{path}: invalid ({len(err.errors())} problem(s))"]
     for e in err.errors():
-        field = _fmt_loc(e["loc"])
+        field, *others = _fields(e)
         msg = e["msg"].removeprefix("Value error, ")
-        hint = hints.get(field) or hints.get(field.split(".")[0], "")
-        lines.append(f"  - field '{field}': {msg}" + (f"\n    fix: {hint}" if hint else ""))
+        hint = next((h for f in (field, *others) if (h := hints.get(f) or hints.get(f.split(".")[0]))), "")
+        against = f" (with {', '.join(repr(o) for o in others)})" if others else ""
+        lines.append(f"  - field '{field}'{against}: {msg}" + (f"\n    fix: {hint}" if hint else ""))
     return "\n".join(lines)
 
 
 _STRICT = ConfigDict(extra="forbid")
+
+
+# How many `..` a relative source.root may start with: 1 lets a data_specs/ folder sit next to the data.
+MAX_ROOT_CLIMB = 1
 
 
 class Source(BaseModel):
@@ -44,6 +68,26 @@ class Source(BaseModel):
     # NIfTI carries no modality tag; say what the volumes are (e.g. CT) so reports and model cards can.
     # DICOM takes the Modality of each chosen series and ignores this.
     modality: str | None = None
+    # A spec handed over from elsewhere must not point ingest at an arbitrary folder (`root: ../../../../etc`): a
+    # relative root stays in the spec's folder or next to it (one `..`: data_specs/../demo-data, as shipped).
+    # Climbing further takes an absolute path, or this set to true.
+    allow_outside: bool = False
+
+    @model_validator(mode="after")
+    def _root_stays_near_the_spec(self) -> Source:
+        if self.root.is_absolute() or self.allow_outside:
+            return self
+        parts = Path(os.path.normpath(self.root)).parts
+        up = next((i for i, part in enumerate(parts) if part != ".."), len(parts))
+        if up > MAX_ROOT_CLIMB:
+            raise FieldsError(
+                f"relative root {str(self.root)!r} climbs {up} folders above the spec's folder; a relative root "
+                f"may climb at most {MAX_ROOT_CLIMB} (e.g. ../data); write the folder as an absolute path, or set "
+                "source.allow_outside: true if this spec is yours and the folder is meant",
+                "root",
+                "allow_outside",
+            )
+        return self
 
 
 class Labels(BaseModel):
@@ -103,7 +147,9 @@ class Intensity(BaseModel):
     @model_validator(mode="after")
     def _window_for_ct(self) -> Intensity:
         if self.mode == "ct_window" and self.window is None:
-            raise ValueError("mode 'ct_window' needs 'window: [level, width]', e.g. [40, 400] for soft tissue")
+            raise FieldsError(
+                "mode 'ct_window' needs 'window: [level, width]', e.g. [40, 400] for soft tissue", "window", "mode"
+            )
         return self
 
 
@@ -127,9 +173,11 @@ class SplitPolicy(BaseModel):
         if self.folds is None:
             fr = self.fractions or {}
             if set(fr) != {"train", "val", "test"}:
-                raise ValueError("fractions need exactly the keys train, val, test")
+                raise FieldsError("fractions need exactly the keys train, val, test", "fractions", "folds")
             if any(v < 0 for v in fr.values()) or abs(sum(fr.values()) - 1.0) > 1e-6:
-                raise ValueError(f"fractions must be >= 0 and sum to 1 (they sum to {sum(fr.values()):.3f})")
+                raise FieldsError(
+                    f"fractions must be >= 0 and sum to 1 (they sum to {sum(fr.values()):.3f})", "fractions"
+                )
         return self
 
 
@@ -158,27 +206,49 @@ class DataSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSpec:
+        names = ", ".join(self.classes)
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError("classes: names must be unique")
+            raise FieldsError(f"class names must be unique, got: {names}", "classes")
         if self.task == "binary":
             if len(self.classes) != 2:
-                raise ValueError(f"task 'binary' needs exactly 2 classes, got {len(self.classes)}")
+                raise FieldsError(f"task 'binary' needs exactly 2 classes, got {len(self.classes)}", "classes", "task")
             if self.positive_class is None:
-                raise ValueError("task 'binary' needs positive_class: one of " + ", ".join(self.classes))
+                raise FieldsError(f"task 'binary' needs positive_class: one of {names}", "positive_class", "task")
         elif len(self.classes) < 3:
-            raise ValueError("task 'multiclass' needs 3 or more classes; use task: binary for 2")
+            raise FieldsError("task 'multiclass' needs 3 or more classes; use task: binary for 2", "classes", "task")
         if self.positive_class is not None and self.positive_class not in self.classes:
-            raise ValueError(f"positive_class {self.positive_class!r} is not in classes {self.classes}")
+            lowered = {c.lower(): c for c in self.classes}
+            close = [lowered[c] for c in difflib.get_close_matches(self.positive_class.lower(), lowered, n=1)]
+            raise FieldsError(
+                f"positive_class {self.positive_class!r} is not one of the classes ({names})"
+                + (f"; did you mean {close[0]!r}?" if close else ""),
+                "positive_class",
+                "classes",
+            )
         if self.source.kind == "dicom" and self.labels.key not in ("StudyInstanceUID", "AccessionNumber"):
-            raise ValueError("labels.key for DICOM must be StudyInstanceUID or AccessionNumber")
+            raise FieldsError(
+                f"labels.key for DICOM must be StudyInstanceUID or AccessionNumber, got {self.labels.key!r}",
+                "labels.key",
+                "source.kind",
+            )
         if self.source.kind == "nifti" and self.labels.key != "path":
-            raise ValueError("labels.key for NIfTI must be 'path' (relative to source.root)")
+            raise FieldsError(
+                f"labels.key for NIfTI must be 'path' (relative to source.root), got {self.labels.key!r}",
+                "labels.key",
+                "source.kind",
+            )
         if self.source.kind == "dicom" and self.labels.patient is not None:
-            raise ValueError("labels.patient is for NIfTI only; DICOM patients come from PatientID")
+            raise FieldsError(
+                "labels.patient is for NIfTI only; DICOM patients come from PatientID", "labels.patient", "source.kind"
+            )
         if self.preprocess.spacing is not None and len(self.preprocess.spacing) != self.dims:
-            raise ValueError(f"preprocess.spacing needs {self.dims} values for dims={self.dims}")
+            raise FieldsError(
+                f"preprocess.spacing needs {self.dims} values for dims={self.dims}", "preprocess.spacing", "dims"
+            )
         if self.preprocess.size is not None and len(self.preprocess.size) != self.dims:
-            raise ValueError(f"preprocess.size needs {self.dims} values for dims={self.dims}")
+            raise FieldsError(
+                f"preprocess.size needs {self.dims} values for dims={self.dims}", "preprocess.size", "dims"
+            )
         return self
 
     @property
@@ -202,7 +272,10 @@ class DataSpec(BaseModel):
 
     def content_hash(self) -> str:
         """Hash of the validated spec (not the file bytes): comments and key order do not change it."""
-        blob = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True).encode()
+        tree = self.model_dump(mode="json")
+        if not tree["source"]["allow_outside"]:  # off, it says nothing: specs hash as before the option existed
+            del tree["source"]["allow_outside"]
+        blob = yaml.safe_dump(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -219,7 +292,9 @@ _HINTS = {
     "split.folds": "an integer >= 2, e.g. folds: 5 (fractions.test, if set, is still held out as test)",
     "series": "series: {modality: [CT], description_exclude: ['(?i)scout'], min_slices: 20}",
     "series.spacing_tolerance": "a fraction of the slice step, e.g. 0.1 for 10%",
-    "positive_class": "one of the names in classes",
+    "positive_class": "one of the names in classes, spelled exactly as there",
+    "source.root": "the folder to scan, relative to this file (at most one '..') or absolute",
+    "labels.key": "dicom: StudyInstanceUID or AccessionNumber; nifti: path",
     "preprocess": "preprocess: {spacing: [1, 1, 1], size: [64, 64, 64], intensity: {mode: zscore}}",
     "preprocess.intensity": "intensity: {mode: ct_window, window: [40, 400]} or {mode: zscore} or {mode: scale}",
 }
@@ -250,7 +325,12 @@ def load_spec(path: str | Path) -> DataSpec:
 def check_spec_files(spec: DataSpec) -> list[str]:
     """Problems with the files a spec points at, without reading any image."""
     problems = []
-    if not spec.root.is_dir():
+    if spec.root.is_file():
+        problems.append(
+            f"source.root: {spec.root} is a file; it must be the folder to scan (e.g. {spec.root.parent}); "
+            "fix the path (relative to the spec)"
+        )
+    elif not spec.root.is_dir():
         problems.append(f"source.root: folder {spec.root} does not exist; fix the path (relative to the spec)")
     if not spec.labels_csv.is_file():
         problems.append(f"labels.csv: file {spec.labels_csv} does not exist; fix the path (relative to the spec)")

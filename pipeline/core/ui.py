@@ -7,13 +7,17 @@ Stages never print directly; they return a result object with ``summary()``
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
 T = TypeVar("T")
@@ -47,13 +51,40 @@ def progress(items: Iterable[T], total: int | None, description: str, enabled: b
             bar.advance(task)
 
 
+def short_path(value: str) -> str:
+    """A value that is one absolute path, shown relative to the working folder (or ~) when under it: the part that
+    tells one run's files from another's, and still a path the user can paste from where they ran the command."""
+    if not os.path.isabs(value) or any(ch.isspace() for ch in value):
+        return value
+    for base, shown in ((Path.cwd(), "."), (Path.home(), "~")):
+        try:
+            rel = Path(value).relative_to(base)
+        except ValueError:
+            continue
+        return str(Path(shown) / rel)
+    return value
+
+
 def render_table(title: str, rows: list[tuple[str, str]]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
+    """Key/value rows without borders, within the terminal's width: a value too long for its column (a long path,
+    the `mlflow ui` command) goes after the table, its key on one line and the value unbroken on the next, instead
+    of being wrapped mid-path inside a cell (which breaks copying it)."""
+    shown = [(k, short_path(v)) for k, v in rows]
+    key_width = max((cell_len(k) for k, _ in shown), default=0)
+    room = console.width - key_width - 2  # the two columns' padding
+    # Text, not markup: values hold [brackets] (CIs, series descriptions) that markup would eat.
+    fits = [cell_len(v) <= room and "\n" not in v for _, v in shown]
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    for k, v in rows:
-        table.add_row(k, v)
+    for (k, v), ok in zip(shown, fits, strict=True):
+        if ok:
+            table.add_row(k, Text(v))
     console.print(table)
+    for (k, v), ok in zip(shown, fits, strict=True):
+        if not ok:
+            console.print(Text(f"{k}:", style="bold"))
+            console.print(Text(f"  {v}"), soft_wrap=True)
 
 
 def finish(result: StageResult, as_json: bool) -> None:

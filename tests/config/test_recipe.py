@@ -140,7 +140,7 @@ BAD = [
     ("negative groups", 2, ["stages=[{epoch: 0, groups: -1}]"], None, "stages.0.groups", "0 = head only"),
     ("groups word", 2, ["stages=[{epoch: 0, groups: some}]"], None, "stages.0.groups", "groups: all"),
     ("stage key typo", 2, ["stages=[{epoch: 0, group: 1}]"], None, "stages.0.group", "epoch, groups, plateau"),
-    ("bn stats, no weights", 3, ["weights=none"], None, "<top level>", "--set freeze_bn_stats=false"),
+    ("bn stats, no weights", 3, ["weights=none"], None, "freeze_bn_stats' (with 'weights')", "--set freeze_bn_stats="),
     ("alpha negative", 2, ["focal.alpha=[1, -1]"], None, "focal.alpha", "[1.0, 3.0], or auto"),
     ("alpha infinite", 2, ["focal.alpha=[1, .inf]"], None, "focal.alpha", ">= 0 and finite"),
     ("alpha word", 2, ["focal.alpha=balanced"], None, "focal.alpha", "auto, null, or one weight"),
