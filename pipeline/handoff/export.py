@@ -9,6 +9,9 @@ Contents::
     preprocessing.json    how to preprocess and rebuild the model, temperature, threshold (medxfer.handoff.bundle)
     evaluation.json       metrics with CIs, calibration, threshold
     model_card.md / .json model card (medxfer.evaluation.modelcard)
+    report.html           one self-contained page: metrics with CIs, curves, calibration, transfer gain, card
+                          summary (medxfer.evaluation.report); its curves come from the run in MLflow when the
+                          store has it, else the page says what is missing
     README.md             how to load it and predict
     SHA256SUMS            sha256 of every other file, `sha256sum -c SHA256SUMS` format
 
@@ -39,6 +42,7 @@ from medxfer.handoff import bundle as B
 ONNX_ATOL, ONNX_RTOL = 1e-4, 1e-3
 OPSET = 17
 SUMS = "SHA256SUMS"
+REPORT = "report.html"
 BUNDLE_FILES = (B.WEIGHTS, B.PREPROCESSING, B.EVALUATION, B.CARD_MD, B.CARD_JSON)
 
 
@@ -220,6 +224,42 @@ def verify_sums(folder: Path) -> list[str]:
     return bad
 
 
+def _run_figures(run_id: str | None, workspace: Path, dst: Path) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """The run's history and evaluate's PNGs (ROC, PR, reliability need per-study outputs the bundle lacks),
+    from the workspace's store; nothing when there is no store or no such run (e.g. a copied bundle folder)."""
+    from medxfer.core.workspace import Workspace
+
+    uri = Workspace.for_spec(workspace, "_").tracking_uri
+    if not run_id or (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()):
+        return [], {}  # opening a missing sqlite store would create one in the user's workspace
+    from medxfer import tracking
+    from medxfer.evaluation.report import run_history
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        history = run_history(uri, run_id)
+        got = tracking.download_run_artifact(uri, run_id, "evaluation", dst)
+    except Exception as exc:  # the report is a convenience: an unreachable store must not stop the hand-off
+        from medxfer.core import ui
+
+        ui.warn(f"report.html without curves: the run's MLflow store could not be read ({type(exc).__name__})")
+        return [], {}
+    figures = {p.stem: p for p in sorted(got.glob("*.png"))} if got is not None and got.is_dir() else {}
+    return history, figures
+
+
+def write_report(folder: Path, run_id: str | None, workspace: Path, tmp: Path) -> Path:
+    """report.html from the folder's evaluation.json and model_card.json (the card of this very hand-off)."""
+    import json
+
+    from medxfer.evaluation import report
+
+    ev = json.loads((folder / B.EVALUATION).read_text())
+    card = json.loads((folder / B.CARD_JSON).read_text()) if (folder / B.CARD_JSON).is_file() else None
+    history, figures = _run_figures(run_id or ev.get("run_id"), workspace, tmp)
+    return report.write_report(ev, history, card, folder / REPORT, figures)
+
+
 def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | None], folder: str) -> str:
     classes = cfg["classes"]
     example = "study_folder/" if cfg["spec"]["source"]["kind"] == "dicom" else "scan.nii.gz"
@@ -277,6 +317,12 @@ prob = np.exp(z - z.max(1, keepdims=True)); prob /= prob.sum(1, keepdims=True)
 ```
 
 Verified: {program.get("check_text")}.
+
+## The evaluation at a glance
+
+`report.html` (open it in any browser; nothing is fetched from the network): test metrics with 95% CIs, learning
+curves, ROC and precision-recall curves, calibration, the confusion matrix at the threshold, the transfer gain
+against a control, data counts and the model card's intended use and limitations.
 """
 
 
@@ -284,7 +330,7 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
     import torch
 
     out = Path(out)
-    ours = {*BUNDLE_FILES, "model.onnx", "model.torchscript.pt", "README.md", SUMS}
+    ours = {*BUNDLE_FILES, "model.onnx", "model.torchscript.pt", "README.md", REPORT, SUMS}
     if out.exists() and ({p.name for p in out.iterdir()} - ours or not out.is_dir()):
         # Only ever replace an earlier export: never delete files we did not write.
         raise MedxferError(f"--out {out} exists and holds other files; choose an empty or new folder")
@@ -320,6 +366,7 @@ def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:
             f"{ONNX_ATOL:g} + rtol {ONNX_RTOL:g}) on {verified_on}",
         )
         (staging / "README.md").write_text(_readme(predictor.config, program, meta, out.name))
+        write_report(staging, meta.get("run_id"), Path(workspace), Path(tmp) / "report-inputs")
         files = write_sums(staging)
         if out.exists():
             shutil.rmtree(out)

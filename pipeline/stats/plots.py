@@ -1,5 +1,6 @@
 """Every figure medxfer draws, as PNG files: ROC, precision-recall, reliability diagram, confusion matrix
-(evaluate), learning curves (train, through tracking) and Grad-CAM overlays (predict).
+(evaluate), learning curves (train, through tracking; the report), the transfer gain (the report) and
+Grad-CAM overlays (predict).
 
 The only module importing matplotlib; it forces the Agg backend so plotting works headless
 (CI, servers) and never opens a window. Callers import it inside functions, so a stage that
@@ -8,6 +9,7 @@ draws nothing never loads matplotlib.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from medxfer.stats import metrics as M  # noqa: E402
 
@@ -110,30 +113,107 @@ def confusion_plot(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     return _save(fig, path)
 
 
+def stage_boundaries(history: Sequence[dict[str, Any]], transitions: Sequence[dict[str, Any]] = ()) -> list[int]:
+    """0-based epochs at which a new unfreezing stage began: from the history's ``stage`` column (so history.json
+    alone is enough) and the unfreezer's transitions (a plateau trigger is recorded there first)."""
+    out = {int(t["epoch"]) for t in transitions if t.get("epoch") is not None}
+    prev = None
+    for h in history:
+        stage = h.get("stage")
+        if stage is not None and prev is not None and stage != prev:
+            out.add(int(h["epoch"]))
+        prev = stage if stage is not None else prev
+    first = int(history[0]["epoch"]) if history else 0
+    return sorted(e for e in out if e > first)  # a stage starting at the first plotted epoch is no boundary
+
+
+def best_epoch(history: Sequence[dict[str, Any]], select_metric: str) -> int | None:
+    """The epoch training kept (0-based): training's own rule, the first maximum of the select metric
+    (``-val_loss`` for loss), NaN worst."""
+    best, at = -math.inf, None
+    for h in history:
+        v = h.get("val_loss" if select_metric == "loss" else f"val_{select_metric}")
+        if v is None:
+            continue
+        v = -float(v) if select_metric == "loss" else float(v)
+        v = v if math.isfinite(v) else -math.inf
+        if at is None or v > best:
+            best, at = v, int(h["epoch"])
+    return at
+
+
 def plot_learning_curves(
-    history: list[dict[str, float]], transitions: list[dict[str, Any]], path: Path, select_metric: str
+    history: list[dict[str, float]],
+    transitions: list[dict[str, Any]],
+    path: Path,
+    select_metric: str,
+    best: int | None = None,
 ) -> Path:
-    """Loss and validation metrics per epoch, with stage changes marked."""
+    """Loss and validation metrics per epoch (1-based on the axis); unfreezing-stage boundaries dashed, the
+    kept (best) epoch starred. `best`: 0-based epoch; None recomputes it from the history with training's rule."""
     epochs = [int(h["epoch"]) + 1 for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+
+    def series(key: str) -> list[float]:
+        return [float(h[key]) if h.get(key) is not None else math.nan for h in history]
+
+    ax1.plot(epochs, series("train_loss"), "o-", label="train")
+    ax1.plot(epochs, series("val_loss"), "o-", label="val")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
-    ax1.legend()
-    ax2.plot(epochs, [h["val_auroc"] for h in history], "o-", label="val AUROC")
-    ax2.plot(epochs, [h["val_balanced_accuracy"] for h in history], "o-", label="val balanced acc.")
+    for key, label in (("val_auroc", "val AUROC"), ("val_balanced_accuracy", "val balanced acc.")):
+        if any(key in h for h in history):
+            ax2.plot(epochs, series(key), "o-", label=label)
     ax2.set_xlabel("epoch")
-    ax2.set_ylim(0, 1)
-    ax2.legend(loc="lower right")
+    ax2.set_ylim(0, 1.02)
     for ax in (ax1, ax2):
-        for t in transitions:
-            ax.axvline(int(t["epoch"]) + 0.5, color="grey", ls="--", lw=0.8)
-    ax2.set_title(f"selection: {select_metric}; dashed: unfreezing stages", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    bounds = stage_boundaries(history, transitions)
+    for ax in (ax1, ax2):
+        for i, e in enumerate(bounds):
+            # A new stage starts at 0-based epoch e, drawn at e + 1: the boundary sits halfway before it.
+            ax.axvline(e + 0.5, color="grey", ls="--", lw=1.0, label="unfreezing stage" if i == 0 else None)
+    best = best_epoch(history, select_metric) if best is None else int(best)
+    if best is not None and best in [int(h["epoch"]) for h in history]:
+        row = next(h for h in history if int(h["epoch"]) == best)
+        key = "val_loss" if select_metric == "loss" else f"val_{select_metric}"
+        ax = ax1 if select_metric == "loss" else ax2
+        if row.get(key) is not None:
+            ax.plot(
+                [best + 1], [float(row[key])], "*", color="crimson", ms=14, zorder=5, label=f"best (epoch {best + 1})"
+            )
+        for a in (ax1, ax2):
+            a.axvline(best + 1, color="crimson", ls=":", lw=0.8)
+    ax1.legend(fontsize=8)
+    ax2.legend(loc="lower right", fontsize=8)
+    note = "; dashed: unfreezing stages" if bounds else "; one unfreezing stage"
+    ax2.set_title(f"selection: {select_metric}{note}; star: kept epoch", fontsize=9)
+    return _save(fig, path)
+
+
+def transfer_plot(transfer: dict[str, Any], path: Path, title: str = "Transfer gain (test)") -> Path:
+    """Main vs control AUROC on the same test studies, and their paired gain with its 95% CI (zero line)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 2.6), gridspec_kw={"width_ratios": [1, 1.3]})
+    kind = str(transfer.get("control_kind") or "control")
+    vals = [transfer.get("main"), transfer.get("control")]
+    ax1.barh([1, 0], [v if v is not None else 0 for v in vals], color=["tab:blue", "tab:grey"])
+    ax1.set_yticks([1, 0], labels=["pretrained", kind])
+    ax1.set(xlim=(0, 1), xlabel=str(transfer.get("metric") or "auroc").upper())
+    for y, v in zip([1, 0], vals, strict=True):
+        if v is not None:
+            ax1.text(min(v, 0.85) + 0.02, y, f"{v:.3f}", va="center", fontsize=8)
+    g = transfer.get("gain") or {}
+    v, lo, hi = g.get("value"), g.get("ci_low"), g.get("ci_high")
+    if v is not None:
+        err = [[v - lo], [hi - v]] if lo is not None and hi is not None else None
+        colour = "crimson" if transfer.get("negative_transfer") else "tab:green"
+        ax2.errorbar([v], [0], xerr=err, fmt="o", color=colour, capsize=6, ms=8)
+    ax2.axvline(0, color="grey", ls="--", lw=0.8)
+    span = max(abs(x) for x in (v, lo, hi, 0.05) if x is not None) * 1.3
+    ax2.set(xlim=(-span, span), yticks=[], xlabel="gain (pretrained - control), 95% CI")
+    ax2.set_title(str(transfer.get("verdict") or ""), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
 
 
 def overlay_plot(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> Path:

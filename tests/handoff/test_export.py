@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html.parser
 import json
 from pathlib import Path
 
@@ -9,8 +11,41 @@ import numpy as np
 import pytest
 import torch
 from evalfixtures import PHI
+from medxfer.evaluation import report as R
 from medxfer.handoff import export as E
 from test_bundle import make_bundle
+
+
+class _Page(html.parser.HTMLParser):
+    """Section ids, <img> sources and text of the report (tests/evaluation/test_report.py checks it in full)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.srcs: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.ids += [str(a["id"])] if a.get("id") else []
+        self.srcs += [str(a.get("src"))] if tag == "img" else []
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def check_self_contained(page: _Page) -> list[bytes]:
+    prefix = "data:image/png;base64,"
+    assert all(s.startswith(prefix) for s in page.srcs)
+    pngs = [base64.b64decode(s.removeprefix(prefix), validate=True) for s in page.srcs]
+    assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    return pngs
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +67,7 @@ def test_handoff_folder_contents(exported) -> None:
         "model_card.md",
         "model_card.json",
         "README.md",
+        "report.html",
         "SHA256SUMS",
     }
     assert res.program["format"] == "onnx" and res.program["max_abs_diff"] < E.ONNX_ATOL
@@ -39,6 +75,20 @@ def test_handoff_folder_contents(exported) -> None:
     readme = (out / "README.md").read_text()
     assert "Predictor.from_dir" in readme and "sha256sum -c SHA256SUMS" in readme
     assert json.dumps(res.summary())
+
+
+def test_report_is_in_the_handoff_and_its_sums(exported) -> None:
+    """From a bundle folder alone (no store): the page renders, says what it lacks, and SHA256SUMS lists it."""
+    out, res, _ = exported
+    assert "report.html" in res.files and "report.html" in (out / E.SUMS).read_text()
+    page = parse(out / "report.html")
+    assert page.ids == list(R.SECTIONS)
+    assert len(check_self_contained(page)) >= 1  # confusion matrix from evaluation.json
+    text = " ".join(page.text)
+    assert "not available" in text and "Limitations" in text
+    assert "report.html" in (out / "README.md").read_text()
+    for phi in PHI:
+        assert phi not in (out / "report.html").read_text()
 
 
 def test_onnx_matches_eager_in_onnxruntime(exported) -> None:
@@ -59,7 +109,7 @@ def test_sha256sums_verify_and_catch_tampering(exported, tmp_path: Path) -> None
     out, res, _ = exported
     assert E.verify_sums(out) == []
     lines = (out / "SHA256SUMS").read_text().splitlines()
-    assert len(lines) == 7 and all(len(line.split("  ")[0]) == 64 for line in lines)
+    assert len(lines) == 8 and all(len(line.split("  ")[0]) == 64 for line in lines)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "model_card.md").write_text("edited")
@@ -158,6 +208,8 @@ def test_export_of_a_trained_run_verifies_on_a_real_study(evaluated_run, tmp_pat
     assert card["transfer"]["control_kind"] == "scratch"
     assert card["split"]["counts"]["test"] == {"neg": 4, "pos": 4}
     assert scan_for_phi(tmp_path / "handoff", evaluated_run.dataset.phi) == []
+    # The report carries every figure: the curves come from the run's store, not the bundle.
+    assert len(check_self_contained(parse(tmp_path / "handoff" / "report.html"))) == len(R.FIGURES)
     # The hand-off predicts on DICOM studies without MLflow, with the evaluated temperature and threshold.
     from medxfer.handoff.bundle import Predictor
 

@@ -35,20 +35,78 @@ def test_plots_are_valid_pngs(tmp_path: Path, k: int) -> None:
         assert _is_png(path), path.name
 
 
-def test_learning_curve_plot(tmp_path) -> None:
-    hist = [
+def _history(stages: list[int], aurocs: list[float]) -> list[dict]:
+    return [
         {
             "epoch": e,
             "train_loss": 1 / (e + 1),
             "val_loss": 1.1 / (e + 1),
-            "val_auroc": 0.5 + e / 10,
+            "val_auroc": a,
             "val_balanced_accuracy": 0.5,
+            "stage": s,
         }
-        for e in range(3)
+        for e, (s, a) in enumerate(zip(stages, aurocs, strict=True))
     ]
+
+
+def test_learning_curve_plot(tmp_path) -> None:
+    hist = _history([0, 1, 1], [0.5, 0.6, 0.7])
     out = plots.plot_learning_curves(hist, [{"epoch": 1}], tmp_path / "curve.png", "auroc")
-    assert out.stat().st_size > 1000
     assert _is_png(out)
+
+
+def test_learning_curve_marks_stages_and_the_kept_epoch(tmp_path) -> None:
+    """The title promises dashed stage boundaries: they come from the history's stage column alone."""
+    hist = _history([0, 0, 1, 1, 2], [0.6, 0.9, 0.8, float("nan"), 0.9])
+    assert plots.stage_boundaries(hist) == [2, 4]
+    assert plots.stage_boundaries(hist, [{"epoch": 3}]) == [2, 3, 4]  # transitions count too
+    assert plots.stage_boundaries(_history([0, 0], [0.5, 0.6])) == []
+    # Training's rule: first maximum (a later tie does not replace it), NaN worst; loss: lowest.
+    assert plots.best_epoch(hist, "auroc") == 1
+    assert plots.best_epoch(hist, "loss") == 4
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    orig = plots._save
+
+    def keep(fig, path):
+        captured["fig"] = fig
+        lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+        captured["dashed_x"] = sorted({ln.get_xdata()[0] for ln in lines if ln.get_linestyle() == "--"})
+        captured["stars"] = [ln.get_xdata()[0] for ln in lines if ln.get_marker() == "*"]
+        captured["title"] = fig.axes[1].get_title()
+        return orig(fig, path)
+
+    plots._save = keep
+    try:
+        out = plots.plot_learning_curves(hist, [], tmp_path / "curve.png", "auroc")
+    finally:
+        plots._save = orig
+    assert _is_png(out)
+    assert captured["dashed_x"] == [2.5, 4.5]  # new stage at 0-based epoch 2 is drawn at 3: boundary before it
+    assert captured["stars"] == [2]  # the kept epoch (0-based 1), 1-based on the axis
+    assert "dashed: unfreezing stages" in captured["title"]
+    plt.close("all")
+    # One stage: no dashed line is promised.
+    plots._save = keep
+    try:
+        plots.plot_learning_curves(_history([0, 0], [0.5, 0.6]), [], tmp_path / "one.png", "auroc", best=0)
+    finally:
+        plots._save = orig
+    assert "dashed" not in captured["title"] and captured["stars"] == [1]
+
+
+def test_transfer_plot(tmp_path: Path) -> None:
+    tr = {
+        "control_kind": "scratch",
+        "metric": "auroc",
+        "main": 0.9,
+        "control": 0.7,
+        "gain": {"value": 0.2, "ci_low": -0.05, "ci_high": 0.4},
+        "negative_transfer": True,
+        "verdict": "not shown better",
+    }
+    assert _is_png(plots.transfer_plot(tr, tmp_path / "t.png"))
 
 
 def test_saliency_overlay_png(tmp_path: Path) -> None:
