@@ -64,12 +64,47 @@ app = typer.Typer(
 Workspace = Annotated[Path, typer.Option("--workspace", "-w", help="Folder for all stage outputs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 SpecArg = Annotated[Path, typer.Argument(help="Data spec YAML (see data_specs/template.yaml).")]
+# Keys are dotted paths into the recipe (`optim.lr`, not `lr`); an unknown key's error names the closest one.
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a recipe key, as dotted.key=value; repeatable, e.g. `--set optim.lr=3e-4 --set epochs=8`.",
+    ),
+]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+Control = Annotated[str | None, typer.Option(help="Also train a control arm: scratch or probe.")]
+
+
+def _version_line() -> str:
+    """medxfer's version and the two that decide whether a bundle loads elsewhere, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"medxfer {v('medxfer')} (torch {v('torch')}, mlflow {v('mlflow')})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_version_line())
+        raise typer.Exit()
 
 
 @app.callback()
 def _options(
     debug: Annotated[
         bool, typer.Option("--debug", envvar=DEBUG_ENV, help="On an error, also print the full traceback.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the medxfer, torch and mlflow versions."
+        ),
     ] = False,
 ) -> None:
     """Options for every command; errors are handled by `_Commands`."""
@@ -140,7 +175,7 @@ def list_models(json: Json = False) -> None:
 @app.command(
     epilog=(
         "Examples: `medxfer train data_specs/breastmnist_demo.yaml`; "
-        "`medxfer train SPEC --set epochs=4 --set lr=3e-4`; `medxfer train SPEC --resume`; "
+        "`medxfer train SPEC --set epochs=4 --set optim.lr=3e-4`; `medxfer train SPEC --resume`; "
         "`medxfer train SPEC --control scratch`"
     )
 )
@@ -148,11 +183,11 @@ def train(
     spec: SpecArg,
     workspace: Workspace = DEFAULT_WORKSPACE,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; default: the packaged 2D/3D recipe.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
+    set_: SetOpt = None,
     weights: Annotated[Path | None, typer.Option(help="Local pretrained weights file for the encoder.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the last unfinished run of this spec.")] = False,
-    control: Annotated[str | None, typer.Option(help="Also train a control arm: scratch or probe.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    control: Control = None,
+    device: Device = None,
     fold: Annotated[int | None, typer.Option(help="Validation fold when the spec splits into k folds.")] = None,
     json: Json = False,
 ) -> None:
@@ -253,13 +288,25 @@ def export(
     _run(lambda: run_export(model_uri, out, workspace=workspace), json)
 
 
-@app.command("run", epilog="Example: `medxfer run data_specs/breastmnist_demo.yaml --json`")
+@app.command(
+    "run",
+    epilog=(
+        "Examples: `medxfer run data_specs/breastmnist_demo.yaml --json`; "
+        "`medxfer run SPEC --set epochs=4 --set optim.lr=3e-4 --device cpu`; `medxfer run SPEC --resume`"
+    ),
+)
 def run_all(
     spec: SpecArg,
     workspace: Workspace = DEFAULT_WORKSPACE,
     recipe: Annotated[Path | None, typer.Option(help="Recipe YAML; default: the packaged recipe.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
+    set_: SetOpt = None,
     name: Annotated[str | None, typer.Option(help="Registered model name (default: the spec name).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue this spec's unfinished training run (no new ingest or split), then evaluate it."),
+    ] = False,
+    control: Control = None,
+    device: Device = None,
     json: Json = False,
 ) -> None:
     """ingest -> split -> train -> evaluate -> register, in one command."""
@@ -268,10 +315,57 @@ def run_all(
     from medxfer.runall import run_all as run_pipeline
 
     result = _run(
-        lambda: run_pipeline(load_spec(spec), workspace, recipe=recipe, overrides=set_ or [], name=name), json
+        lambda: run_pipeline(
+            load_spec(spec),
+            workspace,
+            recipe=recipe,
+            overrides=set_ or [],
+            name=name,
+            device=device,
+            resume=resume,
+            control=control,
+        ),
+        json,
     )
     # Last, on one unwrapped line, so it can be copied as is (the table wraps long paths).
     ui.console.print(f"Review the run and the registered model: {result.ui_command}", soft_wrap=True, markup=False)
+
+
+@app.command("ui", epilog="Example: `medxfer ui --workspace medxfer-work` then open http://127.0.0.1:5000")
+def mlflow_ui(
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface; 0.0.0.0 exposes the runs to the network.")] = "127.0.0.1",
+) -> None:
+    """Browse the workspace's runs and models in the MLflow UI (its store, or MLFLOW_TRACKING_URI); Ctrl-C stops."""
+    import socket
+    import subprocess
+
+    from medxfer.core import ui
+    from medxfer.core.workspace import Workspace as Ws
+    from medxfer.tracking.tracker import ui_server_argv
+
+    uri = Ws.for_spec(workspace, "_").tracking_uri
+    if uri.startswith(("http://", "https://")):
+        raise MedxferError(f"the store is already a server: open {uri} in a browser (MLFLOW_TRACKING_URI is set)")
+    db = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and not db.is_file():
+        raise MedxferError(f"no MLflow store at {db}; run a stage first, or pass the --workspace it used")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise MedxferError(f"{host}:{port} is in use or not available; pick another with --port") from None
+    # One unwrapped line: the URL must stay clickable and copyable.
+    ui.console.print(
+        f"MLflow UI for {uri} at http://{host}:{port} (starts in ~20 s; Ctrl-C stops it)", soft_wrap=True, markup=False
+    )
+    try:
+        code = subprocess.call(ui_server_argv(uri, host, port))
+    except KeyboardInterrupt:
+        code = 0
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m medxfer`

@@ -8,7 +8,6 @@ user came for and the exact ``mlflow ui`` command to look at them.
 
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,6 @@ from medxfer.core.workspace import Workspace
 
 # The metrics section 8 of the results contract promises, in display order.
 TEST_METRICS = ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "ece", "brier")
-
-
-def mlflow_ui_command(tracking_uri: str) -> str:
-    """The command that opens this store in the MLflow UI (a server URI is already browsable)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
 def _fmt_metric(m: dict[str, Any] | None) -> str:
@@ -51,7 +43,9 @@ class RunAllResult:
 
     @property
     def ui_command(self) -> str:
-        return mlflow_ui_command(self.tracking_uri)
+        from medxfer import tracking
+
+        return tracking.ui_command(self.tracking_uri)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -105,7 +99,14 @@ def run_all(
     recipe: Path | None = None,
     overrides: list[str] | None = None,
     name: str | None = None,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    control: str | None = None,
 ) -> RunAllResult:
+    """Each stage in turn. ``device`` goes to train and evaluate, ``control`` to train, as their commands take them.
+    ``resume`` continues the spec's unfinished training run (on the manifest and split it started from: ingest and
+    split are skipped when both exist), then evaluates and registers it as usual."""
     # Imported here so `medxfer --help` and this module's import stay light.
     from medxfer.config.recipe import load_recipe
     from medxfer.evaluation.evaluate import evaluate
@@ -120,20 +121,35 @@ def run_all(
     seconds: dict[str, float] = {}
     stages: dict[str, dict[str, Any]] = {}
 
-    stages["ingest"] = _stage("ingest", lambda: ingest(spec, workspace), seconds).summary()
-    stages["split"] = _stage("split", lambda: split(spec, workspace), seconds).summary()
+    ws = Workspace.for_spec(workspace, spec.name)
+    # A resumed run refuses a changed manifest or split, and re-ingesting would only spend minutes to rewrite them.
+    reuse = resume and ws.manifest.is_file() and ws.splits.is_file()
+    if reuse:
+        ui.info(f"--resume: reusing {ui.short_path(str(ws.manifest))} and {ui.short_path(str(ws.splits))}")
+        stages["ingest"] = {"skipped": "resume", "manifest": str(ws.manifest)}
+        stages["split"] = {"skipped": "resume", "splits": str(ws.splits)}
+    else:
+        stages["ingest"] = _stage("ingest", lambda: ingest(spec, workspace), seconds).summary()
+        stages["split"] = _stage("split", lambda: split(spec, workspace), seconds).summary()
     trained = _stage(
         "train",
         lambda: train(
-            spec, workspace, recipe=recipe, overrides=overrides, weights=None, resume=False, control=None, device=None
+            spec,
+            workspace,
+            recipe=recipe,
+            overrides=overrides,
+            weights=None,
+            resume=resume,
+            control=control,
+            device=device,
         ),
         seconds,
     )
     stages["train"] = trained.summary()
     run_id = stages["train"]["run_id"]
-    evaluated = _stage(
-        "evaluate", lambda: evaluate(run_id, workspace, n_bootstrap=resolved.evaluation.bootstrap), seconds
-    )
+    # A resumed run keeps its own recipe (train ignores --recipe/--set then): evaluate reads it from the run.
+    n_bootstrap = None if resume else resolved.evaluation.bootstrap
+    evaluated = _stage("evaluate", lambda: evaluate(run_id, workspace, n_bootstrap=n_bootstrap, device=device), seconds)
     stages["evaluate"] = evaluated.summary()
     model_name = name or spec.name
     registered = _stage("register", lambda: register(run_id, model_name, workspace), seconds)
@@ -146,7 +162,7 @@ def run_all(
         model_version=str(stages["register"]["model_version"]),
         test=_test_metrics(stages["evaluate"]),
         threshold=stages["evaluate"].get("threshold"),
-        tracking_uri=Workspace.for_spec(workspace, spec.name).tracking_uri,
+        tracking_uri=ws.tracking_uri,
         stages=stages,
         seconds=seconds,
     )

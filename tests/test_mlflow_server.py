@@ -122,19 +122,38 @@ def test_run_metrics_and_artifacts_are_served(mlflow_server, server_run) -> None
     run = _get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
     metrics = {m["key"] for m in run["data"]["metrics"]}
+    # Grouped by prefix (the UI draws one section each), test CIs as tags rather than one-point charts.
     assert {
-        "train_loss",
-        "val_loss",
-        "val_auroc",
-        "test_auroc",
-        "test_auroc_ci_low",
-        "test_auroc_ci_high",
-        "test_ece",
-        "threshold",
-        "temperature",
+        "train/loss",
+        "val/loss",
+        "val/auroc",
+        "lr/head",
+        "time/epoch_s",
+        "best/epoch",
+        "test/auroc",
+        "test/ece",
+        "eval/threshold",
+        "eval/temperature",
     } <= metrics
-    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss")
-    assert len(history["metrics"]) == 1  # one epoch
+    assert not [k for k in metrics if "ci_" in k or ("/" not in k and not k.startswith("system"))], metrics
+    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val/loss")
+    assert [m["step"] for m in history["metrics"]] == [1]  # one epoch, counted from 1 as the console counts it
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert float(tags["test/auroc_ci_low"]) <= float(tags["test/auroc_ci_high"])
+    # The run overview: Source, Created by, description (written by train, completed by evaluate).
+    assert tags["mlflow.source.name"] == "medxfer train" and tags["mlflow.source.type"] == "LOCAL"
+    assert "mlflow.user" in tags and "mlflow.source.git.commit" in tags
+    note = tags["mlflow.note.content"]
+    assert "efficientnet_lite0" in note and "studies: " in note and "**Evaluation**" in note and "auroc" in note
+    # The datasets panel: the spec's name, digested, studies per split and class, no paths.
+    (inp,) = run["inputs"]["dataset_inputs"]
+    assert inp["dataset"]["name"] == server_run["dataset"].spec.name and inp["dataset"]["digest"]
+    assert "/" not in inp["dataset"]["source"].replace("mlflow.source.name", "")
+    # A model-training experiment with the spec as its description (not the GenAI view).
+    exp = _get(url, "/api/2.0/mlflow/experiments/get", experiment_id=run["info"]["experiment_id"])["experiment"]
+    exp_tags = {t["key"]: t["value"] for t in exp["tags"]}
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert server_run["dataset"].spec.name in exp_tags["mlflow.note.content"]
 
     def listing(path: str) -> set[str]:
         files = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path=path).get("files", [])
@@ -170,12 +189,34 @@ def test_registered_version_alias_and_logged_model_are_served(mlflow_server, ser
         "weight_source",
     } <= set(tags)
     assert mv["description"].startswith("efficientnet_lite0")
+    # Rounded to 4 significant digits (0.7500, not 0.749999), the exact values are in evaluation.json.
+    assert all(
+        len(tags[k].lstrip("0.").replace(".", "")) <= 4 for k in ("test_auroc", "test_auroc_ci_low", "threshold")
+    )
+    # The registered model itself: what it is for, and a few readable tags.
+    assert "Intended use" in rm["description"] and "binary classifier" in rm["description"]
+    rm_tags = {t["key"]: t["value"] for t in rm.get("tags", [])}
+    assert rm_tags["task"] == "binary" and rm_tags["classes"] == "neg,pos" and rm_tags["dims"] == "2D"
     by_alias = _get(url, "/api/2.0/mlflow/registered-models/alias", name="server-us", alias="candidate")
     assert by_alias["model_version"]["version"] == s["model_version"]
     # The version's source is an MLflow 3 logged model linked to the training run.
     model_id = mv["source"].removeprefix("models:/")
     lm = _get(url, f"/api/2.0/mlflow/logged-models/{model_id}")["model"]
     assert lm["info"]["status"] == "LOGGED_MODEL_READY" and lm["info"]["source_run_id"] == s["run_id"]
+    # ... which knows its registered version and carries the run's test metrics (the LoggedModel page agrees).
+    lm_tags = {t["key"]: t["value"] for t in lm["info"]["tags"]}
+    listed = [(v["name"], str(v["version"])) for v in json.loads(lm_tags["mlflow.modelVersions"])]
+    assert listed == [("server-us", s["model_version"])]
+    assert lm_tags["mlflow.source.name"] == "medxfer register"
+    lm_metrics = {m["key"]: m["value"] for m in lm["data"]["metrics"]}
+    run_metrics = {
+        m["key"]: m["value"]
+        for m in _get(url, "/api/2.0/mlflow/runs/get", run_id=s["run_id"])["run"]["data"]["metrics"]
+    }
+    assert lm_metrics["test/auroc"] == run_metrics["test/auroc"] and "eval/threshold" in lm_metrics
+    # Copying them did not add points to the run's curves.
+    one = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=s["run_id"], metric_key="test/auroc")
+    assert len(one["metrics"]) == 1
 
 
 def test_predict_downloads_the_model_over_http(

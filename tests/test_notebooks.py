@@ -49,7 +49,7 @@ def test_review_a_run(registered, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     nb = _execute("01-review-a-run.ipynb", tmp_path)
     assert _has_parameters_cell(nb)
     text = _outputs(nb)
-    assert "train_loss" in text and "ci_low" in text and "ECE" in text
+    assert "train/loss" in text and "ci_low" in text and "ECE" in text
     assert f"models:/{registered.model_name}/{registered.model_version}" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # curves, CI plot, reliability diagram, confusion matrix

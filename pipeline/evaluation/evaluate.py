@@ -17,10 +17,12 @@ What it does, in order:
    i.e. when the gain's point estimate <= 0 or its 95% CI lower bound <= 0.
 5. Logs everything to the **same** MLflow run as training (not a nested run): one place shows the
    learning curves and the final test numbers, and registration reads metrics from that run.
-   Metrics ``test_<m>``, ``test_<m>_ci_low``, ``test_<m>_ci_high``, ``eval_val_<m>`` (not ``val_<m>``:
-   training logs those per epoch), ``threshold``, ``temperature``, ``calibration_{val,test}_*``,
-   ``transfer_gain*``; tag ``medxfer.evaluated=true``; artifacts under ``evaluation/``
-   (``evaluation.json``, ``predictions.csv`` keyed by pseudonyms only, and the PNG plots).
+   Metrics ``test/<m>``, ``eval/threshold``, ``eval/temperature``, ``transfer/*`` (:func:`metrics_for_mlflow`);
+   the 95% CIs as tags ``test/<m>_ci_low``/``_ci_high``; validation and calibration values in the table
+   ``evaluation/summary_table.json``; the run description gains the headline test metrics; tag
+   ``medxfer.evaluated=true``; artifacts under ``evaluation/``
+   (``evaluation.json``, ``predictions.csv`` keyed by pseudonyms only, the PNG plots, and ``report.html``:
+   one self-contained page for a reader without MLflow, :mod:`medxfer.evaluation.report`).
    Re-evaluating overwrites these values (MLflow keeps the metric history).
 6. Writes ``<workspace>/<spec>/runs/<run_id>/evaluation.json`` (+ plots, predictions) locally.
 
@@ -46,7 +48,6 @@ What it does, in order:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,35 +341,83 @@ def predictions_table(
 
 
 def metrics_for_mlflow(ev: dict[str, Any]) -> dict[str, float]:
-    """Flat metric names logged to the training run."""
+    """The evaluation's metrics in the training run, grouped by prefix: ``test/<m>``, ``eval/threshold``,
+    ``eval/temperature``, ``transfer/*``. One value each: CIs are tags; validation, calibration and per-class values
+    a table (:func:`summary_tags`, :func:`summary_table`), not one-point charts (issue 15: 63 of them)."""
     out: dict[str, float] = {}
-    # Validation metrics get an "eval_" prefix: training already logs val_auroc etc. per epoch, and a
-    # value at step 0 would land inside those learning curves.
-    for split, prefix in (("test", "test"), ("val", "eval_val")):
-        for k, m in (ev.get(split) or {}).items():
-            for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
-                if m.get(part) is not None:
-                    out[f"{prefix}_{k}{suffix}"] = float(m[part])
+    for k, m in (ev.get("test") or {}).items():
+        if m.get("value") is not None:
+            out[f"test/{k}"] = float(m["value"])
     if ev.get("threshold") is not None:
-        out["threshold"] = float(ev["threshold"])
-    out["temperature"] = float(ev["temperature"])
-    for split in ("val", "test"):
-        for k, v in (ev["calibration"].get(split) or {}).items():
-            if v is not None:
-                out[f"calibration_{split}_{k}"] = float(v)
+        out["eval/threshold"] = float(ev["threshold"])
+    out["eval/temperature"] = float(ev["temperature"])
     tr = ev.get("transfer")
     if tr:
-        for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
-            if tr["gain"].get(part) is not None:
-                out[f"transfer_gain{suffix}"] = float(tr["gain"][part])
-        out["control_test_auroc"] = float(tr["control"])
-        out["negative_transfer"] = float(tr["negative_transfer"])
-    for c, m in ((ev.get("per_class") or {}).get("test") or {}).items():
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", c)
-        for k in ("auroc", "sensitivity", "specificity"):
-            if m.get(k) is not None:
-                out[f"test_{safe}_{k}"] = float(m[k])
+        if tr["gain"].get("value") is not None:
+            out["transfer/gain"] = float(tr["gain"]["value"])
+        out["transfer/control_test_auroc"] = float(tr["control"])
+        out["transfer/negative_transfer"] = float(tr["negative_transfer"])
     return out
+
+
+def summary_tags(ev: dict[str, Any]) -> dict[str, str]:
+    """95% CI bounds as run tags next to their metric (``test/auroc_ci_low``): the run overview lists them."""
+    out: dict[str, str] = {}
+    blocks = {f"test/{k}": m for k, m in (ev.get("test") or {}).items()}
+    if ev.get("transfer"):
+        blocks["transfer/gain"] = ev["transfer"]["gain"]
+    for name, m in blocks.items():
+        for part in ("ci_low", "ci_high"):
+            if m.get(part) is not None:
+                out[f"{name}_{part}"] = f"{float(m[part]):.6g}"
+    return out
+
+
+def summary_table(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (split, metric): value and CI; the calibration's before/after values as rows too."""
+    rows: list[dict[str, Any]] = []
+    for split in ("test", "val"):
+        for k, m in (ev.get(split) or {}).items():
+            cis = {"ci_low": m.get("ci_low"), "ci_high": m.get("ci_high")}
+            rows.append({"split": split, "metric": k, "value": m.get("value"), **cis})
+    for split in ("val", "test"):
+        for k, v in (ev["calibration"].get(split) or {}).items():
+            rows.append({"split": split, "metric": f"calibration_{k}", "value": v, "ci_low": None, "ci_high": None})
+        for c, m in ((ev.get("per_class") or {}).get(split) or {}).items():
+            for k in ("auroc", "sensitivity", "specificity"):
+                if m.get(k) is not None:
+                    rows.append({"split": split, "metric": f"{c}/{k}", "value": m[k], "ci_low": None, "ci_high": None})
+    return rows
+
+
+NOTE_EVALUATION = "\n\n**Evaluation** (`medxfer evaluate`)"
+
+
+def evaluation_note(ev: dict[str, Any], previous: str = "") -> str:
+    """The run's description with its evaluation paragraph (re)written: headline test metrics with 95% CIs."""
+
+    def fmt(k: str) -> str | None:
+        m = (ev.get("test") or {}).get(k) or {}
+        if m.get("value") is None:
+            return None
+        ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get("ci_low") is not None else ""
+        return f"{k} {m['value']:.3f}{ci}"
+
+    heads = [t for t in map(fmt, ("auroc", "auprc", "balanced_accuracy", "sensitivity", "specificity", "ece")) if t]
+    n = (ev.get("evaluated") or {}).get("test")
+    lines = [f"- test ({n} studies, patient-bootstrap 95% CI): " + "; ".join(heads)]
+    if ev.get("threshold") is not None:
+        policy = (ev.get("threshold_policy") or {}).get("policy", "")
+        lines.append(
+            f"- threshold {ev['threshold']:.4f} ({policy}, from validation), temperature {ev['temperature']:.3g}"
+        )
+    tr = ev.get("transfer")
+    if tr:
+        g = tr["gain"]
+        ci = f" [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" if g.get("ci_low") is not None else ""
+        lines.append(f"- transfer gain over {tr.get('control_kind')}: {g['value']:+.3f}{ci}; {tr.get('verdict', '')}")
+    base = previous.split(NOTE_EVALUATION)[0]
+    return base + NOTE_EVALUATION + "\n\n" + "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -685,9 +734,10 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     preds = predictions_table("test", test, computed.prob_test, spec.classes, computed.decision_test)
     preds = pd.concat([predictions_table("val", val, computed.prob_val, spec.classes), preds], ignore_index=True)
     preds.to_csv(out_dir / "predictions.csv", index=False)
-    ev["artifacts"] = sorted([p.name for p in plots] + ["predictions.csv", "evaluation.json"])
+    ev["artifacts"] = sorted([p.name for p in plots] + ["predictions.csv", "evaluation.json", "report.html"])
     path = dump_json(ev, run_dir / "evaluation.json")
     dump_json(ev, out_dir / "evaluation.json")
+    _write_report(uri, run, ckpt, json.loads(path.read_text()), out_dir, plots)
     logged = _log_to_run(uri, run, spec, ws, ev, out_dir, rows)
     return EvalResult(run_id, json.loads(path.read_text()), path, uri, logged)
 
@@ -701,10 +751,25 @@ def _log_to_run(
     guard = tracking.PHIGuard.for_training(spec, list(rows["files"]), pseudonym_map=ws.pseudonym_map)
     t = tracking.attach(uri, run["experiment"], run["run_id"], guard)
     t.log_epoch(0, metrics_for_mlflow(ev))
-    tags = {"medxfer.evaluated": "true"}
+    t.log_table(summary_table(ev), "evaluation/summary_table.json")
+    tags = {"medxfer.evaluated": "true", **summary_tags(ev)}
+    tags[tracking.TAG_NOTE] = evaluation_note(ev, run["tags"].get(tracking.TAG_NOTE, ""))
     if ev.get("transfer"):
         tags["medxfer.negative_transfer"] = str(bool(ev["transfer"]["negative_transfer"])).lower()
     t.set_tags(tags)
     for f in sorted(out_dir.iterdir()):
-        t.log_file(f, "evaluation", text=f.suffix in (".json", ".csv"))
+        t.log_file(f, "evaluation", text=f.suffix in (".json", ".csv", ".html"))  # report.html: guarded too
     return True
+
+
+def _write_report(
+    uri: str, run: dict[str, Any], ckpt: dict[str, Any], ev: dict[str, Any], out_dir: Path, plots: list[Path]
+) -> Path:
+    """``evaluation/report.html``: the page a reader without MLflow opens (medxfer.evaluation.report); logged
+    with the other files of out_dir, through the PHI guard."""
+    from medxfer.evaluation import modelcard, report
+
+    _, card = modelcard.build_model_card(modelcard.run_info_from_checkpoint(ckpt, run["tags"]), ev)
+    history = report.run_history(uri, run["run_id"], ckpt.get("history"))
+    figures = {p.stem: p for p in plots}  # roc, pr, reliability, confusion_matrix: drawn from the arrays above
+    return report.write_report(ev, history, card, out_dir / report.REPORT, figures)

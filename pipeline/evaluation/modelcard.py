@@ -62,7 +62,8 @@ def run_info_from_checkpoint(
         "dims": spec.get("dims"),
         "hashes": ckpt.get("hashes"),
         "git_commit": tags.get("medxfer.git_commit") or tags.get("mlflow.source.git.commit"),
-        "best_epoch": _int_or_none(ckpt.get("epoch")),
+        # Counted from 1 as the console, MLflow steps and plots count it (best.pt holds the loop's 0-based index).
+        "best_epoch": None if _int_or_none(ckpt.get("epoch")) is None else int(ckpt["epoch"]) + 1,
         "best_metric": ckpt.get("best_metric"),
     }
     info.update(extra or {})

@@ -25,6 +25,7 @@ at registration) against the version's test metrics, and refuses with the reason
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -165,8 +166,21 @@ def _guard(ra: RunArtifacts) -> tracking.PHIGuard:
 # --------------------------------------------------------------------------- register
 
 
-def _fmt(v: Any) -> str:
-    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+SIGNIFICANT = 4  # digits a version tag shows: 0.9350, not 0.934985 (the exact values are in evaluation.json)
+
+
+def _fmt(v: Any, toward: str = "nearest") -> str:
+    """A tag value; floats to 4 significant digits. CI bounds round outward (`toward` "down" for a lower bound,
+    "up" for an upper one), so the rounded interval still contains the exact one and a promotion floor compared
+    with a rounded lower bound (0.69996 -> 0.6999) never passes where the exact value fails."""
+    if v is None:
+        return ""
+    if not isinstance(v, float) or not math.isfinite(v) or v == 0:
+        return f"{v:.{SIGNIFICANT}g}" if isinstance(v, float) else str(v)
+    q = 10.0 ** (math.floor(math.log10(abs(v))) - SIGNIFICANT + 1)
+    scaled = round(v / q, 6)  # 1.0 / 0.001 is 1000.0000000000001: ceil must not make it 1.001
+    n = {"down": math.floor, "up": math.ceil}.get(toward, round)(scaled)
+    return f"{n * q:.{SIGNIFICANT}g}"
 
 
 def version_tags(ra: RunArtifacts, bundle_cfg: dict[str, Any]) -> dict[str, str]:
@@ -182,9 +196,13 @@ def version_tags(ra: RunArtifacts, bundle_cfg: dict[str, Any]) -> dict[str, str]
     }
     for m in METRIC_TAGS:
         block = (ev.get("test") or {}).get(m) or {}
-        for part, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+        for part, suffix, toward in (
+            ("value", "", "nearest"),
+            ("ci_low", "_ci_low", "down"),
+            ("ci_high", "_ci_high", "up"),
+        ):
             if block.get(part) is not None:
-                tags[f"test_{m}{suffix}"] = _fmt(float(block[part]))
+                tags[f"test_{m}{suffix}"] = _fmt(float(block[part]), toward)
     if ev.get("threshold") is not None:
         tags["threshold"] = _fmt(float(ev["threshold"]))
         tags["threshold_policy"] = str((ev.get("threshold_policy") or {}).get("policy", ""))
@@ -218,6 +236,62 @@ def _description(ra: RunArtifacts, cfg: dict[str, Any]) -> str:
     if cfg.get("threshold") is not None:
         text += f"; threshold {cfg['threshold']:.3f} on calibrated P({cfg['positive_class']})"
     return text + ". Input: DataFrame with a 'path' column (DICOM folder/file or NIfTI)."
+
+
+# The run's metrics the logged model carries, so its page shows what the registry's version tags say.
+LOGGED_MODEL_METRICS = ("test/", "eval/", "transfer/", "best/")
+
+
+def _modality(spec: dict[str, Any]) -> str:
+    src, series = spec.get("source") or {}, spec.get("series") or {}
+    return src.get("modality") or "/".join(series.get("modality") or []) or str(src.get("kind", "")).upper()
+
+
+def model_description(ra: RunArtifacts, bundle: Path) -> str:
+    """The registered model's description: task, classes, modality and intended use (the model card's, which
+    it takes from the spec); the same for every version, which has its own description with its numbers."""
+    from medxfer.handoff.bundle import CARD_JSON
+
+    spec = ra.ckpt.get("spec") or {}
+    card = json.loads((bundle / CARD_JSON).read_text()) if (bundle / CARD_JSON).is_file() else {}
+    use = card.get("intended_use") or {}
+    classes = ", ".join(spec.get("classes") or [])
+    positive = f" (positive: {spec['positive_class']})" if spec.get("positive_class") else ""
+    lines = [
+        f"{spec.get('task')} classifier of {spec.get('dims')}D {_modality(spec)} images into {classes}{positive}, "
+        f"trained on the '{ra.ws.name}' dataset by medxfer.",
+        "",
+        f"Intended use: {use.get('primary', 'research use only')}",
+    ]
+    if use.get("out_of_scope"):
+        lines.append(f"Not for: {use['out_of_scope'][0]}")
+    lines += [
+        "",
+        "Input: a DataFrame with a 'path' column (DICOM folder/file or NIfTI); see each version's model card.",
+    ]
+    return "\n".join(lines)
+
+
+def model_tags(ra: RunArtifacts, cfg: dict[str, Any]) -> dict[str, str]:
+    spec = ra.ckpt.get("spec") or {}
+    return {
+        "task": str(cfg["task"]),
+        "classes": ",".join(cfg["classes"]),
+        "modality": _modality(spec),
+        "dims": f"{spec.get('dims')}D",
+        "spec": ra.ws.name,
+        "framework": "medxfer (PyTorch), MLflow pyfunc",
+    }
+
+
+def logged_model_params(ra: RunArtifacts, cfg: dict[str, Any]) -> dict[str, str]:
+    wr = ra.ckpt.get("weight_report") or {}
+    return {
+        "encoder": str(cfg["model"]["encoder"]),
+        "weight_source": str(wr.get("source") or "unknown"),
+        "spec": ra.ws.name,
+        "classes": ",".join(cfg["classes"]),
+    }
 
 
 def signature_columns(classes: list[str]) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str, bool]]]:
@@ -339,6 +413,10 @@ def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
             tracking.set_model_version_tags(uri, name, version, tags, guard)
             tracking.set_model_version_description(
                 uri, name, version, guard.check("description", _description(ra, cfg))
+            )
+            tracking.describe_registered_model(uri, name, model_description(ra, bundle), model_tags(ra, cfg), guard)
+            tracking.link_logged_model(
+                uri, model_id, name, version, run_id, LOGGED_MODEL_METRICS, logged_model_params(ra, cfg), guard
             )
         except BaseException:
             tracking.abandon_model_version(uri, name, version, model_id)

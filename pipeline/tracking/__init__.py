@@ -10,8 +10,10 @@ mlflow is imported inside functions, never at import time: ``import medxfer.trac
 from medxfer.tracking.guard import PHIGuard, PHIRefused
 from medxfer.tracking.model_registry import (
     abandon_model_version,
+    describe_registered_model,
     download_registered_model,
     get_model_version,
+    link_logged_model,
     log_pyfunc,
     python_model_base,
     reserve_model_version,
@@ -22,10 +24,13 @@ from medxfer.tracking.model_registry import (
     set_model_version_tags,
 )
 from medxfer.tracking.tracker import (
+    EXPERIMENT_KIND,
     MAX_PARAMS_PER_CALL,
     PACKAGES,
     TAG_CONTROL,
     TAG_CONTROL_RUN,
+    TAG_EXPERIMENT_KIND,
+    TAG_NOTE,
     TAG_ROLE,
     TAG_SPEC,
     TAG_STATUS,
@@ -38,16 +43,21 @@ from medxfer.tracking.tracker import (
     find_unfinished_runs,
     get_run,
     git_commit,
+    medxfer_executable,
     package_versions,
     run_tags,
+    source_tags,
     ui_command,
 )
 
 __all__ = [
+    "EXPERIMENT_KIND",
     "MAX_PARAMS_PER_CALL",
     "PACKAGES",
     "TAG_CONTROL",
     "TAG_CONTROL_RUN",
+    "TAG_EXPERIMENT_KIND",
+    "TAG_NOTE",
     "TAG_ROLE",
     "TAG_SPEC",
     "TAG_STATUS",
@@ -57,6 +67,7 @@ __all__ = [
     "abandon_model_version",
     "attach",
     "default_artifact_root",
+    "describe_registered_model",
     "download_registered_model",
     "download_run_artifact",
     "experiment_id",
@@ -65,6 +76,7 @@ __all__ = [
     "get_model_version",
     "get_run",
     "git_commit",
+    "link_logged_model",
     "log_pyfunc",
     "package_versions",
     "python_model_base",
@@ -75,5 +87,7 @@ __all__ = [
     "set_model_alias",
     "set_model_version_description",
     "set_model_version_tags",
+    "source_tags",
+    "medxfer_executable",
     "ui_command",
 ]

@@ -176,6 +176,61 @@ def set_model_version_description(tracking_uri: str, name: str, version: str, de
     _registry_client(tracking_uri).update_model_version(name, version, description=description)
 
 
+def describe_registered_model(
+    tracking_uri: str, name: str, description: str, tags: Mapping[str, Any], guard: PHIGuard
+) -> None:
+    """The registered model's own description and tags (the registry's model page), above its versions."""
+    client = _registry_client(tracking_uri)
+    client.update_registered_model(name, description=guard.check("model description", description))
+    for k, v in tags.items():
+        key = guard.check(f"model tag key {k!r}", k)
+        client.set_registered_model_tag(name, key, guard.check(f"model tag {k!r}", v))
+
+
+def link_logged_model(
+    tracking_uri: str,
+    model_id: str,
+    name: str,
+    version: str,
+    run_id: str,
+    metric_prefixes: tuple[str, ...],
+    params: Mapping[str, Any],
+    guard: PHIGuard,
+) -> list[str]:
+    """Make the logged model and its registered version agree: the model lists the version (MLflow's
+    ``mlflow.modelVersions`` tag, which ``mlflow.register_model`` sets and the client API does not) and carries
+    the run's latest metrics under `metric_prefixes` and a few params. Returns the metric keys copied.
+
+    Each metric is re-logged with the run's own timestamp and step, so the run's history gains no point (MLflow
+    drops exact duplicates) while the logged model gets its copy."""
+    import json
+
+    from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_SOURCE_NAME
+
+    client = _registry_client(tracking_uri)
+    model = client.get_logged_model(model_id)
+    versions = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    # An MLflow server adds the entry itself when the version is created (with the version as a number); the
+    # sqlite store does not.
+    if not any(v.get("name") == name and str(v.get("version")) == str(version) for v in versions):
+        versions.append({"name": name, "version": int(version)})
+    # MLflow's context tags named the source as the script's local path (sys.argv[0]): the command instead.
+    tags = {MLFLOW_SOURCE_NAME: "medxfer register", MLFLOW_MODEL_VERSIONS: json.dumps(versions)}
+    client.set_logged_model_tags(model_id, tags)
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(metric_prefixes))
+    batch = []
+    for k in keys:
+        last = max(client.get_metric_history(run_id, k), key=lambda m: (m.step, m.timestamp))
+        batch.append(Metric(k, last.value, last.timestamp, last.step, model_id=model_id))
+    if batch:
+        client.log_batch(run_id, metrics=batch, synchronous=True)
+    if params:
+        checked = {guard.check("model param key", k): guard.check(f"model param {k!r}", v) for k, v in params.items()}
+        client.log_model_params(model_id, checked)
+    return keys
+
+
 def set_model_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
     """Point `alias` at `version`; MLflow's refusal (reserved names like 'latest', 'v3') as a user error."""
     from mlflow.exceptions import MlflowException

@@ -7,6 +7,7 @@ inside functions so ``medxfer --help`` and stages that do not track stay fast; r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -40,11 +41,26 @@ PACKAGES = (
     "scikit-learn",
 )
 MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+# Tags MLflow's UI reads. The values mirror mlflow.utils.mlflow_tags (tests/tracking pins them to MLflow's own
+# constants); spelt out here so `import medxfer.tracking` does not import mlflow.
+TAG_NOTE = "mlflow.note.content"  # MLFLOW_RUN_NOTE: the description of a run, and of an experiment
+TAG_SOURCE_NAME = "mlflow.source.name"  # MLFLOW_SOURCE_NAME
+TAG_SOURCE_TYPE = "mlflow.source.type"  # MLFLOW_SOURCE_TYPE
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLFLOW_GIT_COMMIT
+TAG_GIT_DIRTY = "mlflow.source.git.dirty"  # MLFLOW_GIT_DIRTY
+TAG_USER = "mlflow.user"  # MLFLOW_USER: the UI's "Created by"
+TAG_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # MLFLOW_LOGGED_ARTIFACTS: tables the UI renders as tables
+TAG_DATASET_CONTEXT = "mlflow.data.context"  # MLFLOW_DATASET_CONTEXT
+# MLflow 3.17 has no Python constant for the experiment kind: the UI's enum (ExperimentKind in its JS bundle)
+# reads the tag, and without it infers a GenAI experiment from an "evaluation" run (issue 15).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 # --- environment facts -----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """HEAD of the checkout medxfer runs from, with "-dirty" when tracked files differ from it."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -81,7 +97,46 @@ def default_artifact_root(tracking_uri: str) -> str | None:
 
 
 def ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    """What a stage summary tells the user to run to browse this store: ``medxfer ui``, which starts MLflow with
+    medxfer's own interpreter (a bare ``mlflow ui`` fails when mlflow lives in a virtualenv that is not on PATH)."""
+    import shlex
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    exe = medxfer_executable()
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if tracking_uri.startswith("sqlite:///") and db.name == "mlflow.db":
+        return f"{exe} ui --workspace {shlex.quote(str(db.parent))}"  # the workspace's own store
+    return f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} {exe} ui"
+
+
+def medxfer_executable() -> str:
+    """``medxfer`` when that is what PATH finds for this interpreter, else the console script beside it (e.g.
+    ``.venv/bin/medxfer`` after ``make demo``, whose venv is not activated), so the printed command runs as given."""
+    import shlex
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "medxfer"
+    found = shutil.which("medxfer")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        return "medxfer"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
+
+
+def ui_server_argv(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """``python -m mlflow ui`` on this store with the running interpreter (mlflow is imported by that process,
+    not here). Artifacts of a sqlite store are served from where the store puts them (``mlartifacts/``)."""
+    import sys
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host]
+    root = default_artifact_root(tracking_uri)
+    if root is not None:
+        argv += ["--default-artifact-root", root]
+    return [*argv, "--port", str(int(port))]
 
 
 def _quiet_mlflow() -> None:
@@ -97,19 +152,40 @@ def _client(tracking_uri: str):
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created as a model-training experiment (the UI's kind tag) when it is new."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older medxfer: the UI would guess GenAI
+            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
+        return client.create_experiment(
+            name,
+            artifact_location=default_artifact_root(tracking_uri),
+            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
+        )
     except Exception:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """What the run overview shows as Source and Created by: the command, the commit, the operator's login."""
+    import getpass
+
+    tags = {TAG_SOURCE_NAME: entry_point, TAG_SOURCE_TYPE: "LOCAL"}
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit.removesuffix("-dirty")
+        tags[TAG_GIT_DIRTY] = str(commit.endswith("-dirty")).lower()
+    with contextlib.suppress(KeyError, OSError):  # no login name in a container without a passwd entry
+        tags[TAG_USER] = getpass.getuser()
+    return tags
 
 
 def find_unfinished_runs(
@@ -163,11 +239,17 @@ class Tracker:
             RunTag(self.guard.check(f"tag key {k!r}", k), self.guard.check(f"tag {k!r}", v)) for k, v in tags.items()
         ]
 
-    def start(self, run_name: str, tags: Mapping[str, Any], parent_run_id: str | None = None) -> str | None:
+    def start(
+        self,
+        run_name: str,
+        tags: Mapping[str, Any],
+        parent_run_id: str | None = None,
+        entry_point: str = "medxfer train",
+    ) -> str | None:
         if not self.enabled:
             return None
         exp_id = experiment_id(self.uri, self.experiment)
-        all_tags = {**tags, TAG_STATUS: "running", TAG_SPEC: self.experiment}
+        all_tags = {**source_tags(entry_point), **tags, TAG_STATUS: "running", TAG_SPEC: self.experiment}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self.guard.check("run name", run_name)
@@ -216,7 +298,7 @@ class Tracker:
         self._client.log_batch(self.run_id, tags=self._tags(tags), synchronous=True)
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
-        """All of one epoch's metrics in one log_batch call."""
+        """All of one epoch's metrics in one log_batch call; `step` is the epoch number (one-based)."""
         if not self.enabled:
             return
         import time
@@ -226,6 +308,52 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(self.guard.check("metric name", k), float(v), now, int(step)) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def describe(self, text: str) -> None:
+        """The run's description (Markdown), shown on the run overview."""
+        self.set_tags({TAG_NOTE: text})
+
+    def describe_experiment(self, text: str) -> None:
+        """The experiment's description (the experiment page's "About this experiment")."""
+        if not self.enabled:
+            return
+        exp_id = experiment_id(self.uri, self.experiment)
+        self._client.set_experiment_tag(exp_id, TAG_NOTE, self.guard.check("experiment description", text))
+
+    def log_dataset(
+        self, name: str, digest: str, counts: Mapping[str, Mapping[str, int]], context: str = "training"
+    ) -> None:
+        """The run's datasets panel: a table of studies per split and class, named and digested, with no paths.
+
+        `digest` identifies the data (manifest and split hashes); the source says which command made it."""
+        if not self.enabled:
+            return
+        import warnings
+
+        import mlflow.data
+        import pandas as pd
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        rows = [{"split": s, "class": c, "studies": int(n)} for s, by in counts.items() for c, n in by.items()]
+        self.guard.check_tree("dataset", {"name": name, "digest": digest, "rows": rows})
+        source = CodeDatasetSource(tags={TAG_SOURCE_NAME: "medxfer split"})
+        with warnings.catch_warnings():  # MLflow warns about int columns that could hold missing values
+            warnings.simplefilter("ignore")
+            ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=digest[:36])
+            entity = ds._to_mlflow_entity()
+        self._client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(TAG_DATASET_CONTEXT, context)])])
+
+    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+        """A JSON table in MLflow's layout (what mlflow.log_table writes), replaced rather than appended to."""
+        if not self.enabled:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.log_json({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]}, artifact_file)
+        current = json.loads(self._client.get_run(self.run_id).data.tags.get(TAG_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in current:
+            self.set_tags({TAG_LOGGED_ARTIFACTS: json.dumps([*current, entry])})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self.enabled:

@@ -130,7 +130,8 @@ class ProgressBar(Callback):
             transient=True,
         )
         self.bar.__enter__()
-        self.task = self.bar.add_task(f"epoch {epoch + 1}/{fit.recipe.epochs}", total=len(fit.loaders.train), stats="")
+        label = f"epoch {epoch_number(epoch)}/{fit.recipe.epochs}"
+        self.task = self.bar.add_task(label, total=len(fit.loaders.train), stats="")
 
     def on_step_end(self, fit: Fit, loss_sum: torch.Tensor, seen: int) -> None:
         if self.bar is not None:  # reading the loss back syncs the device: only when someone looks
@@ -149,9 +150,34 @@ class ProgressBar(Callback):
 
 
 # --- MLflow ----------------------------------------------------------------------------------------------------------
+# A history row's key -> its MLflow metric, grouped by prefix as Lightning names them: the UI draws one section per
+# prefix (train/, val/, lr/, time/, schedule/) instead of one alphabetical list of 69 charts (issue 15).
+METRIC_NAMES = {
+    "train_loss": "train/loss",
+    "skipped_batches": "train/skipped_batches",
+    "val_loss": "val/loss",
+    "val_auroc": "val/auroc",
+    "val_balanced_accuracy": "val/balanced_accuracy",
+    "stage": "schedule/stage",
+    "unfrozen_groups": "schedule/unfrozen_groups",
+    "epoch_seconds": "time/epoch_s",
+    "samples_per_s": "time/samples_per_s",
+}
+
+
+def epoch_number(epoch: int) -> int:
+    """The epoch as people count it, from 1: the console, MLflow steps, best/epoch, the model card and the plots
+    all say "epoch 6" for the loop's index 5 (issue 15: the summary said 6, the card 5, MLflow logged step 5)."""
+    return int(epoch) + 1
+
+
+def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
+    return {METRIC_NAMES.get(k, k): v for k, v in row.items() if k != "epoch"}
+
+
 class Tracking(Callback):
-    """Params and the recipe when a run starts, metrics and learning rates every epoch, curves and the best
-    checkpoint at the end. A resumed run has its params already."""
+    """Descriptions, dataset, params and the recipe when a run starts; metrics and learning rates every epoch
+    (step = the epoch number); curves and the best checkpoint at the end. A resumed run has its params already."""
 
     def __init__(self, tracker: tracking.Tracker, ws: Workspace):
         self.tracker, self.ws = tracker, ws
@@ -160,10 +186,15 @@ class Tracking(Callback):
         if fit.arm.resume is not None:
             return
         t = self.tracker
+        t.describe_experiment(experiment_note(fit.spec))
+        t.describe(run_note(fit))
+        counts = fit.tables.class_counts(fit.spec.classes)
+        digest = f"{fit.hashes.get('labelled_content', '')[:16]}-{fit.hashes.get('split', '')[:16]}"
+        t.log_dataset(fit.spec.name, digest, counts)
         t.log_params(params(fit))
         t.log_text(yaml.safe_dump(fit.recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
         t.log_text("\n".join(fit.unfreezer.describe()) + "\n", "unfreeze_schedule.txt")
-        t.log_json(fit.tables.class_counts(fit.spec.classes), "reports/split_counts.json")
+        t.log_json(counts, "reports/split_counts.json")
         if self.ws.ingest_report.is_file():
             try:
                 t.log_text(self.ws.ingest_report.read_text(), "reports/ingest_report.json")
@@ -172,14 +203,12 @@ class Tracking(Callback):
 
     def on_epoch_end(self, fit: Fit, end: EpochEnd) -> None:
         lrs = {f"lr/{name}": lr for name, lr in fit.unfreezer.lrs().items()}
-        self.tracker.log_epoch(end.epoch, {k: v for k, v in end.row.items() if k != "epoch"} | lrs)
+        self.tracker.log_epoch(epoch_number(end.epoch), epoch_metrics(end.row) | lrs)
 
     def on_fit_end(self, fit: Fit) -> None:
         best = fit.best
-        self.tracker.log_epoch(
-            max(int(best["epoch"]), 0),
-            {"best_epoch": int(best["epoch"]) + 1, **{f"best_val_{k}": v for k, v in best["val"].items()}},
-        )
+        n = epoch_number(max(int(best["epoch"]), 0))
+        self.tracker.log_epoch(n, {"best/epoch": n, **{f"best/val_{k}": v for k, v in best["val"].items()}})
         if not self.tracker.enabled:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -189,11 +218,69 @@ class Tracking(Callback):
                 fit.history, fit.unfreezer.transitions, Path(tmp) / "learning_curve.png", fit.recipe.select_metric
             )
             self.tracker.log_file(curve, "plots")
+            # The loop's rows as the checkpoint holds them ("epoch": the 0-based index; the report reads them).
             self.tracker.log_json(fit.history, "history.json")
             safe = ckpt_io.for_tracking(ckpt_io.load(fit.run_dir / ckpt_io.BEST))
             self.tracker.guard.check_tree("checkpoint", {k: v for k, v in safe.items() if k != "model"})
             ckpt_io.atomic_save(safe, Path(tmp) / "best.pt")
             self.tracker.log_file(Path(tmp) / "best.pt", "checkpoints")
+
+
+def modality(spec: Any) -> str:
+    """What the images are, as the spec says it: NIfTI's declared modality, DICOM's chosen series modalities."""
+    if spec.source.modality:
+        return spec.source.modality
+    if spec.series.modality:
+        return "/".join(spec.series.modality)
+    return spec.source.kind.upper() if spec.source.kind == "dicom" else "NIfTI"
+
+
+def experiment_note(spec: Any) -> str:
+    """The experiment's description: the dataset spec in a few lines, no paths."""
+    sp = spec.split
+    split = (
+        f"{sp.folds}-fold cross-validation"
+        if sp.folds
+        else ", ".join(f"{k} {v:.0%}" for k, v in (sp.fractions or {}).items())
+    )
+    lines = [
+        f"**{spec.name}**: {spec.task} classification of {spec.dims}D {modality(spec)} images "
+        f"({spec.source.kind.upper() if spec.source.kind == 'dicom' else 'NIfTI'}).",
+        "",
+        f"- classes: {', '.join(spec.classes)}"
+        + (f" (positive: {spec.positive_class})" if spec.positive_class else ""),
+        f"- split: {split}, seed {sp.seed}" + (", grouped by patient" if sp.group_by_patient else ""),
+        f"- spec hash: {spec.content_hash()}",
+        "",
+        "Runs: `medxfer train` (train/, val/, lr/ metrics per epoch), then `medxfer evaluate` (test/ metrics with "
+        "patient-bootstrap 95% CIs as tags) and `medxfer register`.",
+    ]
+    return "\n".join(lines)
+
+
+def run_note(fit: Fit) -> str:
+    """The run's description, written at the start of training; evaluate adds its headline metrics."""
+    spec, recipe, arm = fit.spec, fit.recipe, fit.arm
+    counts = fit.tables.class_counts(spec.classes)
+    by_split = "; ".join(
+        f"{s} {sum(c.values())} ({', '.join(f'{k} {n}' for k, n in c.items())})" for s, c in counts.items()
+    )
+    rep = fit.weight_info
+    weights = rep.get("source", "none")
+    if rep.get("sha256"):
+        weights += f" (sha256 {str(rep['sha256'])[:12]})"
+    role = f"{arm.role} run" + (f", control: {arm.control}" if arm.control else "")
+    lines = [
+        f"**{spec.name}** ({spec.task}, {spec.dims}D {modality(spec)}), {role}",
+        "",
+        f"- studies: {by_split}",
+        f"- encoder: {recipe.encoder}, weights: {weights}",
+        f"- schedule: {recipe.epochs} epochs, select on val {recipe.select_metric}",
+        *[f"  - {line}" for line in fit.unfreezer.describe()],
+        f"- seed {recipe.seed}; data {fit.hashes.get('labelled_content', '')[:16]}, "
+        f"split {fit.hashes.get('split', '')[:16]}",
+    ]
+    return "\n".join(lines)
 
 
 def params(fit: Fit) -> dict[str, Any]:
@@ -317,7 +404,8 @@ class EpochSummary(Callback):
         u, arm = fit.unfreezer, fit.arm
         if arm.resume is not None:
             ui.info(
-                f"resuming {arm.role} run {arm.run_id} at epoch {fit.start_epoch + 1}/{fit.recipe.epochs}, stage "
+                f"resuming {arm.role} run {arm.run_id} at epoch {epoch_number(fit.start_epoch)}/{fit.recipe.epochs}, "
+                f"stage "
                 f"{u.stage} ({', '.join(g['name'] for g in u.layout())} training)"
             )
         for line in u.describe():
@@ -329,13 +417,19 @@ class EpochSummary(Callback):
     def on_epoch_start(self, fit: Fit, epoch: int) -> None:
         if fit.new_stage:
             training = ", ".join(g["name"] for g in fit.unfreezer.layout())
-            ui.info(f"epoch {epoch + 1}: stage {fit.unfreezer.stage}, training {training}")
+            ui.info(f"epoch {epoch_number(epoch)}: stage {fit.unfreezer.stage}, training {training}")
 
     def on_epoch_end(self, fit: Fit, end: EpochEnd) -> None:
-        row = end.row
-        ui.info(
-            f"epoch {int(row['epoch']) + 1}/{fit.recipe.epochs} stage {int(row['stage'])} "
-            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} val_auroc {row['val_auroc']:.4f} "
-            f"val_bal_acc {row['val_balanced_accuracy']:.4f} {row['epoch_seconds']:.1f}s "
-            f"{row['samples_per_s']:.1f} samples/s" + (" *" if end.improved else "")
-        )
+        ui.info(epoch_line(end.row, fit.recipe.epochs, end.improved))
+
+
+def epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
+    """``epoch 3/16 s0 loss 0.1283/0.1860 auroc 0.783 bacc 0.688 12.6s 44/s *``: stage, train/val loss, val AUROC
+    and balanced accuracy, epoch time, training samples/s, ``*`` when best so far. Within 80 columns (the long
+    names took 111), so a line never wraps in a terminal; the full names are in MLflow."""
+    return (
+        f"epoch {epoch_number(row['epoch'])}/{epochs} s{int(row['stage'])} "
+        f"loss {row['train_loss']:.4f}/{row['val_loss']:.4f} auroc {row['val_auroc']:.3f} "
+        f"bacc {row['val_balanced_accuracy']:.3f} {row['epoch_seconds']:.1f}s {row['samples_per_s']:.0f}/s"
+        + (" *" if improved else "")
+    )

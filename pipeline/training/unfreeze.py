@@ -244,10 +244,12 @@ class Unfreezer:
             groups = self.trainable(i)
             new = [g for g in groups if g.name not in prev]
             prev |= {g.name for g in groups}
-            when = f"epoch {s.epoch}" if s.epoch is not None else "start"
+            # Counted from 1 as the console's epoch lines count (the recipe's `epoch: 2` is the 0-based index 2:
+            # the third epoch, printed "epoch 3: stage 1").
+            when = f"epoch {s.epoch + 1}" if s.epoch is not None else "start"
             if s.plateau_patience is not None:
                 when = (
-                    f"epoch {s.epoch} or " if s.epoch is not None else ""
+                    f"epoch {s.epoch + 1} or " if s.epoch is not None else ""
                 ) + f"after {s.plateau_patience} epoch(s) without improvement"
             what = ", ".join(f"{g.name} (lr {self.base_lr(g):.2e})" for g in new) or "nothing new"
             frozen = len(self.groups) - len(groups)

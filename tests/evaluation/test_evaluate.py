@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from evalfixtures import outputs
-from medxfer.evaluation.evaluate import HEADLINE, compute_evaluation, metrics_for_mlflow
+from medxfer.evaluation.evaluate import HEADLINE, compute_evaluation, metrics_for_mlflow, summary_table, summary_tags
 from medxfer.stats.calibration import softmax
 from sklearn import metrics as skm
 
@@ -39,15 +39,10 @@ def test_binary_core_contract() -> None:
     assert ev["bootstrap"]["n_resamples"] == 150 and ev["bootstrap"]["unit"] == "patient"
     json.dumps(ev, allow_nan=False)  # strictly JSON (no NaN)
     flat = metrics_for_mlflow(ev)
-    assert {
-        "test_auroc",
-        "test_auroc_ci_low",
-        "test_auroc_ci_high",
-        "eval_val_auroc",
-        "threshold",
-        "temperature",
-        "calibration_test_ece_after",
-    } <= set(flat)
+    assert {"test/auroc", "test/ece", "eval/threshold", "eval/temperature"} <= set(flat)
+    assert {"test/auroc_ci_low", "test/auroc_ci_high"} <= set(summary_tags(ev))  # CIs: tags, not metrics
+    table = {(r["split"], r["metric"]) for r in summary_table(ev)}
+    assert {("test", "auroc"), ("val", "auroc"), ("test", "calibration_ece_after")} <= table
 
 
 def test_positive_class_first_is_respected() -> None:
@@ -78,6 +73,9 @@ def test_multiclass_core() -> None:
     ev = compute_evaluation(val, test, ["a", "b", "c"], None, "multiclass", n_bootstrap=80).evaluation
     assert ev["threshold"] is None and ev["threshold_policy"]["policy"] == "argmax"
     assert set(ev["per_class"]["test"]) == {"a", "b", "c"}
+    # per-class values go to the evaluation table, not to 3 one-point charts per class
+    assert ("test", "a/auroc") in {(r["split"], r["metric"]) for r in summary_table(ev)}
+    assert not [k for k in metrics_for_mlflow(ev) if k.count("/") > 1]
     p = softmax(test.logits, ev["temperature"])
     assert ev["test"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(test.y, p, multi_class="ovr"))
     assert ev["test"]["balanced_accuracy"]["value"] == pytest.approx(skm.balanced_accuracy_score(test.y, p.argmax(1)))
@@ -173,12 +171,15 @@ def test_evaluation_is_logged_to_the_training_run(evaluated_run) -> None:
     run = client.get_run(evaluated_run.run_id)
     m = run.data.metrics
     ev = evaluated_run.result.evaluation
-    assert m["test_auroc"] == pytest.approx(ev["test"]["auroc"]["value"])
-    assert m["test_auroc_ci_low"] == pytest.approx(ev["test"]["auroc"]["ci_low"])
-    assert m["temperature"] == pytest.approx(ev["temperature"]) and "transfer_gain_ci_low" in m
-    # Validation results do not land inside training's per-epoch val_* curves.
-    assert len(client.get_metric_history(evaluated_run.run_id, "val_auroc")) == 1
-    assert "eval_val_auroc" in m
+    assert m["test/auroc"] == pytest.approx(ev["test"]["auroc"]["value"])
+    # CIs are tags next to their metric, not one-point charts
+    tags = run.data.tags
+    assert float(tags["test/auroc_ci_low"]) == pytest.approx(ev["test"]["auroc"]["ci_low"], rel=1e-5)
+    assert m["eval/temperature"] == pytest.approx(ev["temperature"]) and "transfer/gain_ci_low" in tags
+    assert "transfer/gain" in m and not [k for k in m if "ci_" in k]
+    # Validation results do not land inside training's per-epoch val/ curves.
+    assert len(client.get_metric_history(evaluated_run.run_id, "val/auroc")) == 1
+    assert "**Evaluation**" in tags["mlflow.note.content"] and "auroc" in tags["mlflow.note.content"]
     assert run.data.tags["medxfer.evaluated"] == "true" and run.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(evaluated_run.run_id, "evaluation")}
     assert {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_tracker_logs_params_epoch_batches_artifacts_and_status(tmp_path) -> Non
     # artifacts live next to the sqlite store, not in ./mlruns of whatever folder the user ran from
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert T.find_unfinished_run(uri, "demo") is None
-    assert T.ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
+    assert T.ui_command(uri) == f"{T.medxfer_executable()} ui --workspace {tmp_path}"
 
 
 def test_disabled_tracker_is_a_no_op(tmp_path) -> None:
@@ -47,3 +48,54 @@ def test_importing_tracking_loads_no_mlflow_and_no_matplotlib() -> None:
     """mlflow (~1 s to import) and matplotlib load on first use, so `medxfer --help` and untracked stages stay fast."""
     code = "import sys, medxfer.tracking; assert not {'mlflow', 'matplotlib'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tag_names_are_mlflows_own() -> None:
+    """The tag names spelt out in medxfer.tracking (so importing it loads no mlflow) are MLflow 3.17's constants."""
+    from medxfer.tracking import tracker
+    from mlflow.utils import mlflow_tags as MT
+
+    assert tracker.TAG_NOTE == MT.MLFLOW_RUN_NOTE
+    assert (tracker.TAG_SOURCE_NAME, tracker.TAG_SOURCE_TYPE) == (MT.MLFLOW_SOURCE_NAME, MT.MLFLOW_SOURCE_TYPE)
+    assert (tracker.TAG_GIT_COMMIT, tracker.TAG_GIT_DIRTY) == (MT.MLFLOW_GIT_COMMIT, MT.MLFLOW_GIT_DIRTY)
+    assert (tracker.TAG_USER, tracker.TAG_LOGGED_ARTIFACTS) == (MT.MLFLOW_USER, MT.MLFLOW_LOGGED_ARTIFACTS)
+    assert tracker.TAG_DATASET_CONTEXT == MT.MLFLOW_DATASET_CONTEXT
+
+
+def test_experiment_kind_descriptions_source_dataset_and_table(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = T.Tracker(uri, "demo", T.PHIGuard(), system_metrics=False)
+    run_id = tr.start("demo-tiny", {T.TAG_ROLE: "main"})
+    tr.describe_experiment("**demo**: binary classification")
+    tr.describe("run note")
+    tr.log_dataset("demo", "abc-def", {"train": {"neg": 3, "pos": 2}, "val": {"neg": 1, "pos": 1}})
+    tr.log_table([{"metric": "auroc", "value": 0.9}], "evaluation/summary_table.json")
+    tr.log_table([{"metric": "auroc", "value": 0.8}], "evaluation/summary_table.json")  # replaced, not appended
+    tr.end("finished")
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("demo")
+    assert exp.tags[T.TAG_EXPERIMENT_KIND] == T.EXPERIMENT_KIND == "custom_model_development"
+    assert exp.tags[T.TAG_NOTE].startswith("**demo**")
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    assert tags[T.TAG_NOTE] == "run note" and tags["mlflow.source.name"] == "medxfer train"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.loggedArtifacts"] == '[{"path": "evaluation/summary_table.json", "type": "table"}]'
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("demo", "abc-def") and "/" not in inp.dataset.source
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "training"}
+    got = T.download_run_artifact(uri, run_id, "evaluation/summary_table.json", tmp_path / "dl")
+    assert json.loads(got.read_text()) == {"columns": ["metric", "value"], "data": [["auroc", 0.8]]}
+
+
+def test_experiment_made_before_the_kind_tag_gets_it(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("old")
+    assert T.experiment_id(uri, "old") == exp_id
+    assert client.get_experiment(exp_id).tags[T.TAG_EXPERIMENT_KIND] == "custom_model_development"

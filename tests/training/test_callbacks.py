@@ -87,3 +87,13 @@ def test_built_in_callbacks_log_before_they_checkpoint(tmp_path) -> None:
     ws = Workspace.for_spec(tmp_path, "x")
     names = [type(cb).__name__ for cb in default_callbacks(ws, tracking.Tracker("", "x", tracking.PHIGuard(), False))]
     assert names == ["ProgressBar", "Tracking", "Checkpoint", "EpochSummary"]
+
+
+def test_the_epoch_line_fits_80_columns_and_keeps_every_number() -> None:
+    from medxfer.training.callbacks import epoch_line
+
+    row = {"epoch": 2, "stage": 0, "train_loss": 0.12834, "val_loss": 0.186, "val_auroc": 0.7831}
+    row |= {"val_balanced_accuracy": 0.6882, "epoch_seconds": 12.61, "samples_per_s": 44.2}
+    assert epoch_line(row, 16, True) == "epoch 3/16 s0 loss 0.1283/0.1860 auroc 0.783 bacc 0.688 12.6s 44/s *"
+    worst = row | {"epoch": 99, "stage": 12, "train_loss": 12.5, "val_loss": 13.5, "epoch_seconds": 9999.9}
+    assert len(epoch_line(worst | {"samples_per_s": 99999.0}, 100, True)) <= 80

@@ -96,9 +96,9 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     ds, res = prepared, baseline
     s = res.summary()
     assert s["run_id"] and s["best_epoch"] in (1, 2, 3) and set(s["val"]) == {"loss", "auroc", "balanced_accuracy"}
-    assert s["mlflow_ui"] == f"mlflow ui --backend-store-uri sqlite:///{ds.workspace.resolve() / 'mlflow.db'}"
+    assert s["mlflow_ui"] == f"{T.medxfer_executable()} ui --workspace {ds.workspace.resolve()}"
     rows = dict(res.table()[1])
-    assert rows["run id"] == s["run_id"] and "mlflow ui" in rows["open the UI"]
+    assert rows["run id"] == s["run_id"] and "medxfer ui" in rows["open the UI"]
 
     client = _client(ds)
     run = client.get_run(res.run_id)
@@ -114,9 +114,14 @@ def test_end_to_end_logs_params_metrics_artifacts_checkpoints(prepared, baseline
     assert "spec.source.root" not in p and "spec.labels.csv" not in p
     hist = {
         k: [m.value for m in client.get_metric_history(res.run_id, k)]
-        for k in ("train_loss", "val_auroc", "unfrozen_groups", "lr/head", "lr/stem", "samples_per_s")
+        for k in ("train/loss", "val/auroc", "schedule/unfrozen_groups", "lr/head", "lr/stem", "time/samples_per_s")
     }
-    assert len(hist["train_loss"]) == 3 and hist["unfrozen_groups"] == [1.0, 3.0, 6.0]
+    assert len(hist["train/loss"]) == 3 and hist["schedule/unfrozen_groups"] == [1.0, 3.0, 6.0]
+    # one epoch convention: MLflow steps are the epoch numbers the console prints (1-based), best/epoch too
+    assert [m.step for m in client.get_metric_history(res.run_id, "val/auroc")] == [1, 2, 3]
+    best = client.get_metric_history(res.run_id, "best/epoch")
+    assert [(m.step, m.value) for m in best] == [(res.summary()["best_epoch"], res.summary()["best_epoch"])]
+    assert not {"train_loss", "val_auroc", "best_epoch"} & set(run.data.metrics)
     assert len(hist["lr/head"]) == 3 and len(hist["lr/stem"]) == 1  # a group's LR is logged once it trains
     assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics are on
     arts = {a.path for d in ("", "reports", "plots", "checkpoints") for a in client.list_artifacts(res.run_id, d)}
@@ -157,7 +162,7 @@ def _kill_and_resume(ds, full, overrides: list[str], check_refusal: bool = False
     client = _client(ds)
     assert client.get_run(run_id).info.status == "FINISHED"
     # one value per epoch in the continued run: nothing logged twice, nothing missing
-    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
 
     for ha, hb in zip(full.main.history, resumed.main.history, strict=True):
         for k in ("train_loss", "val_loss", "val_auroc", "val_balanced_accuracy", "stage", "unfrozen_groups"):
@@ -221,7 +226,7 @@ def test_probe_control_is_a_nested_run_tagged_on_the_parent(prepared) -> None:
     child = client.get_run(child_id)
     assert child.data.tags["mlflow.parentRunId"] == res.run_id and child.data.tags[T.TAG_ROLE] == "control"
     assert child.data.tags[T.TAG_CONTROL] == "probe" and child.info.status == "FINISHED"
-    assert [m.value for m in client.get_metric_history(child_id, "unfrozen_groups")] == [1.0, 1.0]
+    assert [m.value for m in client.get_metric_history(child_id, "schedule/unfrozen_groups")] == [1.0, 1.0]
     assert child.data.params["data.n_train"] == parent.data.params["data.n_train"]
     assert child.data.params["epochs"] == parent.data.params["epochs"] == "2"
 
@@ -237,7 +242,7 @@ def test_scratch_control_trains_the_same_architecture_from_random_init(prepared)
         child.data.params["model.weights.source"] == "none"
         and child.data.params["model.encoder"] == client.get_run(res.run_id).data.params["model.encoder"]
     )
-    assert [m.value for m in client.get_metric_history(res.control.run_id, "unfrozen_groups")] == [6.0]
+    assert [m.value for m in client.get_metric_history(res.control.run_id, "schedule/unfrozen_groups")] == [6.0]
     assert "control (scratch)" in dict(res.table()[1])
 
 
@@ -257,7 +262,7 @@ def test_ddp_two_cpu_processes_under_torchrun_killed_and_resumed(prepared) -> No
     run = client.get_run(summary["run_id"])
     assert run.data.params["run.world_size"] == "2" and run.info.status == "FINISHED"
     # rank 0 alone logs: one value per epoch (nothing twice across the kill), one run for the job
-    assert [m.step for m in client.get_metric_history(summary["run_id"], "train_loss")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "train/loss")] == [1, 2]
     runs = client.search_runs([run.info.experiment_id], filter_string="params.`run.world_size` = '2'")
     assert len(runs) == 1
 

@@ -146,7 +146,7 @@ def test_state_round_trip_restores_stage_and_groups() -> None:
 def test_schedule_description_and_errors() -> None:
     model, unf = _setup()
     lines = unf.describe()
-    assert lines[0].startswith("stage 0 from epoch 0: +head") and "no_grad" in lines[0]
+    assert lines[0].startswith("stage 0 from epoch 1: +head") and "no_grad" in lines[0]
     assert "block2" in lines[1] and "stem" in lines[2]
     with pytest.raises(SpecError, match="plateau_patience"):
         _setup(stages=[StageCfg(epoch=0, groups=0), StageCfg(groups="all")])
