@@ -5,8 +5,8 @@ No logic lives here. Stage modules are imported inside each command so that
 
 No error reaches the user as a traceback: a ``MedxferError`` (bad spec, recipe, flag, file or data)
 prints ``error: <message with the fix>`` and exits with its code; anything else is a bug and prints
-``internal error: <type>: <message>; rerun with --debug ...`` and exits 1. ``medxfer --debug CMD``
-(or ``MEDXFER_DEBUG=1``) prints the full traceback first. Usage errors stay typer's own.
+``internal error: <type>; rerun with --debug ...`` (no message: it may quote a path) and exits 1.
+``medxfer --debug CMD`` (or ``MEDXFER_DEBUG=1``) prints the full traceback first. Usage errors stay typer's own.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class _Commands(TyperGroup):
             _report(ctx, exc, "error:", str(exc))
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
-            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            # The type only: a library's message (an OSError's, say) may quote a source path, and sites name
+            # folders after patients. --debug shows the whole message and traceback on the user's own terminal.
+            what = type(exc).__name__
             _report(ctx, exc, "internal error:", f"{what}; rerun with --debug for the traceback, and report it")
             raise typer.Exit(1) from None
 

@@ -3,7 +3,7 @@
 Nothing here re-implements a stage; it passes one stage's result to the next and
 collects a summary. Each stage prints its own closing table (on stderr) as it
 finishes, so a long run shows where it is; the final table repeats the numbers a
-user came for and the exact ``mlflow ui`` command to look at them.
+user came for and the exact ``medxfer ui`` command to look at them.
 """
 
 from __future__ import annotations

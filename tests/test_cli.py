@@ -38,10 +38,9 @@ def broken_stage(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_internal_error_is_one_line_without_traceback(tmp_path: Path, broken_stage: None) -> None:
     res = CliRunner().invoke(app, ["check-spec", str(tmp_path / "x.yaml")])
     assert res.exit_code == 1
-    assert _lines(res) == [
-        "internal error: RuntimeError: boom [42]; rerun with --debug for the traceback, and report it"
-    ]
-    assert "Traceback" not in res.output
+    # The type, not the message: a library's message may quote a source path (folders named after patients).
+    assert _lines(res) == ["internal error: RuntimeError; rerun with --debug for the traceback, and report it"]
+    assert "Traceback" not in res.output and "boom" not in res.output
 
 
 @pytest.mark.parametrize("how", ["option", "env"])
@@ -53,7 +52,7 @@ def test_debug_shows_the_traceback(tmp_path: Path, broken_stage: None, how: str)
         res = CliRunner().invoke(app, args, env={"MEDXFER_DEBUG": "1"})
     assert res.exit_code == 1
     assert "Traceback (most recent call last)" in res.output and "RuntimeError: boom [42]" in res.output
-    assert _lines(res)[-1].startswith("internal error: RuntimeError: boom [42]")
+    assert _lines(res)[-1].startswith("internal error: RuntimeError;")
 
 
 def test_debug_also_traces_user_errors(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from medxfer.config.spec import FieldsError, SpecError, format_validation_error
+from medxfer.config.spec import FieldsError, SpecError, format_validation_error, yaml_error_text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 _STRICT = ConfigDict(extra="forbid")
@@ -366,7 +366,7 @@ class _Hints(dict):
             if node is None:  # past a plain value: what follows is a union tag
                 break
             if part not in node.model_fields:
-                if not part.isidentifier():  # "<top level>": a model validator's own message
+                if not part.isidentifier():  # not a field name: a model validator's own message
                     break
                 where = ".".join(path) or "the top level"
                 guess = did_you_mean(".".join([*path, part]))
@@ -471,9 +471,7 @@ def load_recipe(
         try:
             user = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+            raise SpecError(f"{path}: {yaml_error_text(exc)}") from None
         if not isinstance(user, dict):
             raise SpecError(f"{path}: expected a mapping at the top level")
         tree = _deep_merge(tree, user)

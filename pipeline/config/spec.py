@@ -300,6 +300,14 @@ _HINTS = {
 }
 
 
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """Where and what, on one line, without pyyaml's quoted snippet (it repeats the offending line, which may
+    hold a path)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML{where}: {getattr(exc, 'problem', None) or type(exc).__name__}"
+
+
 def load_spec(path: str | Path) -> DataSpec:
     path = Path(path)
     if not path.is_file():
@@ -307,11 +315,7 @@ def load_spec(path: str | Path) -> DataSpec:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        # One line, and no quoted snippet: pyyaml's own text repeats the offending line, which may hold a path.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        why = getattr(exc, "problem", None) or type(exc).__name__
-        raise SpecError(f"{path}: not valid YAML{where}: {why}; fix the file (see data_specs/template.yaml)") from exc
+        raise SpecError(f"{path}: {yaml_error_text(exc)}; fix the file (see data_specs/template.yaml)") from exc
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level (name:, task:, ...)")
     try:

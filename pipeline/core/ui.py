@@ -67,7 +67,7 @@ def short_path(value: str) -> str:
 
 def render_table(title: str, rows: list[tuple[str, str]]) -> None:
     """Key/value rows without borders, within the terminal's width: a value too long for its column (a long path,
-    the `mlflow ui` command) goes after the table, its key on one line and the value unbroken on the next, instead
+    the `medxfer ui` command) goes after the table, its key on one line and the value unbroken on the next, instead
     of being wrapped mid-path inside a cell (which breaks copying it)."""
     shown = [(k, short_path(v)) for k, v in rows]
     key_width = max((cell_len(k) for k, _ in shown), default=0)

@@ -86,5 +86,5 @@ class Augment2D:
 
 
 def build_augment2d(cfg: dict[str, Any]) -> Augment2D:
-    """The 2D augmenter for ``recipe.data.augment``, as ``medxfer.config.recipe.check_recipe`` passed it for 2D."""
+    """The 2D augmenter for ``recipe.data.augment``, as ``medxfer.config.recipe`` validated it for 2D dims."""
     return Augment2D(cfg)

@@ -316,8 +316,8 @@ class DataBundle(dict):
             "prepare_s": round(self.seconds, 2),
             "n": {s: len(ds) for s, ds in self.items()},
             "failed": len(self.failed_keys),
-            # Quarantined at cache build, by reason code (medxfer.io.checks.REASONS) and by pseudonymous key, so
-            # a study refused here (e.g. one slice with a NaN slope: nonfinite_pixels) is in the run's report.
+            # Quarantined at cache build, by reason code (medxfer.io.checks.REASONS; the run's data.failed_by_reason
+            # param) and by pseudonymous key: a study refused here (e.g. one slice with a NaN slope) is accounted for.
             "failed_by_reason": dict(sorted(Counter(r for ds in self.values() for r in ds.failed.values()).items())),
             "failed_studies": {s: dict(ds.failed) for s, ds in self.items() if ds.failed},
         }

@@ -171,7 +171,7 @@ class Augment2Dd(MapTransform, Randomizable):
 
 
 # The recipe reaches this module checked against the spec's dims (data.size length, data.augment keys and
-# ranges: medxfer.config.recipe.check_recipe, run by load_recipe), and preprocess.size by the spec itself.
+# ranges: medxfer.config.recipe, when load_recipe is given the dims), and preprocess.size by the spec itself.
 
 
 def output_size(spec: DataSpec, recipe: Recipe) -> list[int] | None:

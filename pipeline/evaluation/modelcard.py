@@ -8,7 +8,7 @@ run_info (see :func:`run_info_from_checkpoint`; every key optional except ``run_
     run_id, run_name, experiment, model_name, model_version, encoder,
     model_args {name, num_classes, in_chans, spatial_dims}, weight_report {source, location, sha256, ...},
     recipe (dict), spec (dict, local paths already replaced), classes, positive_class, task, dims,
-    hashes {spec, manifest, split}, git_commit, medxfer_version, best_epoch, best_metric,
+    hashes {spec, labelled_content, split}, git_commit, medxfer_version, best_epoch, best_metric,
     ingest {n_studies, n_rejected, reject_reasons {code: n}, modalities {name: n}}, split_report (dict)
 
 evaluation: the ``evaluation.json`` dict written by :mod:`medxfer.evaluation.evaluate`.

@@ -2,8 +2,9 @@
 
 Every reason code an input can be rejected with (rejects.csv ``reason_code``, predict's ``error`` prefix,
 a failed study in the training cache) is a key of ``REASONS`` below, the one table the docs point at.
-The readers (``medxfer.io.dicom``, ``medxfer.io.nifti``) call ``check_decoded_size`` before they decode
-and ``check_pixels`` on what they decoded, so ingest and predict refuse the same inputs for the same reason.
+The readers (``medxfer.io.dicom``, ``medxfer.io.nifti``) and ingest call ``check_shape`` before they decode
+and check what they decoded (``check_pixels``, or DICOM's per-slice equivalent in ``sample_pixels``), so ingest
+and predict refuse the same inputs for the same reason.
 Nothing here quotes a path or a header value: messages are built from numbers and codes only.
 """
 

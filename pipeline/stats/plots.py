@@ -1,5 +1,5 @@
 """Every figure medxfer draws, as PNG files: ROC, precision-recall, reliability diagram, confusion matrix
-(evaluate), learning curves (train, through tracking; the report), the transfer gain (the report) and
+(evaluate), learning curves (train, from its tracking callback; the report), the transfer gain (the report) and
 Grad-CAM overlays (predict).
 
 The only module importing matplotlib; it forces the Agg backend so plotting works headless

@@ -250,7 +250,7 @@ def get_model_version(tracking_uri: str, name: str, version: str | int) -> dict[
         mv = client.get_model_version(name, str(version))
     except MlflowException:
         raise StageError(
-            f"no registered model {name!r} version {version} in {tracking_uri}; `mlflow ui` lists registered models"
+            f"no registered model {name!r} version {version} in {tracking_uri}; `medxfer ui` lists registered models"
         ) from None
     return {
         "name": mv.name,

@@ -402,7 +402,7 @@ def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
         run = client.get_run(run_id)
     except MlflowException:
         raise StageError(
-            f"no MLflow run {run_id!r} in {tracking_uri}; check the id (`mlflow ui` lists runs) "
+            f"no MLflow run {run_id!r} in {tracking_uri}; check the id (`medxfer ui` lists runs) "
             "and --workspace / MLFLOW_TRACKING_URI"
         ) from None
     exp = client.get_experiment(run.info.experiment_id)

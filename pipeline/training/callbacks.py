@@ -15,6 +15,7 @@ after them and run on every rank.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -314,6 +315,8 @@ def params(fit: Fit) -> dict[str, Any]:
         }
     )
     p.update({f"data.{k}": v for k, v in loaders.summary.items() if k in ("cache", "transform_hash", "failed")})
+    if loaders.summary.get("failed_by_reason"):  # studies quarantined at cache build, by reason code
+        p["data.failed_by_reason"] = json.dumps(loaders.summary["failed_by_reason"], sort_keys=True)
     for i, c in enumerate(spec.classes):
         p[f"data.train_count.{c}"] = loaders.counts[i]
         p[f"loss.class_weight.{c}"] = f"{fit.class_weights[i]:.6g}" if fit.class_weights else "1"

@@ -359,7 +359,7 @@ def train(
     else:
         main_arm = Arm(
             "main",
-            load_recipe(recipe, spec.dims, overrides or [], weights=weights),
+            load_recipe(recipe, spec.dims, overrides or [], weights=weights, n_classes=len(spec.classes)),
             tags={tracking.TAG_CONTROL: control} if control else {},
         )
     rec = main_arm.recipe
