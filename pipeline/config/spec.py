@@ -300,6 +300,20 @@ _HINTS = {
 }
 
 
+SPEC_PATH_FIELDS = (("source", "root"), ("labels", "csv"), ("split", "pinned_test"))
+LOCAL_PATH = "<local path>"
+
+
+def strip_spec_paths(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict without local paths (source root, labels CSV, pinned test list, spec file): safe to track or
+    put in a model card (sites name folders after patients)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items() if k != "spec_path"}
+    for section, key in SPEC_PATH_FIELDS:
+        if isinstance(out.get(section), dict) and out[section].get(key) is not None:
+            out[section][key] = LOCAL_PATH
+    return out
+
+
 def yaml_error_text(exc: yaml.YAMLError) -> str:
     """Where and what, on one line, without pyyaml's quoted snippet (it repeats the offending line, which may
     hold a path)."""

@@ -42,7 +42,7 @@ What it does, in order:
               p_not_better, negative_transfer, verdict, rule, n_resamples, n_skipped, n_studies}),
     warnings [plain-language caveats: small splits, separable validation, skipped resamples, ...],
     evaluated {val, test: studies scored}, failed_studies (null or {val, test}: unreadable now),
-    checkpoint {epoch, best_metric, select_metric}, hashes, artifacts [file names]
+    checkpoint {epoch (counted from 1), best_metric, select_metric}, hashes, artifacts [file names]
 """
 
 from __future__ import annotations
@@ -601,6 +601,10 @@ def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
     return got
 
 
+def _one_based(index: Any) -> int | None:
+    return None if index is None else int(index) + 1
+
+
 def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
     from medxfer.core.errors import StageError
     from medxfer.ingest.manifest import join
@@ -716,7 +720,8 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
         "tta": {"views": 1 + len(views), "flip_dims": [list(v) for v in views]},
         "failed_studies": {"val": val_failed, "test": test_failed} if val_failed or test_failed else None,
         "checkpoint": {
-            "epoch": best.get("epoch", ckpt.get("epoch")),
+            # Counted from 1, as in MLflow's steps, the console and the model card (the loop's index + 1).
+            "epoch": _one_based(best.get("epoch", ckpt.get("epoch"))),
             "best_metric": ckpt.get("best_metric"),
             "select_metric": recipe.select_metric,
         },

@@ -26,6 +26,8 @@ import math
 from pathlib import PurePath
 from typing import Any
 
+from medxfer.config.spec import strip_spec_paths
+
 CARD_SCHEMA = "medxfer-model-card/1"
 _METRIC_LABELS = {
     "auroc": "AUROC",
@@ -38,14 +40,13 @@ _METRIC_LABELS = {
     "ece": "ECE (15 bins, after calibration)",
     "brier": "Brier score (after calibration)",
 }
-_PATH_FIELDS = (("source", "root"), ("labels", "csv"), ("split", "pinned_test"))
 
 
 def run_info_from_checkpoint(
     ckpt: dict[str, Any], tags: dict[str, str] | None = None, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The card's run metadata from a training checkpoint dict (plus optional MLflow tags / extra facts)."""
-    spec = _mask_spec(ckpt.get("spec") or {})
+    spec = strip_spec_paths(ckpt.get("spec") or {})
     tags = tags or {}
     info: dict[str, Any] = {
         "run_id": ckpt.get("run_id") or tags.get("run_id"),
@@ -75,14 +76,6 @@ def _int_or_none(v: Any) -> int | None:
         return int(v)
     except (TypeError, ValueError):
         return None
-
-
-def _mask_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items() if k != "spec_path"}
-    for section, key in _PATH_FIELDS:
-        if isinstance(out.get(section), dict) and out[section].get(key) not in (None, "<local path>"):
-            out[section][key] = "<local path>"
-    return out
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -494,7 +487,7 @@ def build_model_card(run_info: dict[str, Any], evaluation: dict[str, Any]) -> tu
     """(Markdown, JSON-safe dict) for one trained, evaluated model."""
     run = dict(run_info or {})
     if isinstance(run.get("spec"), dict):
-        run["spec"] = _mask_spec(run["spec"])
+        run["spec"] = strip_spec_paths(run["spec"])
     ev = evaluation or {}
     card: dict[str, Any] = {
         "schema": CARD_SCHEMA,

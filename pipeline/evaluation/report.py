@@ -103,13 +103,13 @@ def draw_figures(
     out: dict[str, Path] = {}
     ckpt = evaluation.get("checkpoint") or {}
     if history and "learning_curve" not in have:
-        best = ckpt.get("epoch")
+        best = ckpt.get("epoch")  # counted from 1; history rows count from 0
         out["learning_curve"] = plots.plot_learning_curves(
             [dict(h) for h in history],
             [],
             folder / "learning_curve.png",
             str(ckpt.get("select_metric") or "auroc"),
-            best=int(best) if best is not None else None,
+            best=int(best) - 1 if best is not None else None,
         )
     cm = (evaluation.get("confusion_matrix") or {}).get("test")
     if cm is not None and "confusion_matrix" not in have:
@@ -161,7 +161,7 @@ def _learning(history: Sequence[Mapping[str, Any]], ev: Mapping[str, Any], figs:
     kept = ckpt.get("epoch")
     text = (
         f"<p>{len(history)} epochs, {len(stages) or 1} unfreezing stage(s) (dashed lines mark where one begins); "
-        f"the kept checkpoint is epoch {int(kept) + 1 if kept is not None else 'n/a'} (star), selected on "
+        f"the kept checkpoint is epoch {int(kept) if kept is not None else 'n/a'} (star), selected on "
         f"validation {_e(ckpt.get('select_metric') or 'n/a')}.</p>"
         if history
         else '<p class="note">No per-epoch history was found for this run.</p>'

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from medxfer import tracking
+from medxfer.config.spec import strip_spec_paths
 from medxfer.core import ui
 from medxfer.core.workspace import Workspace
 from medxfer.training import checkpoint as ckpt_io
@@ -288,7 +289,7 @@ def params(fit: Fit) -> dict[str, Any]:
     """Everything needed to reproduce the run, as MLflow params: no paths, no identifiers."""
     spec, recipe, loaders, unfreezer = fit.spec, fit.recipe, fit.loaders, fit.unfreezer
     p: dict[str, Any] = dict(recipe.flat())
-    stripped = ckpt_io.strip_spec_paths(spec.model_dump(mode="json"))
+    stripped = strip_spec_paths(spec.model_dump(mode="json"))
     p.update({k: v for k, v in _flatten(stripped, "spec").items() if v != "<local path>"})
     p.update({f"hash.{k}": v for k, v in fit.hashes.items()})  # hash.spec, hash.labelled_content, hash.split
     p["git.commit"] = tracking.git_commit() or "unknown"

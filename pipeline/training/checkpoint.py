@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from medxfer.config.spec import strip_spec_paths
 from medxfer.core.errors import MedxferError
 from torch import nn
 
@@ -27,7 +28,6 @@ FORMAT = 1
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
 # Keys an inference user never needs; dropped from the copy logged to MLflow.
 TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_model", "ema")
-SPEC_PATH_FIELDS = (("source", "root"), ("labels", "csv"), ("split", "pinned_test"))
 
 
 class CheckpointError(MedxferError):
@@ -169,15 +169,6 @@ def load_resume(run_dir: Path, warn=None) -> tuple[dict[str, Any], Path]:
 
 
 # --- what other stages read ------------------------------------------------------------------------------------------
-def strip_spec_paths(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec without local paths (source root, labels CSV, pinned test list, spec file): safe to track."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items() if k != "spec_path"}
-    for section, key in SPEC_PATH_FIELDS:
-        if isinstance(out.get(section), dict) and out[section].get(key) is not None:
-            out[section][key] = "<local path>"
-    return out
-
-
 def for_tracking(ckpt: dict[str, Any]) -> dict[str, Any]:
     """An inference-only copy for the MLflow artifact: no optimizer/RNG state, no local paths."""
     out = {k: v for k, v in ckpt.items() if k not in TRAINING_ONLY}

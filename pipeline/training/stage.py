@@ -67,7 +67,8 @@ class ArmResult:
             "checkpoint": self.checkpoint,
             "epoch_s_mean": round(self.epoch_s, 3),
             "samples_per_s": round(self.samples_per_s, 2),
-            "resumed_from_epoch": self.resumed_from_epoch,
+            # counted from 1 like best_epoch (the dataclass keeps the loop's index)
+            "resumed_from_epoch": None if self.resumed_from_epoch is None else self.resumed_from_epoch + 1,
         }
 
 

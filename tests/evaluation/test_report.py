@@ -87,7 +87,7 @@ def synthetic(tmp_path: Path) -> tuple[dict, dict[str, Path]]:
         **c.evaluation,
         "counts": {"train": {classes[0]: 50, classes[1]: 40}, "val": {classes[0]: 40, classes[1]: 40}},
         "patients": {"train": 45, "val": 40},
-        "checkpoint": {"epoch": 1, "best_metric": 0.8, "select_metric": "auroc"},
+        "checkpoint": {"epoch": 2, "best_metric": 0.8, "select_metric": "auroc"},  # counted from 1
     }
     plots = write_plots(tmp_path / "plots", c, test)
     return ev, {p.stem: p for p in plots}

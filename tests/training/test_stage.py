@@ -257,7 +257,7 @@ def test_ddp_two_cpu_processes_under_torchrun_killed_and_resumed(prepared) -> No
     out = _cli(ds, "--resume", torchrun=2)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["world_size"] == 2 and summary["run_id"] == run_id and summary["main"]["resumed_from_epoch"] == 1
+    assert summary["world_size"] == 2 and summary["run_id"] == run_id and summary["main"]["resumed_from_epoch"] == 2
     client = _client(ds)
     run = client.get_run(summary["run_id"])
     assert run.data.params["run.world_size"] == "2" and run.info.status == "FINISHED"
