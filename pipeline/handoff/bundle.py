@@ -176,9 +176,10 @@ def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment with spaces
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n :])
-    tmp.replace(path)
+    from medxfer.core.workspace import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n :])
 
 
 def write_bundle(

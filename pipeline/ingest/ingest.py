@@ -45,7 +45,7 @@ import pandas as pd
 from medxfer.config.spec import DataSpec, SpecError, check_spec_files
 from medxfer.core import ui
 from medxfer.core.errors import StageError
-from medxfer.core.workspace import Workspace
+from medxfer.core.workspace import Workspace, atomic_path, write_text_atomic
 from medxfer.ingest.manifest import MANIFEST_COLUMNS, json_default, manifest_content_hash
 from medxfer.io.checks import InputError, check_shape
 from medxfer.io.phi import Pseudonymizer
@@ -54,8 +54,10 @@ REJECT_COLUMNS = ["input", "reason_code", "message", "study_key"]
 # Every reason_code of rejects.csv is a key of the one table, medxfer.io.checks.REASONS; these are its label rows.
 _NIFTI_NAMES = (".nii", ".nii.gz")
 # 2: DICOM content hash over sampled slices; 3: every slice decoded and checked, the io/checks reason codes
-# (an entry cached as usable by version 2 may hold a slice that version 3 rejects).
-_CACHE_VERSION = 3
+# (an entry cached as usable by version 2 may hold a slice that version 3 rejects); 4: header records without
+# SeriesDescription (free text, often a name; read again from the file when a series rule needs it), so a
+# version-3 file, which holds it in clear, is dropped and rewritten on the next ingest.
+_CACHE_VERSION = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +172,8 @@ class ScanCache:
         rows = [("meta", "", 0, 0, json.dumps(self._meta()))]
         rows += [(k, key, s, m, r) for (k, key), (s, m, r) in sorted(self._new.items())]
         df = pd.DataFrame(rows, columns=["kind", "key", "size", "mtime_ns", "record"])
-        tmp = self.path.with_suffix(".tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            df.to_parquet(tmp, index=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +679,12 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
     problems = [p for p in check_spec_files(spec) if not p.startswith("split.")]
     if problems:
         raise SpecError(f"{spec.spec_path}:\n  - " + "\n  - ".join(problems))
-    ws = Workspace.for_spec(workspace, spec.name).ensure()
+    # One writer per spec's workspace: two ingests at once interleaved their manifest, map and cache writes.
+    with Workspace.for_spec(workspace, spec.name).locked("ingest") as ws:
+        return _ingest(spec, ws, t0, strict, workers)
+
+
+def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int | None) -> IngestResult:
     pseudo = Pseudonymizer.for_workspace_root(ws.root)
     # Cached headers hold pseudonyms only; without the map their originals could not be recorded again.
     cache = ScanCache(ws.scan_cache, pseudo.fingerprint, load=ws.pseudonym_map.is_file())
@@ -705,13 +711,16 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
     ]
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("study_key").reset_index(drop=True)
-    manifest.to_parquet(ws.manifest, index=False)
+    # Each file is replaced whole, so a reader (train, or a user's notebook) never sees half a manifest.
+    with atomic_path(ws.manifest) as tmp:
+        manifest.to_parquet(tmp, index=False)
     rej_df = pd.DataFrame([(r.input, r.reason_code, r.message, r.study_key) for r in rejects], columns=REJECT_COLUMNS)
-    rej_df.to_csv(ws.rejects, index=False)
+    with atomic_path(ws.rejects) as tmp:
+        rej_df.to_csv(tmp, index=False)
     if spec.source.kind == "dicom":
-        pd.DataFrame(disc.series_log, columns=["study_key", "series_key", "chosen", "reason_code", "message"]).to_csv(
-            ws.series_selection, index=False
-        )
+        sel = pd.DataFrame(disc.series_log, columns=["study_key", "series_key", "chosen", "reason_code", "message"])
+        with atomic_path(ws.series_selection) as tmp:
+            sel.to_csv(tmp, index=False)
     pseudo.write_map(ws.pseudonym_map)
     cache.save()
 
@@ -758,7 +767,7 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
         "warnings": warnings,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
-    ws.ingest_report.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
+    write_text_atomic(ws.ingest_report, json.dumps(report, indent=2, default=json_default) + "\n")
     for w in warnings:
         ui.warn(w)
     result = IngestResult(spec.name, ws.dir, ws.manifest, ws.rejects, ws.ingest_report, report)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from medxfer.config.spec import DataSpec, SpecError
 from medxfer.core.errors import StageError
-from medxfer.core.workspace import Workspace
+from medxfer.core.workspace import Workspace, atomic_path, write_text_atomic
 
 SPLIT_COLUMNS = ["study_key", "patient_key", "label", "split", "fold"]
 
@@ -152,9 +152,16 @@ def _pinned_keys(spec: DataSpec, ws: Workspace) -> set[str]:
 
 def split(spec: DataSpec, workspace: Path) -> SplitResult:
     """Write splits.csv and split_report.json for a spec whose ingest has run."""
+    ws = Workspace.for_spec(workspace, spec.name)
+    # Held from reading the manifest to writing the splits: a concurrent ingest must not replace the manifest
+    # between the two, or the splits would describe another manifest.
+    with ws.locked("split"):
+        return _split(spec, ws)
+
+
+def _split(spec: DataSpec, ws: Workspace) -> SplitResult:
     from medxfer.ingest.manifest import manifest_content_hash, read_manifest
 
-    ws = Workspace.for_spec(workspace, spec.name)
     if not ws.manifest.is_file():
         raise StageError(f"no manifest for '{spec.name}' in {ws.root}; run `medxfer ingest` first")
     # Order by decoded-pixel hash, not by pseudonym: pseudonyms depend on the workspace's secret key, and the
@@ -264,9 +271,9 @@ def split(spec: DataSpec, workspace: Path) -> SplitResult:
         "patients_spanning_splits": leaks,
         "pinned_test": pinned_info,
     }
-    ws.ensure()
-    out.to_csv(ws.splits, index=False)
-    ws.split_report.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_path(ws.splits) as tmp:
+        out.to_csv(tmp, index=False)
+    write_text_atomic(ws.split_report, json.dumps(report, indent=2) + "\n")
     return SplitResult(spec.name, ws.splits, ws.split_report, report)
 
 

@@ -10,6 +10,7 @@ local ``pseudonym_map.csv`` in the workspace.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -48,16 +49,40 @@ def load_key(key_file: Path) -> bytes:
                 "made with it are still needed, or set MEDXFER_PSEUDONYM_KEY"
             )
         return key
+    return _create_key(key_file)
+
+
+def _create_key(key_file: Path) -> bytes:
+    """Write a new key so that exactly one of several racing stages wins and every reader sees a whole key.
+
+    The key is written, fsynced and closed under a unique temporary name, then hard-linked into place: link fails
+    when the name exists (O_EXCL's semantics), so a loser reads the winner's complete file. Creating the key file
+    itself with O_EXCL let a reader open it between create and write: "pseudonym key file is too short" in 1 of
+    22 concurrent ingest pairs.
+    """
+    import tempfile
+
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f"{key_file.name}.", suffix=".tmp", dir=key_file.parent)  # mode 0600
     try:
-        # O_EXCL: two stages racing to create the key must not end up with different keys.
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_key(key_file)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key + b"\n")
-    return key
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, key_file)
+        except FileExistsError:
+            return load_key(key_file)
+        except OSError:
+            # A file system without hard links: rename only if the name is still free (a small window remains).
+            if key_file.exists():
+                return load_key(key_file)
+            os.replace(tmp, key_file)
+        return key
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class Pseudonymizer:
@@ -110,15 +135,13 @@ class Pseudonymizer:
                 for r in csv.DictReader(fh):
                     rows[r["pseudonym"]] = (r["kind"], r["original"])
         rows.update(self._seen)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", newline="") as fh:
+        from medxfer.core.workspace import atomic_path
+
+        with atomic_path(path, mode=0o600) as tmp, tmp.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["pseudonym", "kind", "original"])
             for k in sorted(rows):
                 w.writerow([k, *rows[k]])
-        os.replace(tmp, path)
         return len(rows)
 
 

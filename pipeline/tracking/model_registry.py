@@ -14,7 +14,7 @@ from typing import Any
 
 from medxfer.core.errors import StageError
 from medxfer.tracking.guard import PHIGuard
-from medxfer.tracking.tracker import _client, _quiet_mlflow
+from medxfer.tracking.tracker import _client, _quiet_mlflow, check_reachable
 
 
 def python_model_base() -> type:
@@ -70,6 +70,7 @@ class _GlobalURIs:
 
 
 def _registry_client(tracking_uri: str):
+    check_reachable(tracking_uri)
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()

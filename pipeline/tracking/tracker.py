@@ -144,7 +144,55 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) made a dead server cost 256 s of silence
+# before `Max retries exceeded`. These make it cost seconds; a user's own setting wins.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+PROBE_TIMEOUT_ENV = "MEDXFER_TRACKING_PROBE_TIMEOUT_S"
+PROBE_TIMEOUT_S = 4.0
+_REACHABLE: set[str] = set()
+
+
+def check_reachable(tracking_uri: str, timeout_s: float | None = None) -> None:
+    """Fail in seconds, with the fix, when an http(s) tracking server does not answer; other URIs pass.
+
+    One GET of ``<uri>/health`` per URI and process (the MLflow server answers it without touching its store);
+    any HTTP answer, even an error status, proves a server listens, so only a failed connection refuses.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    for name, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if tracking_uri in _REACHABLE:
+        return
+    import urllib.error
+    import urllib.request
+
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get(PROBE_TIMEOUT_ENV) or PROBE_TIMEOUT_S)
+        except ValueError:
+            timeout_s = PROBE_TIMEOUT_S
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass  # a server answered
+    except (OSError, ValueError) as exc:  # URLError, refused, timed out, bad host
+        reason = getattr(exc, "reason", exc)
+        raise StageError(
+            f"MLflow tracking server {tracking_uri} is not reachable ({reason}); fix: start the server, or "
+            "unset MLFLOW_TRACKING_URI to use the workspace's sqlite store"
+        ) from None
+    _REACHABLE.add(tracking_uri)
+
+
 def _client(tracking_uri: str):
+    check_reachable(tracking_uri)
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
@@ -421,6 +469,7 @@ def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
 
 def download_run_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path | None:
     """Download one artifact (file or folder) of a run into `dst`; None when the run has no such artifact."""
+    check_reachable(tracking_uri)
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 

@@ -239,7 +239,7 @@ def _arm_to_resume(
     parent: str | None = None,
 ) -> Arm:
     """An Arm continuing `run_id` from its newest readable checkpoint (every rank reads it from disk)."""
-    ckpt, _ = ckpt_io.load_resume(ws.run_dir(run_id), warn=ui.warn if d.main else None)
+    ckpt = _load_resume(spec, ws, run_id, d, warn=ui.warn if d.main else None)
     changed = manifest.changed_hashes(ckpt["hashes"], tables.hashes(spec))
     changed += ["validation fold"] if ckpt.get("fold") != tables.fold else []
     if changed:
@@ -250,6 +250,30 @@ def _arm_to_resume(
     return Arm(
         role, recipe_from_dict(ckpt["recipe"]), control=control, run_id=run_id, resume=ckpt, parent_run_id=parent
     )
+
+
+def _load_resume(spec: DataSpec, ws: Workspace, run_id: str, d: Dist, warn=None) -> dict[str, Any]:
+    """The run's newest readable checkpoint; with none left the run can never continue, so it ends FAILED.
+
+    Left RUNNING, the MLflow UI showed a dead run as live, and every later --resume picked it again only to refuse.
+    """
+    try:
+        return ckpt_io.load_resume(ws.run_dir(run_id), warn=warn)[0]
+    except ckpt_io.CheckpointError as exc:
+        if not d.main or run_id.startswith("local-"):
+            raise
+        dead = tracking.Tracker(ws.tracking_uri, spec.name, tracking.PHIGuard(), system_metrics=False)
+        dead.run_id = run_id
+        dead.end("failed")
+        # Renamed, not deleted: a later --resume must not pick this run again (a FAILED run with a checkpoint
+        # is resumable), and the files stay for whoever wants to see what cut them short.
+        for name in (ckpt_io.LAST, ckpt_io.PREV):
+            path = ws.run_dir(run_id) / name
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+        raise ckpt_io.CheckpointError(
+            f"{exc} (the MLflow run is now marked FAILED; its checkpoints are kept as *.corrupt)"
+        ) from None
 
 
 def _main_arm_to_resume(
@@ -266,7 +290,7 @@ def _main_arm_to_resume(
     tags = tracking.run_tags(ws.tracking_uri, run_id) if d.main else {}
     control = broadcast(control or tags.get(tracking.TAG_CONTROL), d)
     if fold is None and tables.fold is not None:  # k-fold: continue on the run's own fold
-        tables = _read_tables(spec, ws, ckpt_io.load_resume(ws.run_dir(run_id))[0].get("fold"))
+        tables = _read_tables(spec, ws, _load_resume(spec, ws, run_id, d).get("fold"))
     return _arm_to_resume(spec, ws, run_id, "main", tables, d), control, tables
 
 

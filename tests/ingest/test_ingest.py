@@ -403,3 +403,32 @@ def test_real_series_mr_volume_and_kits_quarantine(shared_data, tmp_path):
     assert "1 of 11 slices share a position" in kits.message
     # The LICENSE/CITATION text files next to the series are listed, not silently skipped.
     assert all(p.endswith(("LICENSE", "CITATION")) for p in rej[rej.reason_code == "not_dicom"].input)
+
+
+def test_series_description_never_stored_and_rules_hold_on_a_cached_rerun(tmp_path):
+    """SeriesDescription is free text (here a planted name): no workspace file but the map and the key holds it,
+    and a description rule still picks the right series when the headers come from the scan cache."""
+    name = PHI["name"]
+    root, rows = tmp_path / "data", []
+    for i, label in enumerate(("neg", "pos")):
+        uid = pydicom.uid.generate_uid()
+        write_series(root / f"S{i}" / "A", n=6, study_uid=uid, patient_id=f"P{i}", description=f"T1 AX {name}")
+        # More slices and a lower series number: without the rule this one would win.
+        kw = dict(study_uid=uid, patient_id=f"P{i}", series_number=1, description=f"{name} SCOUT")
+        write_series(root / f"S{i}" / "B", n=9, **kw)
+        rows.append([uid, label])
+    write_labels(tmp_path / "labels.csv", ["StudyInstanceUID", "label"], rows)
+    series = {"modality": ["CT"], "description_exclude": ["(?i)scout"]}
+    spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict("desc", "dicom", 3, "data", series=series)))
+    ws = tmp_path / "ws"
+    wsd = Workspace.for_spec(ws, "desc")
+    first = ingest(spec, ws)
+    assert list(read_manifest(wsd.manifest)["n_slices"]) == [6, 6]
+    again = ingest(spec, ws)
+    assert again.report["files"]["read"] == 0 and again.report["files"]["cached"] == 30
+    assert list(read_manifest(wsd.manifest)["n_slices"]) == [6, 6]
+    assert again.report["manifest_hash"] == first.report["manifest_hash"]
+    hits = scan_for_phi([ws], [name], exclude=[wsd.pseudonym_map, wsd.key_file])
+    assert not hits, hits
+    # Parquet may compress a value out of sight of a byte scan: the decoded cache must not hold it either.
+    assert name.lower() not in pd.read_parquet(wsd.scan_cache).to_csv().lower()

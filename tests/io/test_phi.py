@@ -64,3 +64,53 @@ def test_scan_for_phi_text_folders_parquet_and_name_forms(tmp_path):
     assert where == {"log.txt", "t.parquet"}
     assert scan_for_phi("line one\nsecret DOE^JANE", ["doe^jane"])
     assert not scan_for_phi(tmp_path, ["DOE^JANE"], exclude=[tmp_path / "log.txt"])
+
+
+def test_a_reader_arriving_mid_write_sees_no_partial_key(tmp_path, monkeypatch):
+    """The interleaving that broke concurrent ingests, made deterministic: a second stage loads the key while the
+    first is still writing it. Before, it found the file already there, empty: "pseudonym key file is too short"."""
+    import os
+
+    kf = tmp_path / ".pseudonym_key"
+    real_fdopen, seen = os.fdopen, []
+
+    class Interrupted:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            self._fh.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._fh.__exit__(*exc)
+
+        def write(self, data):
+            if not seen:
+                seen.append(None)  # the other stage's own write is not interrupted again
+                seen[0] = load_key(kf)  # the other stage, between the writer's open and its write
+            return self._fh.write(data)
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Interrupted(real_fdopen(*a, **k)))
+    first = load_key(kf)
+    assert seen == [first] and kf.read_bytes() == first + b"\n"  # one key won, and both stages use it
+
+
+def _load(kf):
+    return load_key(kf)
+
+
+def test_racing_processes_agree_on_one_whole_key(tmp_path):
+    """Two ingests creating the key at once: one read it before the other had written it ("too short")."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        for i in range(8):
+            kf = tmp_path / f"ws{i}" / ".pseudonym_key"
+            keys = pool.map(_load, [kf] * 12)
+            assert len(set(keys)) == 1 and len(keys[0]) == 64
+            assert kf.read_bytes() == keys[0] + b"\n" and stat.S_IMODE(kf.stat().st_mode) == 0o600
+            assert [p.name for p in kf.parent.iterdir()] == [".pseudonym_key"]  # no temp file left behind
