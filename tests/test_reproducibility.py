@@ -33,7 +33,7 @@ RECIPE = [
     "data.size=[64,64]",
     "data.batch_size=8",
     "optim.warmup_epochs=0.5",
-    "evaluation.bootstrap=0",
+    "evaluation.bootstrap=200",
 ]
 
 
@@ -74,7 +74,11 @@ def _train_in_new_process(ds, tmp: Path, hashseed: str) -> dict[str, str]:
     code = "import sys; from medxfer.handoff.bundle import write_bundle; write_bundle(sys.argv[1], None, sys.argv[2])"
     env = {**os.environ, "PYTHONHASHSEED": hashseed}
     subprocess.run([sys.executable, "-c", code, str(best), str(bundle)], check=True, env=env, timeout=300)
+    ev = json.loads(
+        _medxfer("evaluate", summary["run_id"], "--workspace", str(ws), "--json", cwd=cwd, hashseed=hashseed).stdout
+    )
     return {
+        "test": ev["test"],
         "file": hashlib.sha256((bundle / "weights.safetensors").read_bytes()).hexdigest(),
         "key": (ws / ".pseudonym_key").read_bytes().hex(),
         "best": _weights_sha256(best),
@@ -93,3 +97,5 @@ def test_same_spec_recipe_seed_same_weights_in_a_new_process(tmp_path: Path) -> 
     assert a["best"] == b["best"], f"shipped weights differ between processes: {a['best']} vs {b['best']}"
     assert a["file"] == b["file"], "the bundle's weights.safetensors differs although the weights do not"
     assert (a["val_auroc"], a["best_epoch"]) == (b["val_auroc"], b["best_epoch"])
+    # And the same test metrics with the same patient-bootstrap CIs (they once followed the pseudonym order).
+    assert a["test"] == b["test"]

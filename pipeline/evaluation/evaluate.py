@@ -622,7 +622,11 @@ def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
             "the split changed since this run was trained (split hash differs); evaluating would "
             "mix training studies into the test set. Retrain, or restore the original split"
         )
-    rows = join(ws, select_fold=False).rows  # the fixed val and test splits, as written
+    # The fixed val and test splits, in pixel-hash order as split deals them: the manifest is in pseudonym order,
+    # which changes with the workspace key, and the bootstrap numbers patients by first appearance (two fresh
+    # demo workspaces gave test AUROC CIs [0.851, 0.952] and [0.849, 0.950] from identical weights).
+    rows = join(ws, select_fold=False).rows
+    rows = rows.sort_values(["content_hash", "study_key"], na_position="last", kind="stable").reset_index(drop=True)
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
     for s in ("train", "val", "test"):
