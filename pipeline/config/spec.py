@@ -314,6 +314,17 @@ def strip_spec_paths(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def modality_label(spec: dict[str, Any]) -> str:
+    """What the images are, as a (dumped) spec says it: NIfTI's declared modality, DICOM's chosen series
+    modalities, else the source kind. One rule for the run description and the registered model's."""
+    src, series = spec.get("source") or {}, spec.get("series") or {}
+    if src.get("modality"):
+        return str(src["modality"])
+    if series.get("modality"):
+        return "/".join(series["modality"])
+    return "DICOM" if src.get("kind") == "dicom" else "NIfTI"
+
+
 def yaml_error_text(exc: yaml.YAMLError) -> str:
     """Where and what, on one line, without pyyaml's quoted snippet (it repeats the offending line, which may
     hold a path)."""

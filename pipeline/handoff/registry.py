@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from medxfer import tracking
+from medxfer.config.spec import modality_label
 from medxfer.core import ui
 from medxfer.core.errors import MedxferError, StageError
 from medxfer.core.workspace import Workspace
@@ -242,11 +243,6 @@ def _description(ra: RunArtifacts, cfg: dict[str, Any]) -> str:
 LOGGED_MODEL_METRICS = ("test/", "eval/", "transfer/", "best/")
 
 
-def _modality(spec: dict[str, Any]) -> str:
-    src, series = spec.get("source") or {}, spec.get("series") or {}
-    return src.get("modality") or "/".join(series.get("modality") or []) or str(src.get("kind", "")).upper()
-
-
 def model_description(ra: RunArtifacts, bundle: Path) -> str:
     """The registered model's description: task, classes, modality and intended use (the model card's, which
     it takes from the spec); the same for every version, which has its own description with its numbers."""
@@ -258,7 +254,7 @@ def model_description(ra: RunArtifacts, bundle: Path) -> str:
     classes = ", ".join(spec.get("classes") or [])
     positive = f" (positive: {spec['positive_class']})" if spec.get("positive_class") else ""
     lines = [
-        f"{spec.get('task')} classifier of {spec.get('dims')}D {_modality(spec)} images into {classes}{positive}, "
+        f"{spec.get('task')} classifier of {spec.get('dims')}D {modality_label(spec)} images into {classes}{positive}, "
         f"trained on the '{ra.ws.name}' dataset by medxfer.",
         "",
         f"Intended use: {use.get('primary', 'research use only')}",
@@ -277,7 +273,7 @@ def model_tags(ra: RunArtifacts, cfg: dict[str, Any]) -> dict[str, str]:
     return {
         "task": str(cfg["task"]),
         "classes": ",".join(cfg["classes"]),
-        "modality": _modality(spec),
+        "modality": modality_label(spec),
         "dims": f"{spec.get('dims')}D",
         "spec": ra.ws.name,
         "framework": "medxfer (PyTorch), MLflow pyfunc",

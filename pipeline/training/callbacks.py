@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from medxfer import tracking
-from medxfer.config.spec import strip_spec_paths
+from medxfer.config.spec import modality_label, strip_spec_paths
 from medxfer.core import ui
 from medxfer.core.workspace import Workspace
 from medxfer.training import checkpoint as ckpt_io
@@ -217,7 +217,11 @@ class Tracking(Callback):
             from medxfer.stats.plots import plot_learning_curves  # matplotlib: only when a curve is drawn
 
             curve = plot_learning_curves(
-                fit.history, fit.unfreezer.transitions, Path(tmp) / "learning_curve.png", fit.recipe.select_metric
+                fit.history,
+                fit.unfreezer.transitions,
+                Path(tmp) / "learning_curve.png",
+                fit.recipe.select_metric,
+                best=int(fit.best["epoch"]),  # the epoch the fit kept, not the plot's re-derivation of it
             )
             self.tracker.log_file(curve, "plots")
             # The loop's rows as the checkpoint holds them ("epoch": the 0-based index; the report reads them).
@@ -228,15 +232,6 @@ class Tracking(Callback):
             self.tracker.log_file(Path(tmp) / "best.pt", "checkpoints")
 
 
-def modality(spec: Any) -> str:
-    """What the images are, as the spec says it: NIfTI's declared modality, DICOM's chosen series modalities."""
-    if spec.source.modality:
-        return spec.source.modality
-    if spec.series.modality:
-        return "/".join(spec.series.modality)
-    return spec.source.kind.upper() if spec.source.kind == "dicom" else "NIfTI"
-
-
 def experiment_note(spec: Any) -> str:
     """The experiment's description: the dataset spec in a few lines, no paths."""
     sp = spec.split
@@ -245,8 +240,9 @@ def experiment_note(spec: Any) -> str:
         if sp.folds
         else ", ".join(f"{k} {v:.0%}" for k, v in (sp.fractions or {}).items())
     )
+    kind = modality_label(spec.model_dump(mode="json"))
     lines = [
-        f"**{spec.name}**: {spec.task} classification of {spec.dims}D {modality(spec)} images "
+        f"**{spec.name}**: {spec.task} classification of {spec.dims}D {kind} images "
         f"({spec.source.kind.upper() if spec.source.kind == 'dicom' else 'NIfTI'}).",
         "",
         f"- classes: {', '.join(spec.classes)}"
@@ -272,8 +268,9 @@ def run_note(fit: Fit) -> str:
     if rep.get("sha256"):
         weights += f" (sha256 {str(rep['sha256'])[:12]})"
     role = f"{arm.role} run" + (f", control: {arm.control}" if arm.control else "")
+    kind = modality_label(spec.model_dump(mode="json"))
     lines = [
-        f"**{spec.name}** ({spec.task}, {spec.dims}D {modality(spec)}), {role}",
+        f"**{spec.name}** ({spec.task}, {spec.dims}D {kind}), {role}",
         "",
         f"- studies: {by_split}",
         f"- encoder: {recipe.encoder}, weights: {weights}",
