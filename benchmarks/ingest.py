@@ -8,6 +8,11 @@ pipeline's scan cache should make cheap). Arms alternate, the median of the repe
 
 Data: the real 130-slice GE MR series and a generated tree of small MR series (>= 5,000
 files in quick/full) written with pydicom into benchmarks/work/.
+
+Goals (issue 16): cold ingest >= 5x on the 5,000-file tree and >= 2x on the GE MR; re-ingest >= 5x. Each
+set reports the median and the spread (min, max) of its repeats, the header reader's fallbacks (files
+pydicom had to read), and, where a cold goal is missed, where the time of one more cold run goes: wall
+seconds per ingest phase and cProfile's top functions of the main thread.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from benchmarks import common
 TITLE = "Ingest: DICOM files/s vs a naive pydicom full-read loop"
 NAME = "ingest"
 TARGET = 5.0
+# The GE MR is 130 large files: a fixed cost per ingest (spec, key, manifest, report, cache) weighs more there.
+COLD_TARGETS = {"ge_mr": 2.0, "generated": 5.0}
 
 # (studies, slices per study, pixels per side, repeats) per size
-_TREE = {"tiny": (12, 5, 16, 1), "quick": (250, 20, 32, 2), "full": (250, 20, 32, 3)}
+_TREE = {"tiny": (12, 5, 16, 1), "quick": (250, 20, 32, 2), "full": (250, 20, 32, 5)}
 _MR_REPEATS = {"tiny": 1, "quick": 3, "full": 5}
 
 
@@ -126,6 +133,14 @@ def naive_read(files: list[Path]) -> int:
     return len(series)
 
 
+def _report_files(workspace: Path) -> dict[str, Any]:
+    import json
+
+    for p in workspace.rglob("ingest_report.json"):
+        return json.loads(p.read_text()).get("files", {})
+    return {}
+
+
 def pipeline_ingest(spec_path: Path, workspace: Path) -> tuple[float, dict[str, Any]]:
     ingest_mod = common.require("medxfer.ingest.ingest", "medxfer.ingest.ingest")
     from medxfer.config.spec import load_spec
@@ -141,7 +156,63 @@ def pipeline_ingest(spec_path: Path, workspace: Path) -> tuple[float, dict[str, 
         if "have no usable studies" not in str(exc):
             raise
         summary = {"note": "single-class set: ingest finished and reported the empty class"}
-    return time.perf_counter() - t0, summary
+    wall = time.perf_counter() - t0
+    summary.setdefault("files", _report_files(workspace))
+    return wall, summary
+
+
+def profile_cold(spec_path: Path, workspace: Path, top: int = 15) -> dict[str, Any]:
+    """Where one cold ingest spends its time: wall seconds per phase, and cProfile's top functions (main thread;
+    the header scan's worker processes and the decode threads show as waits there, hence the phases)."""
+    import cProfile
+    import io
+    import pstats
+
+    from medxfer.ingest import ingest as ingest_mod
+    from medxfer.io import dicom
+
+    phases: dict[str, float] = {}
+    patched = [(dicom, "scan_headers"), (ingest_mod, "_walk"), (ingest_mod, "_decode_study"), (ingest_mod, "_join")]
+    originals = [getattr(m, n) for m, n in patched]
+
+    def wrap(fn: Any, name: str) -> Any:
+        def inner(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+        return inner
+
+    for (m, n), fn in zip(patched, originals, strict=True):
+        setattr(m, n, wrap(fn, n))
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    prof = cProfile.Profile()
+    try:
+        prof.enable()
+        wall, _ = pipeline_ingest(spec_path, workspace)
+        prof.disable()
+    finally:
+        for (m, n), fn in zip(patched, originals, strict=True):
+            setattr(m, n, fn)
+        shutil.rmtree(workspace, ignore_errors=True)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [ln.rstrip() for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    return {
+        "wall_s_profiled": round(wall, 3),
+        "phases_s": {k: round(v, 3) for k, v in phases.items()},
+        "note": "_decode_study is summed over the decode threads (it can exceed its share of the wall time)",
+        "top_tottime": lines[start : start + top + 1],
+    }
+
+
+def _pair_spread(base: list[float], arm: list[float]) -> list[float]:
+    ratios = [a / b for a, b in zip(base, arm, strict=True)]
+    return [round(min(ratios), 3), round(max(ratios), 3)]
 
 
 def _bench_set(label: str, files: list[Path], spec: Path, ws_root: Path, repeats: int) -> tuple[list, dict]:
@@ -164,12 +235,14 @@ def _bench_set(label: str, files: list[Path], spec: Path, ws_root: Path, repeats
         shutil.rmtree(ws, ignore_errors=True)
     n = len(files)
     med = {k: common.median(v) for k, v in (("naive", naive), ("cold", cold), ("warm", warm))}
+    spread = {k: [round(min(v), 4), round(max(v), 4)] for k, v in (("naive", naive), ("cold", cold), ("warm", warm))}
     rows = [
         {
             "set": label,
             "arm": "naive pydicom loop (baseline)",
             "files": n,
             "median_s": med["naive"],
+            "min_max_s": spread["naive"],
             "files_per_s": n / med["naive"],
             "ratio": 1.0,
         },
@@ -178,16 +251,21 @@ def _bench_set(label: str, files: list[Path], spec: Path, ws_root: Path, repeats
             "arm": "medxfer ingest, cold",
             "files": n,
             "median_s": med["cold"],
+            "min_max_s": spread["cold"],
             "files_per_s": n / med["cold"],
             "ratio": med["naive"] / med["cold"],
+            # per-repeat ratios (arms alternate, so each pair shares the machine's load at that moment)
+            "ratio_min_max": _pair_spread(naive, cold),
         },
         {
             "set": label,
             "arm": "medxfer ingest, re-ingest (unchanged)",
             "files": n,
             "median_s": med["warm"],
+            "min_max_s": spread["warm"],
             "files_per_s": n / med["warm"],
             "ratio": med["naive"] / med["warm"],
+            "ratio_min_max": _pair_spread(naive, warm),
         },
     ]
     return rows, {"summary": summary, "raw_s": {"naive": naive, "cold": cold, "warm": warm}}
@@ -228,15 +306,20 @@ def run(size: str = "full") -> dict[str, Any]:
         rows, info = _bench_set(label, files, spec, ws_root, reps)
         result["rows"].extend(rows)
         details[label] = info
-        result["ratios"][f"{label}: cold ingest vs naive"] = common.ratio_entry(rows[1]["ratio"], TARGET)
+        cold_target = COLD_TARGETS["ge_mr" if label.startswith("ge_mr") else "generated"]
+        result["ratios"][f"{label}: cold ingest vs naive"] = common.ratio_entry(rows[1]["ratio"], cold_target)
+        info["header_fallbacks"] = info["summary"].get("files", {}).get("header_fallbacks")
+        if rows[1]["ratio"] < cold_target:
+            info["profile_cold"] = profile_cold(spec, ws_root / f"{label}-profile")
         result["ratios"][f"{label}: re-ingest vs naive"] = common.ratio_entry(rows[2]["ratio"], TARGET)
     result["details"] = details
     result["notes"].append(
         "baseline = what a user writes: pydicom.dcmread(f) + .pixel_array for every file, "
         "grouped by SeriesInstanceUID, sorted by InstanceNumber (single process). Ingest reads "
-        "headers only (specific tags, forked workers for >= 400 files), decodes the first/middle/"
-        "last slice of each chosen series, and also checks geometry, pseudonymises and writes the "
-        "manifest, rejects, report and scan cache"
+        "headers with its byte-level reader (medxfer.io.dicom_header; pydicom for the files it leaves, "
+        "counted as header_fallbacks; forked workers for >= 400 files), checks every slice of each chosen "
+        "series (uncompressed ones from the bytes, no pydicom), keeps the first/middle/last, and also "
+        "checks geometry, pseudonymises and writes the manifest, rejects, report and scan cache"
     )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from medxfer.core import ui
-from medxfer.io import checks
+from medxfer.io import checks, dicom_header
 from pydicom.errors import InvalidDicomError
 
 # pydicom reports odd values in warnings and log records that quote the value itself (a date, a
@@ -82,6 +82,9 @@ class Header:
     series: str = ""  # pseudonym of SeriesInstanceUID
     frame_of_ref: str | None = None
     modality: str = ""
+    # Manufacturer (0008,0070) and ManufacturerModelName (0008,1090): device names, not PHI; evaluate's subgroups.
+    manufacturer: str = ""
+    manufacturer_model: str = ""
     # SeriesDescription: free text that often holds a name, so never in the scan cache (to_dict leaves it out);
     # None on a header from the cache until a series rule asks for it (series_description).
     description: str | None = ""
@@ -97,6 +100,15 @@ class Header:
     frame_positions: list[list[float]] | None = None
     pixel_spacing: list[float] | None = None
     transfer_syntax: str = ""
+    # True when the byte-level reader (medxfer.io.dicom_header) could not read the file and pydicom did;
+    # ingest_report.json counts these.
+    fallback: bool = False
+    # Where the native pixel data lies (dicom_header.native_layout), so the pixel check reads it without a
+    # second parse; not in the scan cache (to_dict leaves it out).
+    pixels: dict[str, Any] | None = field(default=None, compare=False)
+    # (shape, finite, min, max) of the rescaled pixels when the scan already held them (a small file read
+    # whole); sample_pixels checks such slices without reading them again. Not in the scan cache either.
+    pixel_stats: tuple[tuple[int, ...], bool, float, float] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The scan-cache record: everything but the free-text SeriesDescription."""
@@ -104,6 +116,8 @@ class Header:
         # per file than reading the header.
         d = dict(self.__dict__)
         del d["description"]
+        d.pop("pixels", None)
+        d.pop("pixel_stats", None)
         return d
 
     @classmethod
@@ -169,6 +183,8 @@ def _raw(ds: Any, keyword: str) -> Any:
     Multi-valued keywords give a list of strings (so a single "5" is never iterated as characters);
     anything unusual (already converted, an unexpected VR, odd length) falls back to ``_get``.
     """
+    if isinstance(ds, dict):  # from medxfer.io.dicom_header: already in this shape
+        return ds.get(keyword)
     tag, vr, multi = _RAW[keyword]
     elem = ds.get_item(tag, keep_deferred=True)
     if elem is None:
@@ -193,7 +209,7 @@ def _floats(v: Any, n: int) -> list[float] | None:
         out = [float(x) for x in v]
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n and all(np.isfinite(out)) else None
+    return out if len(out) == n and all(map(math.isfinite, out)) else None
 
 
 def _int(v: Any) -> int | None:
@@ -306,6 +322,8 @@ HEADER_TAGS = (
     "AccessionNumber",
     "PatientID",
     "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
     "SeriesDescription",
     "ImageType",
     "SeriesNumber",
@@ -324,19 +342,54 @@ HEADER_TAGS = (
 )
 
 
-def read_header(path: str, pseudo: _Pseudo) -> Header:
-    """Header of one file, or a Header with ``error`` set to a reason code. Never raises."""
+def read_header(path: str, pseudo: _Pseudo, fast: bool = True) -> Header:
+    """Header of one file, or a Header with ``error`` set to a reason code. Never raises.
+
+    The byte-level reader (medxfer.io.dicom_header) reads every file it understands; pydicom reads the rest
+    (``Header.fallback``) and every file that is refused, so reason codes come from one place. ``fast=False``:
+    pydicom only (the equivalence test compares the two).
+    """
     try:
         st = os.stat(path)
     except OSError:
         return Header(path=path, size=-1, mtime_ns=-1, error="unreadable", message="file could not be opened")
-    h = Header(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    if fast:
+        try:
+            raw = dicom_header.read_header_fast(path, st.st_size)
+        except Exception:  # noqa: BLE001 - OSError or a hostile file: the pydicom path gives the reason code
+            raw = None
+        if raw is not None:
+            h = _fill(
+                Header(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns),
+                raw["values"],
+                raw["transfer_syntax"],
+                False,
+                pseudo,
+            )
+            if h.error is None:
+                h.pixels = layout = dicom_header.native_layout(raw)
+                arr = dicom_header.native_array(layout, raw["buffer"]) if layout is not None else None
+                if arr is not None:
+                    try:
+                        h.pixel_stats = _native_stats(layout["values"], arr) or _slice_stats(
+                            _finish_pixels(layout["values"], arr)
+                        )
+                    except Exception:  # noqa: BLE001 - the pixel check reads the file again and says why
+                        h.pixel_stats = None
+                return h
+    h = _read_header_pydicom(Header(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns), pseudo)
+    h.fallback = fast
+    return h
+
+
+def _read_header_pydicom(h: Header, pseudo: _Pseudo) -> Header:
+    path = h.path
     try:
         with open(path, "rb") as fh:
             preamble = fh.read(132)
             fh.seek(0)
             has_magic = len(preamble) == 132 and preamble[128:132] == b"DICM"
-            if st.st_size == 0:
+            if h.size == 0:
                 return _fail(h, "not_dicom", "empty file")
             try:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_magic, specific_tags=list(HEADER_TAGS))
@@ -349,13 +402,13 @@ def read_header(path: str, pseudo: _Pseudo) -> Header:
             if not has_magic and not (_raw(ds, "SOPClassUID") and _raw(ds, "StudyInstanceUID")):
                 return _fail(h, "not_dicom", "not a DICOM file")
             pos = fh.tell()
-            at_eof = pos >= st.st_size
+            at_eof = pos >= h.size
             tsyntax = str(_get(getattr(ds, "file_meta", {}), "TransferSyntaxUID", "") or "")
             implicit, little = ds.original_encoding
             # None: no pixel data element found; "unknown": deflated, where file offsets mean nothing.
             truncated: bool | None | str = "unknown"
             if tsyntax != _DEFLATED:
-                truncated = _pixel_data_truncated(fh, pos, st.st_size, little is not False, bool(implicit))
+                truncated = _pixel_data_truncated(fh, pos, h.size, little is not False, bool(implicit))
     except OSError:
         return _fail(h, "unreadable", "file could not be read")
     return _fill(h, ds, tsyntax, truncated, pseudo, at_eof)
@@ -363,6 +416,12 @@ def read_header(path: str, pseudo: _Pseudo) -> Header:
 
 def read_description(path: str) -> str:
     """SeriesDescription of one file; "" when absent or when the file can no longer be read."""
+    try:
+        fast = dicom_header.read_header_fast(path)
+    except OSError:
+        return ""
+    if fast is not None:
+        return str(fast["values"].get("SeriesDescription") or "")
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesDescription"])
     except Exception:
@@ -379,6 +438,19 @@ def _image_sop_class(ds: Any) -> bool:
     meta = getattr(ds, "file_meta", None)
     uid = _raw(ds, "SOPClassUID") or (_get(meta, "MediaStorageSOPClassUID") if meta is not None else None)
     return "Image Storage" in str(getattr(pydicom.uid.UID(str(uid)), "name", "")) if uid else False
+
+
+# Shapes that passed checks.check_shape, with the size cap they passed under: a series repeats one shape in
+# every file, and the check (np.prod, the environment) cost ~10% of reading a small file's header.
+_SHAPES_OK: set[tuple[Any, ...]] = set()
+
+
+def _check_shape(frames: int, rows: int, cols: int, samples: int) -> None:
+    key = (frames, rows, cols, samples, os.environ.get(checks.MAX_DECODED_ENV))
+    if key not in _SHAPES_OK:
+        checks.check_shape([frames, rows, cols], samples)
+        if len(_SHAPES_OK) < 4096:
+            _SHAPES_OK.add(key)
 
 
 def _fill(
@@ -417,7 +489,7 @@ def _fill(
         return _fail(h, "missing_tags", "missing " + ", ".join(missing))
     try:  # before any pixel is decoded: a 1x1 or 1x4096 "image", or one that would not fit in memory
         samples = _int(_raw(ds, "SamplesPerPixel")) or 1
-        checks.check_shape([max(_int(_raw(ds, "NumberOfFrames")) or 1, 1), rows, cols], samples)
+        _check_shape(max(_int(_raw(ds, "NumberOfFrames")) or 1, 1), rows, cols, samples)
     except checks.InputError as exc:
         return _fail(h, exc.code, exc.message)
     h.transfer_syntax = tsyntax
@@ -430,6 +502,8 @@ def _fill(
     frame_of_ref = _raw(ds, "FrameOfReferenceUID")
     h.frame_of_ref = pseudo.series_key("for:" + str(frame_of_ref)) if frame_of_ref else None
     h.modality = str(_raw(ds, "Modality") or "").upper()
+    h.manufacturer = " ".join(str(_get(ds, "Manufacturer", "") or "").split())[:64]
+    h.manufacturer_model = " ".join(str(_get(ds, "ManufacturerModelName", "") or "").split())[:64]
     h.description = str(_get(ds, "SeriesDescription", "") or "")
     it = _raw(ds, "ImageType") or []
     h.image_type = [
@@ -441,7 +515,8 @@ def _fill(
     h.n_frames = max(_int(_raw(ds, "NumberOfFrames")) or 1, 1)
     h.samples = _int(_raw(ds, "SamplesPerPixel")) or 1
     h.pixel_spacing = _pixel_spacing(ds)
-    if h.n_frames > 1 or (0x52009230 in ds and _get(ds, "PerFrameFunctionalGroupsSequence")):
+    per_frame = "PerFrameFunctionalGroupsSequence" in ds if isinstance(ds, dict) else 0x52009230 in ds
+    if h.n_frames > 1 or (per_frame and _get(ds, "PerFrameFunctionalGroupsSequence")):
         h.orientation, h.frame_positions = _frame_geometry(ds, h.n_frames)
         if h.frame_positions and h.n_frames == 1:
             h.position, h.frame_positions = h.frame_positions[0], None
@@ -453,22 +528,35 @@ def _fill(
 
 class _Recorder:
     """Pseudonymises like the real one and remembers what it was asked, so a worker process's map entries
-    can be replayed into the parent's Pseudonymizer (the originals stay in memory and in the pipe)."""
+    can be replayed into the parent's Pseudonymizer (the originals stay in memory and in the pipe).
+
+    Each distinct original is keyed once: the slices of a series repeat the same study, series, patient and
+    frame-of-reference UIDs, and the 5,000-file tree asked 25,000 HMACs for ~1,250 originals (1.2 s of the
+    parent's replay, profiled).
+    """
 
     def __init__(self, inner: _Pseudo):
-        self.inner, self.calls = inner, []
+        self.inner = inner
+        self.memo: dict[tuple[str, str], str] = {}
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        return list(self.memo)
+
+    def _key(self, method: str, original: str) -> str:
+        out = self.memo.get((method, original))
+        if out is None:
+            out = self.memo[(method, original)] = getattr(self.inner, method)(original)
+        return out
 
     def study_key(self, original: str) -> str:
-        self.calls.append(("study_key", original))
-        return self.inner.study_key(original)
+        return self._key("study_key", original)
 
     def patient_key(self, original: str) -> str:
-        self.calls.append(("patient_key", original))
-        return self.inner.patient_key(original)
+        return self._key("patient_key", original)
 
     def series_key(self, original: str) -> str:
-        self.calls.append(("series_key", original))
-        return self.inner.series_key(original)
+        return self._key("series_key", original)
 
 
 _FORKED_PSEUDO: _Pseudo | None = None  # set in the parent just before forking the header workers
@@ -505,8 +593,9 @@ def scan_headers(
     if cpus > 1 and len(paths) >= _PROCESS_MIN_FILES and "fork" in mp.get_all_start_methods():
         return _scan_processes(paths, pseudo, cpus, description)
     threads = max(1, workers or min(32, (os.cpu_count() or 1) * 4))
+    memo = _Recorder(pseudo)  # one HMAC per distinct original (the real one records it on first use)
     with ThreadPoolExecutor(max_workers=threads) as ex:
-        it = ex.map(lambda p: read_header(p, pseudo), paths)
+        it = ex.map(lambda p: read_header(p, memo), paths)
         return list(ui.progress(it, total=len(paths), description=description))
 
 
@@ -888,6 +977,11 @@ def _pixels(ds: Any) -> np.ndarray:
             f"pixel data could not be decoded ({name}; {type(exc).__name__}); "
             "install the matching pylibjpeg plugin or convert the series",
         ) from None
+    return _finish_pixels(ds, arr)
+
+
+def _finish_pixels(ds: Any, arr: Any) -> np.ndarray:
+    """Decoded stored values -> float32 (frames, rows, cols); ``ds`` a pydicom dataset or a dicom_header dict."""
     frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
     samples = _int(_get(ds, "SamplesPerPixel")) or 1
     photometric = str(_get(ds, "PhotometricInterpretation", "") or "")
@@ -906,9 +1000,28 @@ def _pixels(ds: Any) -> np.ndarray:
         for i in range(arr.shape[0]):
             slope, icpt = _rescale(ds, i)
             out[i] = arr[i] * slope + icpt
-    if photometric == "MONOCHROME1":
-        out = out.max() + out.min() - out
+        if photometric == "MONOCHROME1":
+            out = out.max() + out.min() - out
     return out
+
+
+def _file_pixels(path: str, header: Header | None = None) -> np.ndarray:
+    """``_pixels`` of one file: native grayscale pixels straight from the bytes (dicom_header), else pydicom.
+
+    Same array either way (tests/io/test_dicom_header.py compares them on every test file); the byte path
+    costs one read and a header walk instead of pydicom's parse and decoder set-up (~1/3 per GE MR slice).
+    """
+    try:
+        if header is not None and header.pixels is not None:
+            arr = dicom_header.read_layout_pixels(path, header.pixels, header.size, header.mtime_ns)
+            if arr is not None:
+                return _finish_pixels(header.pixels["values"], arr)
+        fast = dicom_header.read_native_pixels(path)
+    except OSError:
+        fast = None  # pydicom's read gives the reason code
+    if fast is not None:
+        return _finish_pixels(fast[0]["values"], fast[1])
+    return _pixels(_read(path))
 
 
 def _read(path: str) -> Any:
@@ -961,38 +1074,102 @@ def read_series(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return vol, _affine_3d(orient, pos[order[0]], step, _pixel_spacing(ds0) or [1.0, 1.0])
 
 
+def _slice_stats(a: np.ndarray) -> tuple[tuple[int, ...], bool, float, float]:
+    """What sample_pixels needs of a slice it does not keep: (rows, cols), all finite, min, max."""
+    shape = tuple(int(x) for x in a.shape[1:])
+    if not np.isfinite(a).all():
+        return shape, False, math.nan, math.nan
+    return shape, True, float(a.min()), float(a.max())
+
+
+def _native_stats(values: dict[str, Any], arr: np.ndarray) -> tuple[tuple[int, ...], bool, float, float] | None:
+    """``_slice_stats(_finish_pixels(values, arr))`` of a native grayscale slice from its stored extremes alone.
+
+    Exact, not approximate: the rescale is float32 ``x * slope + icpt`` and the MONOCHROME1 flip ``m - x``,
+    each monotonic with IEEE rounding, so the extremes of the stored values map to the extremes of the result
+    bit for bit, and an overflow to Inf shows at an extreme. A NaN/Inf slope or intercept (NaN anywhere) takes
+    the full path (None). Two reductions instead of ~10 array passes: the check of a small slice costs ~1/3.
+    """
+    slope, icpt = _rescale(values, 0)
+    mono1 = str(_get(values, "PhotometricInterpretation", "") or "") == "MONOCHROME1"
+    if slope.is_integer() and icpt.is_integer() and arr.dtype.itemsize <= 2:
+        # Integers below 2**24 are exact in float32, so there each float32 step equals integer arithmetic (the
+        # usual case: slope 1, intercept 0 or -1024) and no numpy scalar is needed; the MONOCHROME1 flip
+        # m - x then keeps the extremes (m = lo + hi).
+        k, c = int(slope), int(icpt)
+        pa, pb = int(arr.min()) * k, int(arr.max()) * k
+        lo_i, hi_i = min(pa, pb) + c, max(pa, pb) + c
+        if max(abs(pa), abs(pb), abs(lo_i), abs(hi_i), abs(lo_i + hi_i)) < 2**24:
+            return tuple(int(x) for x in arr.shape[1:]), True, float(lo_i), float(hi_i)
+    s32, i32 = np.float32(slope), np.float32(icpt)
+    if not (math.isfinite(s32) and math.isfinite(i32)):
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = np.float32(arr.min()) * s32 + i32
+        b = np.float32(arr.max()) * s32 + i32
+        lo, hi = (a, b) if s32 >= 0 else (b, a)
+        if mono1:
+            m = hi + lo
+            lo, hi = m - hi, m - lo
+    shape = tuple(int(x) for x in arr.shape[1:])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return shape, False, math.nan, math.nan
+    return shape, True, float(lo), float(hi)
+
+
+def _file_stats(path: str, header: Header | None) -> tuple[tuple[int, ...], bool, float, float]:
+    """``_slice_stats`` of one file's pixels, from the stored values where the scan found where they lie."""
+    if header is not None and header.pixels is not None:
+        try:
+            arr = dicom_header.read_layout_pixels(path, header.pixels, header.size, header.mtime_ns)
+        except OSError:
+            arr = None  # _file_pixels below gives the reason code
+        if arr is not None:
+            values = header.pixels["values"]
+            return _native_stats(values, arr) or _slice_stats(_finish_pixels(values, arr))
+    return _slice_stats(_file_pixels(path, header))
+
+
 def sample_indices(n: int) -> list[int]:
     """Which slices of an n-slice series make ingest's hash and intensity range: first, middle and last."""
     return sorted({0, n // 2, max(n - 1, 0)})
 
 
-def sample_pixels(files: list[str]) -> np.ndarray:
+def sample_pixels(files: list[str], headers: Iterable[Header] = ()) -> np.ndarray:
     """Decode every file of an ordered series; return the first, middle and last (float32, (k, rows, cols)).
 
     Every slice is decoded and checked (decodable, same size, finite after rescaling) because one bad slice
     otherwise passes ingest and fails mid-epoch (issue 14); a constant series (RescaleSlope 0) is refused.
     Only the sampled slices are kept: they make the content hash and the intensity range, as before, so a
-    manifest does not change. Decoding all 130 slices of the GE MR series costs about 180 ms, against 6 ms
-    for three. A single file (2D image or multi-frame object) is decoded whole. Raises GeometryError.
+    manifest does not change. A single file (2D image or multi-frame object) is decoded whole. Raises GeometryError.
+
+    ``headers`` (the scan's, optional) say where each uncompressed slice's pixels lie and, for small files, hold
+    the slice's check already (``Header.pixel_stats``): the other slices are then checked from their stored
+    extremes without pydicom (``_native_stats``, exact). Checking the GE MR's 130 slices so costs ~1/29 of
+    decoding each through pydicom (231 us against 6.7 ms a slice, same run, loaded machine).
     """
     if not files:
         raise GeometryError("missing_tags", "no files")
     keep = set(sample_indices(len(files)))
+    by_path = {h.path: h for h in headers}
     arrs: list[np.ndarray] = []
     lo, hi, shape, bad = math.inf, -math.inf, None, 0
     for i, f in enumerate(files):
-        a = _pixels(_read(f))
+        h = by_path.get(f)
+        if i in keep:
+            a = _file_pixels(f, h)
+            stats = _slice_stats(a)
+            arrs.append(a)
+        else:
+            stats = (h.pixel_stats if h is not None else None) or _file_stats(f, h)
         if shape is None:
-            shape = a.shape[1:]
-        elif a.shape[1:] != shape:
+            shape = stats[0]
+        elif stats[0] != shape:
             raise GeometryError("missing_tags", "slices of the series differ in size")
-        finite = np.isfinite(a)
-        if not finite.all():
+        if not stats[1]:
             bad += 1
             continue
-        lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
-        if i in keep:
-            arrs.append(a)
+        lo, hi = min(lo, stats[2]), max(hi, stats[3])
     if bad:
         raise GeometryError(
             "nonfinite_pixels", f"{bad} of {len(files)} file(s) decode to NaN/Inf pixels (e.g. a NaN RescaleSlope)"
@@ -1002,9 +1179,10 @@ def sample_pixels(files: list[str]) -> np.ndarray:
     return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
 
 
-def decode_check(files: list[str]) -> None:
+def decode_check(files: list[str], headers: Iterable[Header] = ()) -> None:
     """Decode the middle file of a series: decoder gaps show up at ingest/predict, not in a worker."""
-    _pixels(_read(files[len(files) // 2]))
+    mid = files[len(files) // 2]
+    _file_pixels(mid, next((h for h in headers if h.path == mid), None))
 
 
 # ---------------------------------------------------------------------------------------------
