@@ -112,7 +112,9 @@ def tables(spec: Any, ws_root: Path) -> dict[str, Any]:
     from medxfer.core.workspace import Workspace
 
     ws = Workspace.for_spec(ws_root, spec.name)
-    rows = pd.read_parquet(ws.manifest).merge(pd.read_csv(ws.splits)[["study_key", "split"]], on="study_key")
+    from medxfer.ingest.manifest import read_manifest  # real paths, through the workspace's file map
+
+    rows = read_manifest(ws.manifest).merge(pd.read_csv(ws.splits)[["study_key", "split"]], on="study_key")
     return {s: g.reset_index(drop=True) for s, g in rows.groupby("split")}
 
 
@@ -124,7 +126,7 @@ def fresh_workspace(spec: Any, ws_root: Path, name: str) -> Path:
     dst_root = common.work_dir("runs", name)
     shutil.rmtree(dst_root, ignore_errors=True)
     dst = Workspace.for_spec(dst_root, spec.name).ensure()
-    for p in (src.manifest, src.splits, src.split_report, src.ingest_report, src.pseudonym_map):
+    for p in (src.manifest, src.splits, src.split_report, src.ingest_report, src.pseudonym_map, src.file_map):
         if p.is_file():
             shutil.copy2(p, dst.dir / p.name)
     if src.key_file.is_file():

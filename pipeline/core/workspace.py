@@ -167,7 +167,7 @@ class Workspace:
 
     @property
     def scan_cache(self) -> Path:
-        """Header-scan cache keyed by (path, size, mtime), for incremental re-ingest. Holds paths: local only."""
+        """Header-scan cache for incremental re-ingest, keyed by keyed hashes of paths; holds no path or free text."""
         return self.dir / ".scan_cache.parquet"
 
     @property
@@ -179,6 +179,11 @@ class Workspace:
     def pseudonym_map(self) -> Path:
         """Pseudonym -> original identifier. PHI: local only, never logged or tracked."""
         return self.dir / "pseudonym_map.csv"
+
+    @property
+    def file_map(self) -> Path:
+        """Shareable path (manifest ``files``, rejects ``input``) -> real path. Local only, like the pseudonym map."""
+        return self.dir / "file_map.csv"
 
     # split
     @property

@@ -202,7 +202,9 @@ class WorkspacePersistentDataset(PersistentDataset):
         try:
             torch.save(out, tmp)
             os.replace(tmp, path)
-        except OSError:  # a full or read-only disk costs speed, not the run
+        # A full or read-only disk costs speed, not the run. torch.save reports a full disk as RuntimeError
+        # ("PytorchStreamWriter failed writing file"), not OSError: 4 of 12 studies "failed to load" before.
+        except (OSError, RuntimeError):
             tmp.unlink(missing_ok=True)
         return out
 
@@ -347,6 +349,19 @@ def _rows(manifest_df: pd.DataFrame, splits_df: pd.DataFrame, split: str) -> lis
     return rows
 
 
+def _resolve_paths(rows: list[dict[str, Any]], ws: Workspace) -> None:
+    """Shareable manifest paths -> real ones, through the workspace's local file map.
+
+    ``read_manifest`` already resolves them; a manifest read with plain ``pd.read_parquet`` (a notebook, a
+    benchmark) still holds the relative, pseudonymised form. Resolving before the cache keys are computed
+    keeps them what they were (size and mtime of the real files), so the cache still invalidates on a change.
+    """
+    from medxfer.ingest.manifest import resolve_files
+
+    for r, files in zip(rows, resolve_files([r["files"] for r in rows], ws.file_map), strict=True):
+        r["files"] = files
+
+
 def _prepare(
     split: str, base: torch.utils.data.Dataset, keys: list[str], workers: int, shard: tuple[int, int] = (0, 1)
 ) -> dict[str, str]:
@@ -446,6 +461,7 @@ def build_datasets(
     rand = random_transforms(spec, recipe)
     cfg = config_hash(spec, recipe)
     per_split = {s: _rows(manifest_df, splits_df, s) for s in splits}
+    _resolve_paths([r for rows in per_split.values() for r in rows], ws)
     for rows in per_split.values():
         for r in rows:
             r["cache_key"] = item_cache_key(r, cfg)

@@ -16,10 +16,18 @@ reason code in ``error``; the batch never fails for one bad input.
 (multiclass), mapped back through the preprocessing onto the source image grid: a PNG overlay for 2D,
 a NIfTI with the source affine for 3D. Files are named by row number (``0001.png``), never by anything
 derived from the input.
+
+Output rows carry no input string by default (paths name patients at many sites, and a predictions file is
+shared): ``row`` is the row number (1-based, the saliency file's number) and ``input_key`` a pseudonym of the
+input string, ``in-`` + HMAC-SHA256 under the workspace's pseudonym key when the workspace has one
+(``MEDXFER_PSEUDONYM_KEY`` or an existing key file; none is created), else under a random key made once per
+process, so keys then match within one process only. ``echo_input=True`` (``--echo-input``) adds ``input``,
+the caller's own strings. ``error`` gives a reason code and a message that never quotes file content.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections.abc import Sequence
@@ -58,7 +66,10 @@ class FlexiblePredictor(Predictor):
                     retry = resolve_inputs([Path(it.input)], other)
                     # Read as the other format it is usable, or unusable for a reason of its own (a NIfTI file
                     # with NaN voxels): either way that, not "not DICOM", is what the row must say.
-                    real = [r for r in retry if r.reason_code not in not_format[other_kind]]
+                    # A file named as NIfTI (scan.nii.gz) is NIfTI's to refuse: its "not_nifti" or "truncated" is
+                    # the real reason then, not "not DICOM" (the adversarial corpus's cut and fake .nii.gz files).
+                    named = other_kind == "nifti" and str(it.input).lower().endswith((".nii", ".nii.gz"))
+                    real = [r for r in retry if named or r.reason_code not in not_format[other_kind]]
                     if real:
                         for r in real:
                             if r.reason_code is not None:
@@ -76,7 +87,7 @@ def load_predictor(bundle_dir: Path | str, device: str | None = None) -> Flexibl
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = Predictor.from_dir(bundle_dir, device=dev)
-    return FlexiblePredictor(base.model, base.config, base.device)
+    return FlexiblePredictor(base.model, base.config, base.device, ood=base.ood)
 
 
 # --------------------------------------------------------------------------- model URI -> bundle
@@ -244,6 +255,8 @@ class PredictResult:
     n_saliency: int = 0
     saliency_failed: int = 0
     threshold: float | None = None
+    ood_flagged: int | None = None  # rows whose ood_score is above the bundle's threshold; None: no OOD statistics
+    ood_threshold: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -254,6 +267,8 @@ class PredictResult:
             "n_rows": self.n_rows,
             "n_predicted": self.n_rows - self.n_errors,
             "n_errors": self.n_errors,
+            "ood_flagged": self.ood_flagged,
+            "ood_threshold": self.ood_threshold,
             "decisions": self.decisions,
             "errors_by_reason": self.errors,
             "threshold": self.threshold,
@@ -282,6 +297,8 @@ class PredictResult:
                     + (f", {self.saliency_failed} failed" if self.saliency_failed else ""),
                 )
             )
+        if self.ood_flagged is not None:
+            rows.append(("OOD flagged", f"{self.ood_flagged} (ood_score > {self.ood_threshold:.2f}, from validation)"))
         rows.append(("written", str(self.out)))
         return "predict", rows
 
@@ -293,6 +310,7 @@ def predict(
     saliency: Path | None = None,
     workspace: Path = Path("medxfer-work"),
     device: str | None = None,
+    echo_input: bool = False,
 ) -> PredictResult:
     from medxfer.core import ui
 
@@ -328,6 +346,7 @@ def predict(
                     ui.warn(f"row {i}: no saliency map ({type(exc).__name__})")
             df["saliency"] = names
         out.parent.mkdir(parents=True, exist_ok=True)
+        df = shareable_output(df, input_pseudonymizer(workspace), echo_input)
         df.to_csv(out, index=False)
     errs = df["error"].dropna()
     codes: dict[str, int] = {}
@@ -349,6 +368,8 @@ def predict(
         n_sal,
         (failed if saliency is not None else 0),
         predictor.threshold,
+        None if predictor.ood is None else int(df["ood_flag"].fillna(False).astype(bool).sum()),
+        None if predictor.ood is None else float(predictor.ood.threshold),
     )
 
 
@@ -356,7 +377,7 @@ class _Resolved(FlexiblePredictor):
     """Feeds already-resolved items to Predictor.predict (which otherwise resolves its `paths`)."""
 
     def __init__(self, base: Predictor, items: list[Any]):
-        super().__init__(base.model, base.config, base.device)
+        super().__init__(base.model, base.config, base.device, ood=base.ood)
         self._items = items
 
     def resolve(self, paths: Sequence[str | Path]) -> list[Any]:
@@ -367,3 +388,43 @@ def _predict_items(predictor: Predictor, items: list[Any], src: ModelSource):
     return _Resolved(predictor, items).predict(
         [it.input for it in items], model_name=src.name, model_version=src.version, progress=True
     )
+
+
+# --------------------------------------------------------------------------- output columns
+
+
+def input_pseudonymizer(workspace: Path | None = None) -> Any:
+    """The key for ``input_key``: the workspace's (environment or existing key file), else a per-process one."""
+    import os
+
+    from medxfer.core.workspace import Workspace
+    from medxfer.io.phi import KEY_ENV, Pseudonymizer, existing_key
+
+    key = None
+    if workspace is not None:
+        key = existing_key(Workspace.for_spec(workspace, "_").key_file)
+    elif os.environ.get(KEY_ENV):
+        key = os.environ[KEY_ENV].encode()
+    if key is None:
+        return _process_pseudonymizer()
+    return Pseudonymizer(key, remember=False)
+
+
+@functools.cache
+def _process_pseudonymizer() -> Any:
+    """One random key per process: input keys match across calls of one process, never across processes."""
+    from medxfer.io.phi import Pseudonymizer
+
+    return Pseudonymizer.ephemeral()
+
+
+def shareable_output(df: Any, pseudo: Any, echo_input: bool = False) -> Any:
+    """Predictions as they leave medxfer: ``row`` and ``input_key`` first, ``input`` only when echoed."""
+    out = df.copy()
+    keys = [pseudo.input_key(str(v)) for v in out["input"]]
+    inputs = out.pop("input")
+    out.insert(0, "row", list(range(1, len(out) + 1)))
+    out.insert(1, "input_key", keys)
+    if echo_input:
+        out.insert(2, "input", inputs)
+    return out

@@ -10,10 +10,17 @@ training used, which is what makes the preprocessing identical).
     model.predict(pd.DataFrame({"path": ["study_folder/", "scan.nii.gz"]}))
 
 Input: a DataFrame with a ``path`` column (a DICOM series folder, a DICOM file or a NIfTI file;
-a list of paths or a single path string also works). Output: one row per study, with
-``input``, calibrated ``prob_<class>``, ``decision``, ``model_name``, ``model_version`` and
-``error`` ("REASON_CODE: message" for an input that cannot be used; its probabilities are NaN).
+a list of paths or a single path string also works). Output: one row per study, with ``row``
+(1-based), ``input_key`` (a pseudonym of the input string: HMAC under ``MEDXFER_PSEUDONYM_KEY`` when
+set, else under a random key made once per process, so keys match within one process only),
+calibrated ``prob_<class>``, ``decision``, ``model_name``, ``model_version`` and ``error``
+("REASON_CODE: message" for an input that cannot be used; its probabilities are NaN). The input strings
+themselves are not echoed (folder names often name patients); model config ``echo_input: true``
+(``mlflow.pyfunc.load_model(uri, model_config={"echo_input": True})``) adds an ``input`` column with them.
 Model config ``device`` ("cpu", "cuda") overrides the default (CUDA when available).
+Every scored row also gets ``ood_score`` (distance of its encoder features to the validation studies', see
+medxfer.stats.ood) and ``ood_flag`` (score above the threshold fitted on validation); both are empty for error rows
+and for a model registered before OOD statistics existed.
 """
 
 from __future__ import annotations
@@ -51,10 +58,14 @@ class MedxferModel(tracking.python_model_base()):
         self.model_name = cfg.get("model_name")
         self.model_version = None if cfg.get("model_version") is None else str(cfg["model_version"])
         self.predictor = load_predictor(context.artifacts["bundle"], device=cfg.get("device"))
+        self.echo_input = bool(cfg.get("echo_input", False))
 
     # pd.DataFrame: a hint MLflow accepts without deriving a schema from it (the logged signature is the contract).
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.predictor.predict(_paths(model_input), model_name=self.model_name, model_version=self.model_version)
+        from medxfer.handoff.predict import input_pseudonymizer, shareable_output
+
+        df = self.predictor.predict(_paths(model_input), model_name=self.model_name, model_version=self.model_version)
+        return shareable_output(df, input_pseudonymizer(None), self.echo_input)
 
 
 tracking.set_model(MedxferModel())

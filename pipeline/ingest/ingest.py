@@ -3,8 +3,12 @@
 Every input ends up in exactly one place: a manifest row (a usable, labelled
 study) or a rejects.csv row with a reason code. Identifiers are pseudonymised
 while headers are read, so nothing downstream of the scan sees a PatientID or a
-UID. File paths stay in local files (manifest ``files``, rejects ``input``, the
-scan cache); messages, the report and the summary never carry them.
+UID. Paths written to the workspace are shareable: relative to ``source.root``, with every
+folder/file name that is not generic (``medxfer.io.phi.is_generic_name``: "DICOM", "IM0001",
+"case_00012.nii.gz") replaced by an HMAC pseudonym (``p-<16 hex>``, known extension kept), in manifest
+``files`` and rejects ``input`` (a labels-CSV row: "labels.csv:LINE"). The real paths live only in the local
+``file_map.csv`` (next to ``pseudonym_map.csv``, mode 0600); ``read_manifest`` resolves through it. The scan
+cache is keyed by HMACs of paths and stores none. Messages, the report and the summary never carry paths.
 
 manifest.parquet columns: study_key, patient_key, label, label_index, modality,
 source_kind, files, n_slices, shape, spacing, orientation, intensity_min,
@@ -46,9 +50,9 @@ from medxfer.config.spec import DataSpec, SpecError, check_spec_files
 from medxfer.core import ui
 from medxfer.core.errors import StageError
 from medxfer.core.workspace import Workspace, atomic_path, write_text_atomic
-from medxfer.ingest.manifest import MANIFEST_COLUMNS, json_default, manifest_content_hash
+from medxfer.ingest.manifest import MANIFEST_COLUMNS, json_default, manifest_content_hash, write_file_map
 from medxfer.io.checks import InputError, check_shape
-from medxfer.io.phi import Pseudonymizer
+from medxfer.io.phi import PathSharer, Pseudonymizer
 
 REJECT_COLUMNS = ["input", "reason_code", "message", "study_key"]
 # Every reason_code of rejects.csv is a key of the one table, medxfer.io.checks.REASONS; these are its label rows.
@@ -56,8 +60,10 @@ _NIFTI_NAMES = (".nii", ".nii.gz")
 # 2: DICOM content hash over sampled slices; 3: every slice decoded and checked, the io/checks reason codes
 # (an entry cached as usable by version 2 may hold a slice that version 3 rejects); 4: header records without
 # SeriesDescription (free text, often a name; read again from the file when a series rule needs it), so a
-# version-3 file, which holds it in clear, is dropped and rewritten on the next ingest.
-_CACHE_VERSION = 4
+# version-3 file, which holds it in clear, is dropped and rewritten on the next ingest. 5: keys are HMACs of the
+# paths and header records carry no path (version 4 named every folder and file in clear). 6: header records carry
+# Manufacturer and ManufacturerModelName (a version-5 record would give every cached study an empty scanner).
+_CACHE_VERSION = 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +133,33 @@ def _resolve_all(files: list[str]) -> list[str]:
     return out
 
 
+class _Sharer:
+    """Local paths -> their shareable form (relative to source.root, identifying names pseudonymised), and the
+    file map back to the real (resolved) paths, which only the workspace's local side holds."""
+
+    def __init__(self, root: Path, pseudo: Pseudonymizer):
+        self.share = PathSharer(root, pseudo)
+        self.mapping: dict[str, str] = {}
+
+    def _add(self, walked: str, real: str) -> str:
+        shared = self.share(walked)
+        prev = self.mapping.setdefault(shared, real)
+        if prev != real:  # a 64-bit HMAC collision, or two names for one place: never guess which file is meant
+            raise StageError(
+                f"two different inputs have the same shareable path {shared}; fix: rename one of the folders "
+                "or files, or use another pseudonym key (MEDXFER_PSEUDONYM_KEY)"
+            )
+        return shared
+
+    def files(self, walked: list[str]) -> list[str]:
+        return [self._add(w, r) for w, r in zip(walked, _resolve_all(walked), strict=True)]
+
+    def reject_input(self, r: Reject) -> str:
+        real = os.path.realpath(r.input) if os.path.exists(r.input) else os.path.abspath(r.input)
+        shared = self._add(r.input, real)
+        return shared if r.line is None else f"{shared}:{r.line}"
+
+
 def _common_input(paths: list[str]) -> str:
     if len(paths) == 1:
         return paths[0]
@@ -137,11 +170,16 @@ def _common_input(paths: list[str]) -> str:
 
 
 class ScanCache:
-    """Per-file (and per-study) results keyed by path + size + mtime; invalid under another key or version."""
+    """Per-file (and per-study) results keyed by path + size + mtime; invalid under another key or version.
 
-    def __init__(self, path: Path, fingerprint: str, load: bool = True):
+    Stored keys are keyed hashes (HMAC under the workspace key) of the paths, and header records leave their
+    ``path`` out (it is the lookup key, put back on ``get``): the cache file names no folder or file.
+    """
+
+    def __init__(self, path: Path, pseudo: Pseudonymizer, load: bool = True):
         self.path = path
-        self.fingerprint = fingerprint
+        self.fingerprint = pseudo.fingerprint
+        self._pseudo = pseudo
         self._old: dict[tuple[str, str], tuple[int, int, str]] = {}
         self._new: dict[tuple[str, str], tuple[int, int, str]] = {}
         if load and path.is_file():
@@ -157,15 +195,22 @@ class ScanCache:
     def _meta(self) -> dict[str, Any]:
         return {"version": _CACHE_VERSION, "key": self.fingerprint}
 
+    def _key(self, key: str) -> str:
+        return self._pseudo.digest("ca", key, 32)
+
     def get(self, kind: str, key: str, size: int, mtime_ns: int) -> dict[str, Any] | None:
-        hit = self._old.get((kind, key))
+        hk = self._key(key)
+        hit = self._old.get((kind, hk))
         if hit is None or hit[0] != size or hit[1] != mtime_ns:
             return None
-        self._new[(kind, key)] = hit
-        return json.loads(hit[2])
+        self._new[(kind, hk)] = hit
+        rec = json.loads(hit[2])
+        return {**rec, "path": key} if kind == "h" else rec
 
     def put(self, kind: str, key: str, size: int, mtime_ns: int, record: dict[str, Any]) -> None:
-        self._new[(kind, key)] = (size, mtime_ns, json.dumps(record))
+        if "path" in record:
+            record = {k: v for k, v in record.items() if k != "path"}
+        self._new[(kind, self._key(key))] = (size, mtime_ns, json.dumps(record))
 
     def save(self) -> None:
         # Only what this run used is kept, so deleted files drop out of the cache.
@@ -191,6 +236,8 @@ class Study:
     source_kind: str
     files: list[str] = field(default_factory=list)
     modality: str = "unknown"
+    manufacturer: str = ""  # DICOM Manufacturer / ManufacturerModelName of the chosen series; NIfTI: empty
+    manufacturer_model: str = ""
     series_key: str = ""
     n_slices: int = 0
     shape: list[int] = field(default_factory=list)
@@ -206,10 +253,11 @@ class Study:
 
 @dataclass
 class Reject:
-    input: str
+    input: str  # a local path; written to rejects.csv in its shareable form (see _Sharer)
     reason_code: str
     message: str
     study_key: str = ""
+    line: int | None = None  # a labels-CSV row: ``input`` is the CSV, written as "<shareable csv>:<line>"
 
 
 @dataclass
@@ -220,6 +268,7 @@ class Discovery:
     files_seen: int = 0
     files_read: int = 0
     files_cached: int = 0
+    header_fallbacks: int = 0  # files the byte-level header reader left to pydicom (medxfer.io.dicom_header)
     hidden_skipped: int = 0
     ignored_files: int = 0
     no_patient_id: int = 0
@@ -259,6 +308,7 @@ def _discover_dicom(
             cache.put("h", h.path, h.size, h.mtime_ns, h.to_dict())
     headers += fresh
     disc = Discovery([], [], [], files_seen=len(files), files_read=len(to_read), files_cached=cached)
+    disc.header_fallbacks = sum(1 for h in fresh if h.fallback)
     for h in headers:
         if h.error:
             msg = h.message or dicom.REASONS.get(h.error, h.error)
@@ -314,6 +364,7 @@ def _discover_dicom(
         )
         st.input = _common_input([h.path for h in pick.headers])
         st.modality = pick.modality or "unknown"
+        st.manufacturer, st.manufacturer_model = pick.first.manufacturer, pick.first.manufacturer_model
         st.series_key = pick.key
         try:
             geom = dicom.check_geometry(pick, spec.dims, spec.series.spacing_tolerance)
@@ -340,7 +391,7 @@ def _discover_dicom(
         st = item[0]
         rec = cache.get("s", st.signature, 0, 0) if cache and decode == "full" else None
         if rec is None:
-            rec = _decode_study(st, decode)
+            rec = _decode_study(st, decode, item[1].headers)
             if cache and decode == "full":
                 cache.put("s", st.signature, 0, 0, rec)
         if rec.get("reason_code"):
@@ -355,14 +406,14 @@ def _discover_dicom(
     return disc
 
 
-def _decode_study(st: Study, decode: str) -> dict[str, Any]:
+def _decode_study(st: Study, decode: str, headers: list[Any] | None = None) -> dict[str, Any]:
     from medxfer.io import dicom
 
-    try:
+    try:  # the headers tell where each file's pixels lie, so uncompressed slices are checked without pydicom
         if decode == "check":
-            dicom.decode_check(st.files)
+            dicom.decode_check(st.files, headers or ())
             return {}
-        arr = dicom.sample_pixels(st.files)
+        arr = dicom.sample_pixels(st.files, headers or ())
     except InputError as exc:
         return {"reason_code": exc.code, "message": exc.message}
     except Exception as exc:  # a file changed or vanished between the scan and now
@@ -487,10 +538,6 @@ def read_labels(
     return rows
 
 
-def _short(s: str, n: int = 40) -> str:
-    return repr(s if len(s) <= n else s[: n - 1] + "…")
-
-
 def _join(
     disc: Discovery, labels: list[LabelRow], spec: DataSpec, labels_csv: Path, pseudo: Pseudonymizer
 ) -> tuple[list[dict[str, Any]], list[Reject]]:
@@ -515,15 +562,17 @@ def _join(
         for extra in rows[1:]:
             rejects.append(
                 Reject(
-                    f"{where}:{extra.line}",
+                    where,
                     "duplicate_label",
                     f"same key and label as line {first.line}; kept line {first.line}",
                     key,
+                    extra.line,
                 )
             )
         if first.label not in spec.classes:
             msg = (
-                f"label {_short(first.label)} (line {first.line}) is not one of classes {spec.classes}"
+                # The value is not quoted: rejects.csv is shared, and a free-text label column may hold anything.
+                f"the label at line {first.line} is not one of classes {spec.classes}"
                 if first.label
                 else f"empty label (line {first.line})"
             )
@@ -561,8 +610,10 @@ def _join(
                 "label": row.label,
                 "label_index": spec.classes.index(row.label),
                 "modality": st.modality,
+                "manufacturer": st.manufacturer,
+                "manufacturer_model": st.manufacturer_model,
                 "source_kind": st.source_kind,
-                "files": _resolve_all(st.files),
+                "files": list(st.files),  # as walked; _Sharer makes them shareable (and resolves them)
                 "n_slices": int(st.n_slices),
                 "shape": [int(s) for s in st.shape],
                 "spacing": [float(s) for s in st.spacing],
@@ -578,14 +629,15 @@ def _join(
             continue
         if key in bad:
             code, msg, line = bad[key]
-            rejects.append(Reject(f"{where}:{line}", code, msg + "; and no study has this key", key))
+            rejects.append(Reject(where, code, msg + "; and no study has this key", key, line))
         else:
             rejects.append(
                 Reject(
-                    f"{where}:{rows[0].line}",
+                    where,
                     "label_without_study",
                     "no study under source.root has this key (its files may be rejected above)",
                     key,
+                    rows[0].line,
                 )
             )
     return manifest, rejects
@@ -687,7 +739,7 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
 def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int | None) -> IngestResult:
     pseudo = Pseudonymizer.for_workspace_root(ws.root)
     # Cached headers hold pseudonyms only; without the map their originals could not be recorded again.
-    cache = ScanCache(ws.scan_cache, pseudo.fingerprint, load=ws.pseudonym_map.is_file())
+    cache = ScanCache(ws.scan_cache, pseudo, load=ws.pseudonym_map.is_file())
     root = spec.root
     exclude = {spec.labels_csv.resolve()}
     if spec.spec_path:
@@ -706,22 +758,32 @@ def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int
     labels = read_labels(spec, pseudo, blank_lines=blank)
     rows, rejects = _join(disc, labels, spec, spec.labels_csv, pseudo)
     rejects += [
-        Reject(f"{spec.labels_csv}:{line}", "blank_key", f"the {spec.labels.key!r} column is empty; row skipped")
+        Reject(str(spec.labels_csv), "blank_key", f"the {spec.labels.key!r} column is empty; row skipped", line=line)
         for line in blank
     ]
 
+    sharer = _Sharer(root, pseudo)
+    for row in rows:
+        row["files"] = sharer.files(row["files"])
+    rej_inputs = [sharer.reject_input(r) for r in rejects]
+    # The maps first: a reader never meets a manifest whose paths or keys it cannot resolve (a disk that fills up
+    # after the manifest once left new keys the pseudonym map did not hold; the map merges, so old keys stay).
+    write_file_map(ws.file_map, sharer.mapping)
+    pseudo.write_map(ws.pseudonym_map)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("study_key").reset_index(drop=True)
     # Each file is replaced whole, so a reader (train, or a user's notebook) never sees half a manifest.
     with atomic_path(ws.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
-    rej_df = pd.DataFrame([(r.input, r.reason_code, r.message, r.study_key) for r in rejects], columns=REJECT_COLUMNS)
+    rej_df = pd.DataFrame(
+        [(i, r.reason_code, r.message, r.study_key) for i, r in zip(rej_inputs, rejects, strict=True)],
+        columns=REJECT_COLUMNS,
+    )
     with atomic_path(ws.rejects) as tmp:
         rej_df.to_csv(tmp, index=False)
     if spec.source.kind == "dicom":
         sel = pd.DataFrame(disc.series_log, columns=["study_key", "series_key", "chosen", "reason_code", "message"])
         with atomic_path(ws.series_selection) as tmp:
             sel.to_csv(tmp, index=False)
-    pseudo.write_map(ws.pseudonym_map)
     cache.save()
 
     counts = {c: int((manifest["label"] == c).sum()) for c in spec.classes}
@@ -761,6 +823,7 @@ def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int
             "seen": disc.files_seen,
             "read": disc.files_read,
             "cached": disc.files_cached,
+            "header_fallbacks": disc.header_fallbacks,
             "hidden_skipped": disc.hidden_skipped,
             "ignored": disc.ignored_files,
         },
@@ -803,15 +866,23 @@ class InputItem:
     message: str | None = None
 
 
-def _expand(paths: Iterable[Path]) -> list[tuple[Path, bool]]:
-    """(path, exists) for every input; CSVs with a 'path' column expand to their rows (relative to the CSV)."""
-    out: list[tuple[Path, bool]] = []
+def _expand(paths: Iterable[Path]) -> list[tuple[Path, bool | str]]:
+    """(path, exists) for every input; CSVs with a 'path' column expand to their rows (relative to the CSV).
+
+    A CSV that cannot be expanded gives (csv, reason code) instead: one bad input never fails the batch.
+    """
+    out: list[tuple[Path, bool | str]] = []
     for p in paths:
         p = Path(p)
         if p.is_file() and p.suffix.lower() == ".csv":
-            df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            try:
+                df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+                out.append((p, "unreadable"))
+                continue
             if "path" not in df.columns:
-                raise SpecError(f"{p}: an input CSV needs a 'path' column; it has {list(df.columns)[:20]}")
+                out.append((p, "no_path_column"))
+                continue
             for v in df["path"]:
                 if str(v).strip():
                     q = Path(str(v).strip())
@@ -833,8 +904,12 @@ def resolve_inputs(paths: list[Path], spec: DataSpec, workers: int | None = None
     items: list[InputItem] = []
     pseudo = Pseudonymizer.ephemeral()
     for p, exists in _expand(paths):
-        if not exists:
-            items.append(InputItem(str(p), spec.source.kind, None, "not_found", "input does not exist"))
+        if exists is not True:
+            code = "not_found" if exists is False else str(exists)
+            msg = {"not_found": "input does not exist", "unreadable": "input CSV could not be parsed"}.get(
+                code, "an input CSV needs a 'path' column (one study folder or file per row)"
+            )
+            items.append(InputItem(str(p), spec.source.kind, None, code, msg))
             continue
         if p.is_file():
             files, dangling = [str(p)], []

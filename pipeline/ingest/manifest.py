@@ -8,6 +8,10 @@ Two different hashes cover the manifest, and their names say which part:
   checkpoint records it as ``hashes["labelled_content"]`` (MLflow param ``hash.labelled_content``, registered tag
   ``labelled_content_hash``); a resume refuses to continue when it changed.
 
+``files`` on disk are shareable paths (relative to ``source.root``, identifying names pseudonymised by
+``medxfer.io.phi.shareable_path``); ``read_manifest`` turns them back into real paths through the local
+``file_map.csv`` that ingest writes next to the pseudonym map. Neither hash covers ``files``.
+
 ``join`` reads manifest.parquet and splits.csv, picks the k-fold validation fold, refuses a split that names
 studies the manifest lacks, and gives each manifest row its split: training, evaluation and export all read
 the same rows.
@@ -15,6 +19,7 @@ the same rows.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,6 +39,8 @@ MANIFEST_COLUMNS = [
     "label",
     "label_index",
     "modality",
+    "manufacturer",
+    "manufacturer_model",
     "source_kind",
     "files",
     "n_slices",
@@ -51,13 +58,80 @@ HASH_NAMES = {"spec": "spec", "labelled_content": "labelled image content (manif
 _OLD_HASH_KEYS = {"manifest": "labelled_content"}
 
 
-def read_manifest(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """The manifest with list columns as Python lists (parquet gives numpy arrays)."""
+def read_manifest(path: Path, columns: list[str] | None = None, resolve: bool = True) -> pd.DataFrame:
+    """The manifest with list columns as Python lists (parquet gives numpy arrays).
+
+    On disk ``files`` holds shareable paths (relative to ``source.root``, identifying names pseudonymised);
+    with ``resolve`` (the default: every stage that opens files) they come back as the real paths, through
+    the workspace's local file map. ``resolve=False`` gives the shareable form.
+    """
     df = pd.read_parquet(path, columns=columns)
     for c in ("files", "shape", "spacing"):
         if c in df.columns:
             df[c] = df[c].map(lambda v: [x.item() if isinstance(x, np.generic) else x for x in v])
+    if resolve and "files" in df.columns:
+        df["files"] = resolve_files(df["files"].tolist(), file_map_of(Path(path)))
     return df
+
+
+# --------------------------------------------------------------------------- the file map (local side)
+
+FILE_MAP_COLUMNS = ["shared", "path"]
+
+
+def file_map_of(manifest_path: Path) -> Path:
+    """The file map that belongs to a manifest: next to it, in the same spec's workspace folder."""
+    d = Path(manifest_path).parent
+    return Workspace(d.parent, d.name).file_map
+
+
+def write_file_map(path: Path, mapping: dict[str, str]) -> None:
+    """Shareable path -> real path, owner-only (0600) like the pseudonym map, merged into what is there.
+
+    Merged, not replaced: the map is written before the manifest, so an ingest that fails after it (disk full)
+    leaves the previous manifest, whose paths must still resolve. A new real path for a known shareable one
+    (the data folder moved) replaces the old.
+    """
+    from medxfer.core.workspace import atomic_path
+
+    rows = {**read_file_map(path), **mapping}
+    with atomic_path(path, mode=0o600) as tmp, tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(FILE_MAP_COLUMNS)
+        for k in sorted(rows):
+            w.writerow([k, rows[k]])
+
+
+def read_file_map(path: Path) -> dict[str, str]:
+    if not Path(path).is_file():
+        return {}
+    with Path(path).open(newline="") as fh:
+        return {r["shared"]: r["path"] for r in csv.DictReader(fh)}
+
+
+def resolve_files(files: list[list[str]], file_map: Path) -> list[list[str]]:
+    """Each study's shareable paths -> real paths. Absolute entries (a manifest written before paths were
+    made shareable, or one built by hand) pass through unchanged."""
+    if all(Path(f).is_absolute() for fs in files for f in fs):
+        return [list(fs) for fs in files]
+    mapping = read_file_map(file_map)
+    out, missing = [], 0
+    for fs in files:
+        real = []
+        for f in fs:
+            r = f if Path(f).is_absolute() else mapping.get(f)
+            if r is None:
+                missing += 1
+                r = f
+            real.append(r)
+        out.append(real)
+    if missing:
+        where = "is missing" if not mapping else f"lacks {missing} of them"
+        raise MedxferError(
+            f"the manifest names files by shareable path and the local file map {file_map.name} {where} (the "
+            "workspace was copied without its local side?); fix: rerun `medxfer ingest SPEC` where the data is"
+        )
+    return out
 
 
 def json_default(v: Any) -> Any:

@@ -28,9 +28,16 @@ def test_folders_files_csv_and_bad_inputs(registered, tmp_path: Path) -> None:
     pd.DataFrame({"path": ["extra/vol.nii.gz", "extra/notes.dcm", "extra/gone.dcm"]}).to_csv(listing, index=False)
 
     out = tmp_path / "preds.csv"
-    res = predict(f"models:/{registered.model_name}@candidate", [studies, listing], out, workspace=registered.workspace)
+    res = predict(
+        f"models:/{registered.model_name}@candidate",
+        [studies, listing],
+        out,
+        workspace=registered.workspace,
+        echo_input=True,
+    )
     df = pd.read_csv(out)
     assert len(df) == 5 and res.n_rows == 5 and res.n_errors == 2
+    assert list(df.columns)[:3] == ["row", "input_key", "input"] and list(df["row"]) == [1, 2, 3, 4, 5]
     assert set(df["model_name"]) == {registered.model_name}
     assert set(df["model_version"].astype(str)) == {registered.model_version}
     ok = df[df["error"].isna()]
@@ -127,10 +134,71 @@ def test_cli_predict_json(registered, tmp_path: Path) -> None:
             str(tmp_path / "p.csv"),
             "--workspace",
             str(registered.workspace),
+            "--echo-input",
             "--json",
         ],
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["n_predicted"] == 1 and summary["model_version"] == registered.model_version
-    assert (tmp_path / "p.csv").is_file()
+    assert pd.read_csv(tmp_path / "p.csv")["input"].tolist() == [str(study)]  # asked for: the caller's own string
+
+
+# --------------------------------------------------------------------------- no input string by default
+
+MARKERS = ["Doe^John", "MRN-0012345", "19650312", "StMungoHospital"]
+
+
+def _phi_inputs(base: Path) -> list[Path]:
+    """A patient-named study tree, a NIfTI named after the patient, a fake DICOM whose text holds the markers
+    (its error row must not repeat it), and a missing path named after a birth date."""
+    site = base / "StMungoHospital"
+    write_image2d(
+        site / "Doe^John" / "19650312" / "IM0001",
+        _blob_image(True, seed=11),
+        patient_id="MRN-0012345",
+        patient_name="Doe^John",
+        InstitutionName="StMungoHospital",
+        PatientBirthDate="19650312",
+    )
+    write_image2d(site / "MRN-0012345" / "Doe^John.dcm", _blob_image(False, seed=12), patient_name="Doe^John")
+    nii = write_nifti(site / "Doe^John.nii.gz", _blob_image(True, seed=13).astype(np.float32), spacing=(0.5, 0.5))
+    bad = site / "MRN-0012345.dcm"
+    bad.write_bytes(b"DICM Doe^John MRN-0012345 19650312 StMungoHospital")
+    return [site / "Doe^John", site / "MRN-0012345", nii, bad, base / "19650312_missing"]
+
+
+def test_output_has_row_numbers_and_input_keys_never_the_inputs(registered, tmp_path: Path) -> None:
+    from medxfer.core.workspace import Workspace
+    from medxfer.io.phi import Pseudonymizer, load_key, scan_for_phi
+
+    inputs = _phi_inputs(tmp_path / "in")
+    uri = f"models:/{registered.model_name}@candidate"
+    res = predict(uri, inputs, tmp_path / "p.csv", saliency=tmp_path / "cams", workspace=registered.workspace)
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert res.n_rows == len(df) == 5 and res.n_errors == 2 and "input" not in df.columns
+    assert list(df.columns)[:2] == ["row", "input_key"] and list(df["row"]) == [1, 2, 3, 4, 5]
+    # Nothing from the paths or the files' content: not in the CSV, not in the saliency file names.
+    assert not scan_for_phi([tmp_path / "p.csv"], [*MARKERS, str(tmp_path)])
+    assert all(re.fullmatch(r"\d{4}\.png", p.name) for p in (tmp_path / "cams").iterdir())
+    assert sorted(df["error"].dropna().str.split(":").str[0]) == ["not_dicom", "not_found"]
+    # The key is the workspace's pseudonym key: the same input gets the same key in another call (or process).
+    key = Pseudonymizer(load_key(Workspace.for_spec(registered.workspace, "_").key_file))
+    assert df["input_key"].iloc[2] == key.input_key(str(inputs[2]))
+    again = predict(uri, inputs[2:3], tmp_path / "q.csv", workspace=registered.workspace)
+    assert again.n_rows == 1 and pd.read_csv(tmp_path / "q.csv")["input_key"].iloc[0] == df["input_key"].iloc[2]
+
+
+def test_without_a_workspace_key_input_keys_come_from_a_process_key(tmp_path: Path) -> None:
+    from medxfer.io.phi import scan_for_phi
+
+    bundle, _, _ = make_bundle(tmp_path, encoder="medicalnet_resnet10", dims=3, size=[16, 16, 16])
+    vol = np.random.default_rng(0).normal(0, 1, (16, 16, 16)).astype(np.float32)
+    src = write_nifti(tmp_path / "in" / "StMungoHospital" / "Doe^John" / "19650312.nii.gz", vol)
+    ws = tmp_path / "ws"  # no key file, and none is created
+    predict(str(bundle), [src], tmp_path / "a.csv", workspace=ws)
+    predict(str(bundle), [src], tmp_path / "b.csv", workspace=ws)
+    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert a["error"].isna().all() and not (ws / ".pseudonym_key").exists()
+    assert a["input_key"].tolist() == b["input_key"].tolist()  # one process, one key
+    assert not scan_for_phi([tmp_path / "a.csv"], [*MARKERS, str(tmp_path)])

@@ -29,7 +29,7 @@ from medxfer.config.spec import load_spec
 from medxfer.core.errors import StageError
 from medxfer.core.workspace import Workspace
 from medxfer.ingest.ingest import ingest, resolve_inputs
-from medxfer.ingest.manifest import MANIFEST_COLUMNS, read_manifest
+from medxfer.ingest.manifest import MANIFEST_COLUMNS, read_file_map, read_manifest
 from medxfer.io.phi import scan_for_phi
 
 MEDXFER = Path(sys.executable).parent / "medxfer"
@@ -160,7 +160,11 @@ def test_every_dicom_and_label_reason_is_reported(messy):
     assert row["shape"] == [6, 16, 16] and row["spacing"] == pytest.approx([2.0, 0.8, 0.8])
     assert row.orientation == "SPL" and row.modality == "CT" and row.source_kind == "dicom"
     assert row.intensity_min == pytest.approx(100 - 1024) and len(row.content_hash) == 64
-    assert all(Path(f).is_absolute() for f in row.files) and row.n_slices == 6
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in row.files) and row.n_slices == 6
+    # On disk: relative to source.root, the patient-named and case-named folders pseudonymised, "SE2" kept.
+    raw = read_manifest(Workspace.for_spec(ws, spec.name).manifest, resolve=False)
+    assert all(not Path(f).is_absolute() and f.split("/")[-2] == "SE2" for fs in raw["files"] for f in fs)
+    assert all(f.startswith("p-") for fs in raw["files"] for f in fs)
     # One patient, several studies: one patient key.
     assert man["patient_key"].nunique() == 1
     # The localizer study chose the 6-slice series and logged why the others lost.
@@ -174,10 +178,17 @@ def test_rejects_point_at_the_input_and_name_no_identifiers(messy):
     ingest(spec, ws, workers=2)
     rej = rejects_of(ws, spec.name)
     by_code = dict(zip(rej.reason_code, rej.input, strict=False))
-    assert by_code["duplicate_position"].endswith("duplicate_position/SE2")
+    # Shareable inputs; the local file map leads back to the real path.
+    real = read_file_map(Workspace.for_spec(ws, spec.name).file_map)
+    assert by_code["duplicate_position"].startswith("p-") and by_code["duplicate_position"].endswith("/SE2")
+    assert real[by_code["duplicate_position"]] == str(
+        spec.root / PHI["name"].replace("^", "_") / "duplicate_position" / "SE2"
+    )
     assert by_code["not_dicom"].endswith("README.txt")
+    assert Path(real[by_code["not_dicom"]]).read_text().startswith("export of")
     last_line = len((spec.labels_csv).read_text().splitlines())  # the row with a key no study has
-    assert by_code["label_without_study"] == f"{spec.labels_csv}:{last_line}"
+    assert by_code["label_without_study"] == f"labels.csv:{last_line}"
+    assert real["labels.csv"] == str(spec.labels_csv)
     assert not scan_for_phi("\n".join(rej["message"]), needles)
 
 
@@ -199,14 +210,12 @@ def test_no_phi_in_any_output_or_cli_stream(messy, tmp_path):
         timeout=120,
     )
     wsd = Workspace.for_spec(ws, spec.name)
-    # The local files that exist to hold identifiers/paths are excluded; so are the path columns.
-    scrubbed = tmp_path / "scrubbed"
-    scrubbed.mkdir()
-    read_manifest(wsd.manifest).drop(columns=["files"]).to_csv(scrubbed / "manifest.csv", index=False)
-    rejects_of(ws, spec.name).drop(columns=["input"]).to_csv(scrubbed / "rejects.csv", index=False)
-    (scrubbed / "streams.txt").write_text(proc.stdout + proc.stderr + proc2.stdout + proc2.stderr)
-    local_only = [wsd.manifest, wsd.rejects, wsd.pseudonym_map, wsd.scan_cache, wsd.key_file]
-    hits = scan_for_phi([wsd.dir, ws, scrubbed], needles, exclude=local_only)
+    # Only the local side (the pseudonym map, the file map, the key) may hold identifiers or folder names:
+    # manifest (paths included), rejects (inputs included), series selection and the scan cache are shareable.
+    streams = tmp_path / "streams.txt"
+    streams.write_text(proc.stdout + proc.stderr + proc2.stdout + proc2.stderr)
+    local_only = [wsd.pseudonym_map, wsd.file_map, wsd.key_file]
+    hits = scan_for_phi([ws, streams], [*needles, "good_a", "dup_conflict"], exclude=local_only)
     assert not hits, hits
     # The map is the one place that can undo pseudonyms.
     mapping = pd.read_csv(wsd.pseudonym_map)
@@ -239,7 +248,14 @@ def test_nothing_usable_and_empty_class_exit_nonzero(tmp_path):
 def test_incremental_rerun_reads_only_changed_files(tiny_dicom2d, monkeypatch):
     d = tiny_dicom2d
     first = ingest(d.spec, d.workspace)
-    assert first.report["files"] == {"seen": 40, "read": 40, "cached": 0, "hidden_skipped": 0, "ignored": 0}
+    assert first.report["files"] == {
+        "seen": 40,
+        "read": 40,
+        "cached": 0,
+        "header_fallbacks": 0,
+        "hidden_skipped": 0,
+        "ignored": 0,
+    }
     again = ingest(d.spec, d.workspace)
     assert again.report["files"]["read"] == 0 and again.report["files"]["cached"] == 40
     assert again.report["manifest_hash"] == first.report["manifest_hash"]
@@ -399,10 +415,11 @@ def test_real_series_mr_volume_and_kits_quarantine(shared_data, tmp_path):
     assert row.modality == "MR" and len(row.files) == 130
     rej = pd.read_csv(wsd.rejects)
     [kits] = rej[rej.reason_code != "not_dicom"].itertuples()
-    assert kits.reason_code == "duplicate_position" and kits.input.endswith("kits_ct_dupe_positions")
+    real = read_file_map(wsd.file_map)
+    assert kits.reason_code == "duplicate_position" and real[kits.input].endswith("kits_ct_dupe_positions")
     assert "1 of 11 slices share a position" in kits.message
     # The LICENSE/CITATION text files next to the series are listed, not silently skipped.
-    assert all(p.endswith(("LICENSE", "CITATION")) for p in rej[rej.reason_code == "not_dicom"].input)
+    assert all(real[p].endswith(("LICENSE", "CITATION")) for p in rej[rej.reason_code == "not_dicom"].input)
 
 
 def test_series_description_never_stored_and_rules_hold_on_a_cached_rerun(tmp_path):
