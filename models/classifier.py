@@ -49,6 +49,15 @@ class Classifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, feature_dim): the pooled encoder output the head reads (OOD scores use it)."""
+        return self.encoder(x)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) from one pass; the logits are exactly forward's."""
+        f = self.encoder(x)
+        return self.head(self.dropout(f)), f
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.encoder(x)))
 
@@ -79,3 +88,25 @@ class MirrorAverage(nn.Module):
         for dims in self.views:
             out = out + self.model(torch.flip(x, dims))
         return out / (1 + len(self.views))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits as forward, features averaged over the same views): what predict scores for OOD is what the
+        logits were computed from. Summed in forward's order, so the logits are bitwise forward's."""
+        if not hasattr(self.model, "forward_with_features"):
+            return self(x), None
+        out, feat = self.model.forward_with_features(x)
+        for dims in self.views:
+            o, f = self.model.forward_with_features(torch.flip(x, dims))
+            out, feat = out + o, feat + f
+        n = 1 + len(self.views)
+        return out / n, feat / n
+
+    def features(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.forward_with_features(x)[1]
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, penultimate features or None for a model without them, e.g. a test's tiny net)."""
+    if hasattr(model, "forward_with_features"):
+        return model.forward_with_features(x)
+    return model(x), None

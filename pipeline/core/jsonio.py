@@ -41,3 +41,17 @@ def dump_json(obj: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
     return path
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its JSON header re-serialised with sorted keys.
+
+    safetensors writes ``__metadata__`` in its (Rust HashMap) iteration order, which changes from call to call:
+    bit-identical demo weights were registered as bbe5b427... by one run and f8ef2d3b... by the next, and two
+    evaluations of one run wrote OOD statistics with two SHA-256s. Tensor offsets are relative to the data
+    block, so they hold; the format pads the header to 8-byte alignment with spaces.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + n :]

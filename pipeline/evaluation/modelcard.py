@@ -299,10 +299,79 @@ def _limitations(run: dict[str, Any], ev: dict[str, Any]) -> list[str]:
             f"{tr.get('control_kind') or 'control'} arm on the same test studies (AUROC gain "
             f"{_fmt_ci(tr.get('gain'))})."
         )
-    out.append(
-        "Subgroup performance (sex, age, site, scanner) was not assessed: those attributes are not carried past ingest."
-    )
+    if (ev.get("subgroups") or {}).get("recorded"):
+        out.append(
+            "Subgroup performance by sex, age and site was not assessed (not carried past ingest); by scanner "
+            "manufacturer and model see 'Domain shift' (groups under the size rule are listed as too few)."
+        )
+    else:
+        out.append(
+            "Subgroup performance (sex, age, site, scanner) was not assessed: no scanner manufacturer was recorded "
+            "and the other attributes are not carried past ingest."
+        )
+    ood = ev.get("ood") or {}
+    if ood.get("fitted"):
+        out.append(
+            "The OOD flag (ood_flag) is a warning, not a guarantee: it catches inputs whose features lie far from the "
+            "validation studies' (another modality, another kind of image); a shift the features do not show, e.g. "
+            "a new scanner with similar-looking images, can pass unflagged."
+        )
     return out
+
+
+def _domain_shift(ev: dict[str, Any]) -> dict[str, Any]:
+    ood = dict(ev.get("ood") or {})
+    for k in ("val_scores", "test_scores", "sha256", "file"):
+        ood.pop(k, None)
+    return {"ood": ood or None, "subgroups": ev.get("subgroups")}
+
+
+def _domain_shift_markdown(card: dict[str, Any]) -> list[str]:
+    ds = card.get("domain_shift") or {}
+    o, sg = ds.get("ood") or {}, ds.get("subgroups") or {}
+    L = ["## Domain shift", ""]
+    if o.get("fitted"):
+        L += [
+            f"- Out-of-distribution score: {o.get('description')} ({o.get('method')}), on {o.get('features')}.",
+            f"- Fitted on {o.get('n_fit')} validation studies ({o.get('n_components')} of {o.get('feature_dim')} "
+            f"feature dimensions kept); flag threshold {_fmt(o.get('threshold'))} = {o.get('threshold_rule')}.",
+            f"- Flag rate: validation {_pct(o.get('val_flag_rate'))} (cross-fitted), "
+            f"test {_pct(o.get('test_flag_rate'))} ({o.get('test_flagged')} of {o.get('n_test')} studies). "
+            "Predict adds `ood_score` and `ood_flag`.",
+        ]
+    else:
+        L.append(f"- No OOD statistics: {o.get('reason') or 'not evaluated'}; predict leaves ood_score/ood_flag empty.")
+    L.append("")
+    if sg:
+        L += [f"Test metrics by scanner; rule: {sg.get('rule')}.", ""]
+        names = sg.get("metrics") or []
+        for by, title in (("manufacturer", "manufacturer"), ("manufacturer_model", "manufacturer / model")):
+            rows = (sg.get("by") or {}).get(by) or []
+            L += [
+                f"| {title} | studies | " + " | ".join(names) + " | OOD flagged | status |",
+                "|---" * (len(names) + 4) + "|",
+            ]
+            for r in rows:
+                m = r.get("metrics") or {}
+                L.append(
+                    f"| {r['group']} | {r['n_studies']} | "
+                    + " | ".join(_fmt(m.get(n)) for n in names)
+                    + f" | {_pct(r.get('ood_flag_rate'))} | {r['status']} |"
+                )
+            L.append("")
+    return L
+
+
+def _scanner_groups(card: dict[str, Any]) -> dict[str, Any] | None:
+    sg = (card.get("domain_shift") or {}).get("subgroups") or {}
+    if not sg.get("recorded"):
+        return None
+    rows = (sg.get("by") or {}).get("manufacturer_model") or []
+    return {"rule": sg.get("rule"), "groups": {r["group"]: r["status"] for r in rows}}
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f}%"
 
 
 # ---------------------------------------------------------------------------- checklists
@@ -388,7 +457,13 @@ def _checklists(card: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             {"loss": trn.get("loss"), "focal": trn.get("focal")} if trn.get("loss") else None,
             "recipe.loss, recipe.focal",
         ),
-        _item("14", "Fairness", None, "", "subgroup attributes are not carried past ingest; assess separately"),
+        _item(
+            "14",
+            "Fairness",
+            _scanner_groups(card),
+            "evaluation.subgroups (scanner manufacturer and model only)",
+            "no scanner manufacturer recorded, and sex/age/site are not carried past ingest; assess separately",
+        ),
         _item("15", "Model output and threshold", {"output": d.get("output"), "threshold": thr}, "evaluation"),
         _item("18e", "Data availability", None, "", manual),
         _item(
@@ -507,6 +582,7 @@ def build_model_card(run_info: dict[str, Any], evaluation: dict[str, Any]) -> tu
         "calibration": ev.get("calibration") or {},
         "threshold": {"value": ev.get("threshold"), **(ev.get("threshold_policy") or {})},
         "transfer": ev.get("transfer"),
+        "domain_shift": _domain_shift(ev),
     }
     card["limitations"] = _limitations(run, ev)
     card["checklists"] = _checklists(card)
@@ -633,7 +709,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     L += [
         "## Calibration and threshold",
         "",
-        f"- Temperature scaling fitted on validation: T = {_fmt(cal.get('temperature'))}",
+        f"- Calibration fitted on validation: {cal.get('method', 'temperature')}, T = {_fmt(cal.get('temperature'))}"
+        + (f", bias {[round(b, 3) for b in cal['bias']]}" if any(cal.get("bias") or []) else "")
+        + (f" ({cal['reason']})" if cal.get("reason") else ""),
         f"- Test ECE {_fmt(_get(cal, 'test', 'ece_before'))} -> {_fmt(_get(cal, 'test', 'ece_after'))}; "
         f"Brier {_fmt(_get(cal, 'test', 'brier_before'))} -> {_fmt(_get(cal, 'test', 'brier_after'))} "
         "(before -> after)",
@@ -662,6 +740,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         ]
     else:
         L += ["- No control arm was trained for this run (`medxfer train --control scratch` adds one).", ""]
+    L += _domain_shift_markdown(card)
     L += ["## Limitations", ""] + [f"- {x}" for x in card["limitations"]] + [""]
     L += [
         "## Reporting checklists",

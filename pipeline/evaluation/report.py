@@ -7,8 +7,9 @@ warnings) goes through ``html.escape``: spec names are user text.
 
 Sections, in order (ids in :data:`SECTIONS`): headline test metrics with 95% CIs, learning curves (unfreezing
 stages dashed, kept epoch starred), ROC and precision-recall with the operating point, reliability before/after
-temperature scaling, confusion matrix at the threshold, transfer gain against a control, data counts per split
-and class, and the model-card summary (intended use, limitations).
+temperature scaling, confusion matrix at the threshold, transfer gain against a control, domain shift (the OOD
+threshold and flag rates, test metrics per scanner manufacturer and model), data counts per split and class, and
+the model-card summary (intended use, limitations).
 
 Inputs: ``evaluation`` is the ``evaluation.json`` dict (:mod:`medxfer.evaluation.evaluate`); ``history`` the
 per-epoch rows of training (checkpoint ``history`` / MLflow ``history.json``: epoch, train_loss, val_loss,
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT = "report.html"
-SECTIONS = ("headline", "learning", "discrimination", "calibration", "confusion", "transfer", "data", "card")
+SECTIONS = ("headline", "learning", "discrimination", "calibration", "confusion", "transfer", "shift", "data", "card")
 FIGURES = ("learning_curve", "roc", "pr", "reliability", "confusion_matrix", "transfer")
 _LABELS = {
     "auroc": "AUROC",
@@ -197,12 +198,13 @@ def _calibration(ev: Mapping[str, Any], figs: Mapping[str, Path]) -> str:
                 ]
             )
     body = (
-        f"<p>Temperature scaling fitted on validation: T = {_num(ev.get('temperature'))} "
+        f"<p>Calibration fitted on validation: {_e(cal.get('method') or 'temperature')}, "
+        f"T = {_num(ev.get('temperature'))} "
         f"({_e(cal.get('ece_definition') or '')}, {_e(cal.get('n_bins') or 15)} bins).</p>"
         + _table(["", "before", "after"], rows)
         + _img(figs.get("reliability"), "reliability diagram")
     )
-    return _section("calibration", "Calibration: reliability before and after temperature scaling", body)
+    return _section("calibration", "Calibration: reliability before and after", body)
 
 
 def _confusion(ev: Mapping[str, Any], figs: Mapping[str, Path]) -> str:
@@ -242,6 +244,41 @@ def _transfer(ev: Mapping[str, Any], figs: Mapping[str, Path]) -> str:
         f'<p class="note">Rule: {_e(tr.get("rule") or "")}.</p>' + _img(figs.get("transfer"), "transfer gain")
     )
     return _section("transfer", "Transfer gain against a control", body)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _shift(ev: Mapping[str, Any]) -> str:
+    o, sg = ev.get("ood") or {}, ev.get("subgroups") or {}
+    if o.get("fitted"):
+        body = (
+            f"<p>Out-of-distribution score ({_e(o.get('method'))}): {_e(o.get('description'))}. Fitted on "
+            f"{_e(o.get('n_fit'))} validation studies; flag threshold <b>{_num(o.get('threshold'))}</b> "
+            f"({_e(o.get('threshold_rule'))}).</p>"
+            f"<p>Flagged: validation {_pct(o.get('val_flag_rate'))} (cross-fitted), test "
+            f"{_pct(o.get('test_flag_rate'))} ({_e(o.get('test_flagged'))} of {_e(o.get('n_test'))}). Predict adds "
+            "<code>ood_score</code> and <code>ood_flag</code> to every row.</p>"
+        )
+    else:
+        body = f'<p class="note">No OOD statistics: {_e(o.get("reason") or "not evaluated")}.</p>'
+    if sg:
+        names = list(sg.get("metrics") or [])
+        for by, title in (("manufacturer", "Manufacturer"), ("manufacturer_model", "Manufacturer / model")):
+            rows = [
+                [
+                    _e(r.get("group")),
+                    _e(r.get("n_studies")),
+                    *[_num((r.get("metrics") or {}).get(n)) for n in names],
+                    _pct(r.get("ood_flag_rate")),
+                    _e(r.get("status")),
+                ]
+                for r in (sg.get("by") or {}).get(by) or []
+            ]
+            body += f"<h3>{title} (test)</h3>" + _table([title, "studies", *names, "OOD flagged", "status"], rows)
+        body += f'<p class="note">Rule: {_e(sg.get("rule"))}.</p>'
+    return _section("shift", "Domain shift: OOD flag and scanner subgroups", body)
 
 
 def _data(ev: Mapping[str, Any]) -> str:
@@ -307,6 +344,7 @@ def render_report(
             _calibration(ev, figures),
             _confusion(ev, figures),
             _transfer(ev, figures),
+            _shift(ev),
             _data(ev),
             _card(card),
         ]
