@@ -3,6 +3,7 @@ traceback and never silence, and predict never returns a probability with a deci
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 from pathlib import Path
@@ -199,3 +200,23 @@ def test_dangling_link_and_blank_key_get_reject_rows(tmp_path: Path) -> None:
     assert set(rej["reason_code"]) == {"dangling_link", "blank_key"}
     assert rej.loc[rej["reason_code"] == "blank_key", "input"].iloc[0].endswith(f":{len(rows) + 1}")
     assert set(rej["reason_code"]) <= set(checks.REASONS)
+
+
+def test_a_predict_csv_without_a_path_column_is_one_error_row_not_a_failed_batch(tmp_path: Path) -> None:
+    good = write_image2d(tmp_path / "good.dcm")
+    csv = tmp_path / "list.csv"
+    csv.write_text("file,who\nx.dcm,someone\n")
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b'path\n"unclosed\n')
+    items = resolve_inputs([good, csv, broken], make_spec(2, "dicom"))
+    assert [it.reason_code for it in items] == [None, "no_path_column", "unreadable"]
+    assert "someone" not in items[1].message and str(tmp_path) not in items[1].message
+
+
+def test_a_nifti_gzip_cut_inside_its_header_is_truncated(tmp_path: Path) -> None:
+    p = write_nifti(tmp_path / "v.nii.gz", np.random.default_rng(0).random((16, 16), dtype=np.float32), (1.0, 1.0))
+    p.write_bytes(p.read_bytes()[:200])
+    assert _nifti_code(p, dims=2) == "truncated"
+    fake = tmp_path / "fake.nii.gz"
+    fake.write_bytes(gzip.compress(b"not an image"))
+    assert _nifti_code(fake, dims=2) == "not_nifti"

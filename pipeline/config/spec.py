@@ -338,9 +338,16 @@ def load_spec(path: str | Path) -> DataSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file; see data_specs/template.yaml for a commented example")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        # Found by tests/fuzz: a spec saved in another encoding (or a binary file given as the spec).
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the spec as UTF-8 (see data_specs/template.yaml)"
+        ) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: {yaml_error_text(exc)}; fix the file (see data_specs/template.yaml)") from exc
+        raise SpecError(f"{path}: {yaml_error_text(exc)}; fix the file (see data_specs/template.yaml)") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a spec; see data_specs/template.yaml") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level (name:, task:, ...)")
     try:

@@ -31,6 +31,7 @@ REASONS: dict[str, tuple[str, str]] = {
     # discovery (ingest's walk of source.root, predict's inputs)
     "not_found": ("discovery", "a predict input does not exist"),
     "dangling_link": ("discovery", "a symbolic link under source.root points at nothing"),
+    "no_path_column": ("discovery", "a predict input CSV without a 'path' column (one study per row)"),
     # DICOM files and series (medxfer.io.dicom)
     "not_dicom": ("dicom", "not a DICOM file (a NIfTI file given to a DICOM model says so)"),
     "truncated": ("dicom, nifti", "file is cut short (header, pixel or voxel data incomplete)"),

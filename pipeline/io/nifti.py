@@ -57,10 +57,27 @@ def _squeeze(arr_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _gzip_cut_short(path: str | Path) -> bool:
+    """True for a .gz whose stream ends before its end marker (a copy cut short); read only once loading failed."""
+    if not str(path).endswith(".gz"):
+        return False
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    except EOFError:
+        return True
+    except (OSError, zlib.error):
+        return False
+    return False
+
+
 def _load(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     try:
         img = nib.load(str(path))
     except Exception:
+        if _gzip_cut_short(path):  # nibabel only says "Cannot work out file type": the stream ends inside the header
+            raise NiftiError("truncated", "NIfTI file is cut short (its gzip stream ends early)") from None
         raise NiftiError("not_nifti", "not a readable NIfTI file") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise NiftiError("not_nifti", f"not a NIfTI image ({type(img).__name__})")
@@ -94,7 +111,8 @@ def _data(img: nib.Nifti1Image) -> np.ndarray:
     check_size(img)
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32)
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError):
+    # OverflowError: a vox_offset far past any file (found by tests/fuzz: numpy's memmap overflows a C long).
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError, OverflowError):
         raise NiftiError("truncated", "voxel data is cut short or corrupt") from None
     return arr.reshape(_squeeze(arr.shape))
 
@@ -112,7 +130,12 @@ def check_header(img: nib.Nifti1Image, dims: int) -> tuple[int, ...]:
     hdr = img.header
     qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
     if qcode > 0 and scode > 0:
-        q, s = hdr.get_qform(), hdr.get_sform()
+        try:
+            q, s = hdr.get_qform(), hdr.get_sform()
+        except (ValueError, np.linalg.LinAlgError):
+            # nibabel refuses quaternion parameters that are no rotation (found by tests/fuzz: "w2 should be
+            # positive, but is -2.9e+76"); the affine is as unusable as a singular one.
+            raise NiftiError("bad_affine", "qform quaternion is not a rotation; fix or re-export the header") from None
         # Compare where they send the corners of the volume, in mm: robust to how each is stored.
         corners = np.array(
             [[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2] if dims == 3 else 1)],
@@ -142,7 +165,12 @@ def inspect(path: str | Path, dims: int) -> VolumeInfo:
     zooms = [float(z) for z in img.header.get_zooms()[:dims]]
     h = hashlib.sha256(repr(arr.shape).encode())
     h.update(np.ascontiguousarray(arr).tobytes())
-    codes = "".join(nib.aff2axcodes(img.affine))[:dims]
+    axes = nib.aff2axcodes(img.affine)
+    if None in axes[:dims]:
+        # nibabel gives no axis code for a column far shorter than the others (found by tests/fuzz): the voxel
+        # grid has no orientation a reader could trust.
+        raise NiftiError("bad_affine", "affine gives an image axis no direction; fix or re-export the header")
+    codes = "".join(axes)[:dims]
     return VolumeInfo(list(arr.shape), zooms, codes, img.affine, float(arr.min()), float(arr.max()), h.hexdigest())
 
 

@@ -12,8 +12,10 @@ with ``torch.load(weights_only=True)``: no pickled classes, no numpy objects.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space. torch.save says only RuntimeError "PytorchStreamWriter failed
+    writing file" (issue 14: "inline_container.cc ... unexpected pos"), so its case is judged by the free space
+    left while the partial temp file still holds it; the CLI then prints its disk-full line, not a traceback."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, RuntimeError):
+        try:
+            return shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file next to `path`, fsync, then os.replace: readers never see a partial file."""
     path = Path(path)
@@ -110,8 +126,11 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(exc, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, "no space left on the device for a checkpoint") from None
         raise
     _fsync_dir(path.parent)
 
@@ -130,8 +149,11 @@ def save_epoch(run_dir: Path, ckpt: dict[str, Any], is_best: bool) -> None:
         if (run_dir / LAST).exists():
             os.replace(run_dir / LAST, run_dir / PREV)
         os.replace(tmp, run_dir / LAST)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(exc, run_dir)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, "no space left on the device for a checkpoint") from None
         raise
     _fsync_dir(run_dir)
     if is_best:
@@ -148,6 +170,10 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 def load_resume(run_dir: Path, warn=None) -> tuple[dict[str, Any], Path]:
     """The newest readable training checkpoint of a run: `last`, else `last.prev` with a message."""
     run_dir = Path(run_dir)
+    # A write killed midway leaves its temp file (half a checkpoint, 20 MB for EfficientNet-Lite0); nothing reads
+    # it, and nothing writes this run while it is being resumed.
+    for stale in run_dir.glob(".*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
     problems = []
     for name in (LAST, PREV):
         path = run_dir / name
