@@ -6,11 +6,15 @@
     one tensor (the ideal data path; augmentation is off in the pipeline run too). Target >= 0.95x.
 (b) head-only (stage 0: encoder frozen, no gradient through it) against full fine-tuning, both from
     the same pipeline run (``stages: [{epoch: 0, groups: 0}, {epoch: H, groups: all}]``), skipping the
-    first epoch of each stage. The hand-written loop's frozen-encoder step is reported as context.
+    first epoch of each stage. With augmentation off (as here) the head-only stage computes the encoder
+    features once, on its first epoch, and trains the head on them after that
+    (``medxfer.training.loop._FeatureCache``); the ratio of the stage's first epoch (feature pass + head)
+    is reported too. The hand-written loop's frozen-encoder step (encoder forward every batch) is context.
     Target >= 3x.
 
-Arms run in their own processes, in the order hand, pipeline, hand; the baseline is the mean of
-the two hand runs so drift on a shared machine hits both sides.
+Arms run in their own processes, in the order hand, pipeline, hand (then pipeline, hand again per
+repeat); each pipeline run is compared with the mean of the hand runs either side of it, so drift on a
+shared machine hits both sides, and the ratios are the median over repeats with their range.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ TARGET_HEAD = 3.0
 # full: 200 studies, not all: a step costs the same whatever the set size, and a full `make bench`
 # spends its CPU time on the accuracy study.
 _PLAN = {"tiny": (24, 1, 1), "quick": (120, 3, 2), "full": (200, 3, 2)}
+_REPEATS = {"tiny": 1, "quick": 1, "full": 2}
 _SETS = {
     "tiny": (("2D", "breast", "breastmnist", 2),),
     "quick": (("2D", "breast", "breastmnist", 2),),
@@ -111,18 +116,53 @@ def arm_pipeline(
         device="cpu",
     )
     hist = res.main.history
-    head = [h["samples_per_s"] for h in hist if h["stage"] == 0]
+    head_all = [h["samples_per_s"] for h in hist if h["stage"] == 0]
     full = [h["samples_per_s"] for h in hist if h["stage"] != 0]
-    head, full = head[1:] or head, full[1:] or full  # each stage's first epoch warms up (tiny: one epoch)
+    head, full = head_all[1:] or head_all, full[1:] or full  # each stage's first epoch warms up (tiny: one epoch)
+    head_s = [h["epoch_seconds"] for h in hist if h["stage"] == 0]
     return {
         "head_samples_per_s": sum(head) / len(head),
+        # the stage's first epoch: the feature pass (encoder over every study once) plus the head's steps
+        "head_first_epoch_samples_per_s": head_all[0],
+        "head_epoch_seconds": head_s,
         "full_samples_per_s": sum(full) / len(full),
         "history": [{k: h[k] for k in ("epoch", "stage", "samples_per_s", "epoch_seconds")} for h in hist],
         "n_train": len(fixtures.tables(spec, ws_root)["train"]),
     }
 
 
-def run(size: str = "full") -> dict[str, Any]:
+def _spread(xs: list[float]) -> dict[str, Any]:
+    return {"median": common.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _entry(xs: list[float], target: float | None) -> dict[str, Any]:
+    e = common.ratio_entry(common.median(xs), target)
+    e["spread"] = _spread(xs)
+    return e
+
+
+def _carry_over(result: dict[str, Any], ran: list[str]) -> None:
+    """Rows and ratios of the sets not re-run, from the committed result, marked as such (a partial re-run)."""
+    import json
+
+    path = common.results_dir() / f"{NAME}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old.get("status") != "ok":
+        return
+    keep = sorted({r["set"] for r in old.get("rows", [])} - set(ran))
+    if not keep:
+        return
+    result["rows"] += [r for r in old["rows"] if r["set"] in keep]
+    result["ratios"].update({k: v for k, v in old["ratios"].items() if k.split(":")[0] in keep})
+    result.setdefault("details", {}).update({k: v for k, v in old.get("details", {}).items() if k in keep})
+    result["notes"].append(
+        f"{', '.join(keep)}: not re-run here; rows and ratios carried over from the run of {old['created']}"
+        f" (commit {old.get('versions', {}).get('git_commit')}), before the head-only feature cache"
+    )
+
+
+def run(size: str = "full", sets: list[str] | None = None) -> dict[str, Any]:
+    """``sets`` (labels, e.g. ["2D"]): run only those and carry the others over from the committed result."""
     result = common.new_result(NAME, TITLE, size)
     common.require("medxfer.training.stage", "the training stage (medxfer.training.stage)")
     common.require("medxfer.models.factory", "the encoder factory (medxfer.models.factory)")
@@ -135,23 +175,43 @@ def run(size: str = "full") -> dict[str, Any]:
             return common.run_isolated(f"benchmarks.train_step:{fn}", **kw)
         return globals()[fn](**kw)
 
+    ran: list[str] = []
     for label, kind, dataset, dims in _SETS[size]:
+        if sets is not None and label not in sets:
+            continue
+        ran.append(label)
         fixtures.prepare(kind, limit)
         extra = common.tiny_train(size, dims)
         hand_kw = dict(dataset=dataset, dims=dims, epochs=hand_epochs, extra=extra)
-        pipe = None
-        hands: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-        # hand, pipeline, hand: drift on a shared machine hits both sides; tiny only checks that it runs.
-        for step in ("hand", "pipeline", "hand") if isolate else ("pipeline", "hand"):
-            if step == "pipeline":
-                pipe = call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs, extra=extra)
-                continue
-            n = pipe["n_train"] if pipe else len(fixtures.tables(*fixtures.prepare(kind, limit))["train"])
-            for head_only in (False, True):
-                hands[head_only].append(call("arm_hand", n=n, head_only=head_only, **hand_kw))
-        hand_full = sum(h["samples_per_s"] for h in hands[False]) / len(hands[False])
-        hand_head = sum(h["samples_per_s"] for h in hands[True]) / len(hands[True])
-        h0 = hands[False][0]
+        n = len(fixtures.tables(*fixtures.prepare(kind, limit))["train"])
+        pipes: list[dict[str, Any]] = []
+        hands: list[dict[bool, dict[str, Any]]] = []  # one {full, head-only} pair per hand slot
+
+        def hand(n: int = n, hand_kw: dict[str, Any] = hand_kw, hands: list = hands) -> None:
+            hands.append({h: call("arm_hand", n=n, head_only=h, **hand_kw) for h in (False, True)})
+
+        # hand, (pipeline, hand) x repeats: every pipeline run sits between two hand runs; tiny only checks it runs.
+        if isolate:
+            hand()
+        for _ in range(_REPEATS[size]):
+            pipes.append(
+                call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs, extra=extra)
+            )
+            hand()
+        loop_r, head_r, head_first_r, hand_head_r = [], [], [], []
+        for i, pipe in enumerate(pipes):
+            around = hands[i : i + 2] if isolate else hands[i : i + 1]
+            hand_full = sum(h[False]["samples_per_s"] for h in around) / len(around)
+            hand_head = sum(h[True]["samples_per_s"] for h in around) / len(around)
+            loop_r.append(pipe["full_samples_per_s"] / hand_full)
+            head_r.append(pipe["head_samples_per_s"] / pipe["full_samples_per_s"])
+            head_first_r.append(pipe["head_first_epoch_samples_per_s"] / pipe["full_samples_per_s"])
+            hand_head_r.append(hand_head / hand_full)
+        k = sorted(range(len(pipes)), key=lambda i: loop_r[i])[len(pipes) // 2]  # rows from the median run
+        pipe, around = pipes[k], (hands[k : k + 2] if isolate else hands[k : k + 1])
+        hand_full = sum(h[False]["samples_per_s"] for h in around) / len(around)
+        hand_head = sum(h[True]["samples_per_s"] for h in around) / len(around)
+        h0 = hands[0][False]
         ctx = {
             "set": label,
             "encoder": h0["encoder"],
@@ -175,28 +235,45 @@ def run(size: str = "full") -> dict[str, Any]:
             },
             {
                 **ctx,
-                "arm": "medxfer train, head-only stage 0",
+                "arm": "medxfer train, head-only stage 0, first epoch (feature pass + head)",
+                "samples_per_s": pipe["head_first_epoch_samples_per_s"],
+                "ratio": pipe["head_first_epoch_samples_per_s"] / hand_full,
+            },
+            {
+                **ctx,
+                "arm": "medxfer train, head-only stage 0, later epochs (cached features)",
                 "samples_per_s": pipe["head_samples_per_s"],
                 "ratio": pipe["head_samples_per_s"] / hand_full,
             },
         ]
-        result["ratios"][f"{label}: pipeline / hand loop (full fine-tuning)"] = common.ratio_entry(
-            pipe["full_samples_per_s"] / hand_full, TARGET_LOOP
+        result["ratios"][f"{label}: pipeline / hand loop (full fine-tuning)"] = _entry(loop_r, TARGET_LOOP)
+        result["ratios"][f"{label}: head-only / full step (pipeline)"] = _entry(head_r, TARGET_HEAD)
+        result["ratios"][f"{label}: head-only first epoch (feature pass) / full step (pipeline)"] = _entry(
+            head_first_r, None
         )
-        result["ratios"][f"{label}: head-only / full step (pipeline)"] = common.ratio_entry(
-            pipe["head_samples_per_s"] / pipe["full_samples_per_s"], TARGET_HEAD
-        )
-        result["ratios"][f"{label}: head-only / full step (hand loop)"] = common.ratio_entry(
-            hand_head / hand_full, None
-        )
-        result.setdefault("details", {})[label] = {"pipeline": pipe, "hand": hands}
+        result["ratios"][f"{label}: head-only / full step (hand loop)"] = _entry(hand_head_r, None)
+        result.setdefault("details", {})[label] = {
+            "median_run": k,
+            "pipeline": pipes,
+            "hand": [{"full": h[False], "head_only": h[True]} for h in hands],
+        }
     result["notes"].append(
         "pipeline samples/s is its own training-only figure per epoch (validation excluded), "
-        "averaged over each stage's epochs after its first; augmentation off in both arms"
+        "averaged over each stage's epochs after its first; augmentation off in both arms; "
+        f"{_REPEATS[size]} pipeline run(s) per set, each against the mean of the hand runs either side; "
+        "ratios are medians with their range in 'spread'"
     )
+    if sets is not None:
+        _carry_over(result, ran)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 
 
 if __name__ == "__main__":
-    common.script_main(run)
+    import sys
+
+    # python -m benchmarks.train_step [size] [--only 2D|3D]
+    args = sys.argv[1:]
+    only = [args[args.index("--only") + 1]] if "--only" in args else None
+    size_arg = args[0] if args and not args[0].startswith("--") else "quick"
+    common.script_main(lambda _s: run(size_arg, only))

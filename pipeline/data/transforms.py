@@ -24,7 +24,9 @@ predict/export run (``load_inference_tensor``), so the two can never drift apart
 7. a plain contiguous float32 tensor (no MetaTensor: cheaper to cache, collate and ``torch.load``).
 
 The random part (training only) runs on the cached tensor every epoch: albumentations for 2D, behind
-``medxfer.data.augment2d``; MONAI for 3D (flips, one affine warp for rotation + zoom, intensity shift).
+``medxfer.data.augment2d``, per sample in the loader; for 3D (flips, one affine warp for rotation + zoom,
+intensity shift) once per batch in the training loop on the training device (``medxfer.data.batch_augment``),
+with the same draws as the per-sample MONAI transforms (``monai_random_transforms``, the reference).
 """
 
 from __future__ import annotations
@@ -250,21 +252,35 @@ def deterministic_transforms(spec: DataSpec, recipe: Recipe) -> Compose:
     return Compose(steps)
 
 
-def _flip_axes(flip: Any) -> list[int]:
+def flip_axes(flip: Any) -> list[int]:
     if flip is True:
         return [0]  # left-right after RAS reorientation: bilateral anatomy stays plausible
     return list(flip) if isinstance(flip, list) else []
 
 
-def random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
-    """Per-epoch augmentation from ``recipe.data.augment``; None when it is empty."""
+def batched_augmentation(spec: DataSpec, recipe: Recipe) -> bool:
+    """True when the random part runs once per batch in the training loop (``medxfer.data.batch_augment``).
+
+    3D: always (flips, the rotation + zoom warp and the intensity shift are all batched); the loader then only
+    moves cached tensors. 2D keeps albumentations per sample in the loader (11.7x the MONAI loop already).
+    """
+    cfg = recipe.data.augment
+    return spec.dims == 3 and any(bool(v) for v in cfg.values())
+
+
+def monai_random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
+    """The per-sample random part as MONAI transforms (3D) or albumentations (2D); None when it is empty.
+
+    For 3D this is the reference that ``medxfer.data.batch_augment`` reproduces batch-wise (same draws, same
+    warp: tests/data/test_batch_augment.py), and what the MONAI baseline of benchmarks/data_path.py runs.
+    """
     cfg = recipe.data.augment
     if not cfg:
         return None
     if spec.dims == 2:
         aug = Augment2Dd(cfg)
         return None if aug.aug.identity else Compose([aug])
-    steps: list[Transform] = [RandFlipd("image", prob=0.5, spatial_axis=a) for a in _flip_axes(cfg.get("flip"))]
+    steps: list[Transform] = [RandFlipd("image", prob=0.5, spatial_axis=a) for a in flip_axes(cfg.get("flip"))]
     rot, scale = math.radians(float(cfg.get("rotate", 0))), float(cfg.get("scale", 0))
     if rot or scale:
         # One warp for rotation and zoom together: a single interpolation, and the costliest step done once.
@@ -291,14 +307,22 @@ def random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
     return Compose(steps)
 
 
+def random_transforms(spec: DataSpec, recipe: Recipe) -> Compose | None:
+    """The loader's per-sample random part; None when it is empty or runs per batch (``batched_augmentation``)."""
+    if batched_augmentation(spec, recipe):
+        return None
+    return monai_random_transforms(spec, recipe)
+
+
 def build_transforms(spec: DataSpec, recipe: Recipe, train: bool) -> Compose:
-    """Deterministic part, then (train only) the random part, as one Compose.
+    """Deterministic part, then (train only) the per-sample random part (``monai_random_transforms``), as one
+    Compose: the single-sample view of what training applies (it batches the 3D part instead).
 
     The cache boundary is MONAI's: everything before the first Randomizable transform is deterministic
     (what CacheDataset/PersistentDataset would cache). ``medxfer.data.datasets`` uses the two halves directly.
     """
     det = deterministic_transforms(spec, recipe)
-    rand = random_transforms(spec, recipe) if train else None
+    rand = monai_random_transforms(spec, recipe) if train else None
     return Compose(list(det.transforms) + (list(rand.transforms) if rand is not None else []))
 
 
@@ -326,7 +350,7 @@ def tta_views(spec: DataSpec, recipe: Recipe) -> list[tuple[int, ...]]:
     if not recipe.evaluation.tta:
         return []
     flip = recipe.data.augment.get("flip")
-    axes = ([3] if flip else []) if spec.dims == 2 else [2 + a for a in _flip_axes(flip)]
+    axes = ([3] if flip else []) if spec.dims == 2 else [2 + a for a in flip_axes(flip)]
     return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(1, 2 ** len(axes))]
 
 

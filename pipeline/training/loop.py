@@ -91,6 +91,9 @@ class Fit:
     run_dir: Path | None = None
     new_stage: bool = False  # this epoch began a new unfreezing stage
     wall_s: float = 0.0
+    augment: Any = None  # medxfer.data.batch_augment.BatchAugment: the random part, once per batch on the device
+    epoch: int = 0  # the epoch being trained (seeds the batched augmentation)
+    features: Any = None  # _FeatureCache of a head-only stage without augmentation
 
     @property
     def recipe(self) -> Recipe:
@@ -127,6 +130,7 @@ def fit(
                 net = wrap(f.model, d)  # DDP registers only the parameters that required grad when it was built
             seed_epoch(f.recipe.seed, epoch, d.rank)
             loaders.train.set_epoch(epoch)
+            f.epoch = epoch
             cbs.on_epoch_start(f, epoch)
             t0 = time.perf_counter()
             train_loss, seen, skipped = train_epoch(net, f, cbs)
@@ -156,6 +160,7 @@ def fit(
 # --- set-up ----------------------------------------------------------------------------------------------------------
 def build(spec: DataSpec, arm: Arm, tables: Joined, loaders: Loaders, d: Dist) -> Fit:
     """Model, loss, schedule, scaler and weight average, built once; a resumed arm restores them."""
+    from medxfer.data.batch_augment import build_batch_augment
     from medxfer.models.factory import create_classifier
 
     recipe = arm.recipe
@@ -207,6 +212,7 @@ def build(spec: DataSpec, arm: Arm, tables: Joined, loaders: Loaders, d: Dist) -
         priors=priors,
         hashes=tables.hashes(spec),
     )
+    f.augment = build_batch_augment(spec, recipe, rank=d.rank)
     if arm.resume is not None:
         _restore(f, arm.resume)
     return f
@@ -229,7 +235,7 @@ def open_run(f: Fit, ws: Workspace, tracker: tracking.Tracker) -> None:
     """Rank 0 starts the arm's MLflow run (or reopens the one it continues); every rank learns its id."""
     arm, recipe = f.arm, f.recipe
     run_id = None
-    if f.d.main and arm.resume is not None:
+    if f.d.main and arm.run_id is not None:  # from its checkpoint, or from the start after an early torchrun restart
         run_id = tracker.resume(str(arm.run_id))
     elif f.d.main:
         run_name = f"{f.spec.name}-{recipe.encoder}" + (f"-control-{arm.control}" if arm.control else "")
@@ -253,17 +259,28 @@ def sampled_counts(counts: list[int], balanced: bool) -> list[int]:
 
 # --- one epoch -------------------------------------------------------------------------------------------------------
 def train_epoch(net: nn.Module, f: Fit, cbs: Callback) -> tuple[float, int, int]:
-    """One pass over this rank's shard. Returns (mean loss over all ranks, samples over all ranks, skipped)."""
+    """One pass over this rank's shard. Returns (mean loss over all ranks, samples over all ranks, skipped).
+
+    A head-only stage without augmentation trains the head on encoder features computed once for the stage
+    (``_FeatureCache``); otherwise every batch runs the model (the frozen encoder then under no_grad, through the
+    unfreezer's hooks), after the batched augmentation when the recipe has one.
+    """
     d, unfreezer = f.d, f.unfreezer
     net.train()
     unfreezer.set_train_mode()
+    cache = _stage_features(f, net)
     total = torch.zeros((), dtype=torch.float64, device=d.device)  # on the device: no sync per step
     seen = skipped = 0
-    for batch in f.loaders.train:
-        x, y = _unpack(batch, d.device, f.fmt)
+    for step, batch in enumerate(f.loaders.train):
+        hit = cache.lookup(batch) if cache is not None else None
+        if hit is not None:
+            feats, y = hit
+        else:
+            x, y = train_batch(f, batch, step)
         unfreezer.step_lr()
         with torch.autocast(d.device.type, dtype=f.amp or torch.float32, enabled=f.amp is not None):
-            loss = f.loss_fn(net(x), y)
+            logits = f.model.head(f.model.dropout(feats)) if hit is not None else net(x)
+            loss = f.loss_fn(logits, y)
         unfreezer.optimizer.zero_grad(set_to_none=True)
         if not all_finite(loss, d):
             skipped += 1  # one bad batch must not poison the weights; all bad stops the stage below
@@ -283,6 +300,95 @@ def train_epoch(net: nn.Module, f: Fit, cbs: Callback) -> tuple[float, int, int]
             "every training batch gave a non-finite loss; lower optim.lr (e.g. --set optim.lr=1e-4) or set amp: off"
         )
     return total_loss / seen_all, int(seen_all), int(skipped_all / max(d.world, 1))
+
+
+def train_batch(f: Fit, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch on the device: the batched augmentation (seeded by epoch and step), then the memory format."""
+    if f.augment is None:
+        return _unpack(batch, f.d.device, f.fmt)
+    x, y = _unpack(batch, f.d.device, None)
+    x = f.augment(x, f.epoch, step)
+    return (x.contiguous(memory_format=f.fmt) if f.fmt is not None else x), y
+
+
+# Features of a whole training split above this stay uncached (the per-step path runs instead): 2 GB is
+# ~400k studies of EfficientNet-Lite0's 1280 floats.
+_FEATURE_CACHE_BYTES = 2e9
+
+
+class _FeatureCache:
+    """Encoder features of every training study for one head-only stage, on the training device.
+
+    Valid while the encoder is frozen and in eval mode and the input is the same every epoch (no augmentation):
+    the features are then a fixed function of the cached tensor. Computed once in dataset order at a fixed batch
+    size, so a resumed run gets the same numbers as one that never stopped.
+    """
+
+    def __init__(self, stage: int, keys: dict[str, int], feats: torch.Tensor):
+        self.stage, self.keys, self.feats = stage, keys, feats
+
+    def lookup(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(features, labels) of the batch's studies; None if one was not cached (it failed while caching)."""
+        if any(k not in self.keys for k in batch["study_key"]):
+            return None
+        idx = torch.tensor([self.keys[k] for k in batch["study_key"]], dtype=torch.long)
+        feats = self.feats[idx.to(self.feats.device)]
+        return feats, torch.as_tensor(batch["label"]).to(self.feats.device, non_blocking=True).long().view(-1)
+
+
+def _can_cache_features(f: Fit, net: nn.Module) -> bool:
+    from medxfer.models.classifier import Classifier
+
+    model, ds = f.model, getattr(f.loaders.train, "dataset", None)
+    return (
+        f.unfreezer.encoder_frozen
+        and not f.d.active  # DDP all-reduces through its wrapped forward, which the head-only step bypasses
+        and net is model
+        and isinstance(model, Classifier)
+        and f.augment is None
+        and ds is not None
+        and getattr(ds, "random_part", "unknown") is None
+        and not any(m.training and _mode_dependent(m) for m in model.encoder.modules())
+        and len(ds) * model.feature_dim * 4 <= _FEATURE_CACHE_BYTES
+    )
+
+
+def _mode_dependent(m: nn.Module) -> bool:
+    """Modules whose output differs between train and eval mode: in train mode they would make every epoch's
+    features different (BN batch statistics, dropout, stochastic depth). Containers and pools do not count."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.modules.instancenorm._InstanceNorm)
+    return isinstance(m, kinds) or type(m).__name__ in ("DropPath", "DropBlock2d", "DropBlock3d")
+
+
+@torch.no_grad()
+def _stage_features(f: Fit, net: nn.Module) -> _FeatureCache | None:
+    """The head-only stage's feature cache (built on its first epoch), or None where the per-step path must run."""
+    if not _can_cache_features(f, net):
+        f.features = None
+        return None
+    if f.features is not None and f.features.stage == f.unfreezer.stage:
+        return f.features
+    f.features = None  # the previous stage's features go before the new ones are computed
+    ds, model, d = f.loaders.train.dataset, f.model, f.d
+    bs = max(1, int(f.recipe.data.batch_size))
+    keys: dict[str, int] = {}
+    parts: list[torch.Tensor] = []
+    for start in range(0, len(ds), bs):
+        items = [ds[i] for i in range(start, min(start + bs, len(ds)))]
+        items = [it for it in items if "image" in it]  # a failed study is skipped, as the loader skips it
+        if not items:
+            continue
+        x = torch.stack([it["image"] for it in items]).to(d.device, non_blocking=True).float()
+        if f.fmt is not None:
+            x = x.contiguous(memory_format=f.fmt)
+        with torch.autocast(d.device.type, dtype=f.amp or torch.float32, enabled=f.amp is not None):
+            parts.append(model.encoder(x))
+        for it in items:
+            keys[it["study_key"]] = len(keys)
+    if not parts:
+        return None
+    f.features = _FeatureCache(f.unfreezer.stage, keys, torch.cat(parts))
+    return f.features
 
 
 def validate(f: Fit) -> dict[str, float]:

@@ -16,6 +16,7 @@ from medxfer.data.transforms import (
     config_hash,
     inference_model,
     load_inference_tensor,
+    monai_random_transforms,
     random_transforms,
     tta_views,
 )
@@ -137,7 +138,7 @@ def test_3d_rotation_and_zoom_are_one_cached_warp() -> None:
     from monai.transforms import RandAffined
 
     recipe = load_recipe(None, 3, ["data.size=[16,16,16]", "data.augment={rotate: 10, scale: 0.1}"])
-    rand = random_transforms(make_spec(3, "nifti"), recipe)
+    rand = monai_random_transforms(make_spec(3, "nifti"), recipe)  # the per-sample reference of batch_augment
     warps = [t for t in rand.transforms if isinstance(t, RandAffined)]
     assert len(warps) == 1 and warps[0].rand_affine._cached_grid is not None  # one interpolation, grid reused
     rand.set_random_state(0)
@@ -166,7 +167,7 @@ def test_tta_mirrors_the_axis_the_augmentation_flips(dims: int) -> None:
     spec = make_spec(dims, "dicom" if dims == 2 else "nifti")
     recipe = load_recipe(None, dims, ["evaluation.tta=true", "data.augment={flip: true}", "data.size=null"])
     x = torch.arange(float(4**dims)).reshape(1, *[4] * dims) / 4**dims  # (C, *spatial), asymmetric everywhere
-    rand = random_transforms(spec, recipe)
+    rand = monai_random_transforms(spec, recipe)  # 3D: the per-sample reference of medxfer.data.batch_augment
     rand.set_random_state(seed=0)
     flipped = next(y for y in (rand({"image": x.clone()})["image"] for _ in range(20)) if not torch.equal(y, x))
     (dims_flipped,) = tta_views(spec, recipe)
