@@ -7,11 +7,14 @@ control arm (``scratch``: same architecture without pretrained weights;
 data, split and epoch budget, so evaluation can tell negative transfer apart.
 
 Under ``torchrun`` every process trains on its shard (see :mod:`medxfer.training.distributed`); rank 0
-alone validates, logs and writes checkpoints.
+alone validates, logs and writes checkpoints. When torchrun's elastic agent restarts the group
+(``--max-restarts``), the same command runs again: rank 0 looks up the run this job started (a small file keyed
+by the job id) and every rank continues it from its last checkpoint, in the same MLflow run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,16 +30,25 @@ from medxfer.config.recipe import Recipe, load_recipe, recipe_from_dict
 from medxfer.config.spec import DataSpec
 from medxfer.core import ui
 from medxfer.core.errors import MedxferError
-from medxfer.core.workspace import Workspace
+from medxfer.core.workspace import Workspace, write_text_atomic
 from medxfer.ingest import manifest
 from medxfer.ingest.manifest import Joined
 from medxfer.training import checkpoint as ckpt_io
 from medxfer.training.callbacks import Callback
-from medxfer.training.distributed import Dist, broadcast, close, setup_device, will_start_group
+from medxfer.training.distributed import (
+    Dist,
+    broadcast,
+    close,
+    elastic_job_id,
+    restart_count,
+    setup_device,
+    will_start_group,
+)
 from medxfer.training.loop import Arm, Fit, Loaders, fit
 
 CONTROLS = ("scratch", "probe")
 RESULT = "result.json"  # written into a run folder when its arm finished; a resume skips that arm
+JOBS = "torchelastic"  # <runs>/torchelastic/<digest of the torchrun job id>.json: the main run that job trains
 
 
 # --- results ---------------------------------------------------------------------------------------------------------
@@ -277,21 +289,70 @@ def _load_resume(spec: DataSpec, ws: Workspace, run_id: str, d: Dist, warn=None)
 
 
 def _main_arm_to_resume(
-    spec: DataSpec, ws: Workspace, tables: Joined, fold: int | None, control: str | None, d: Dist
+    spec: DataSpec,
+    ws: Workspace,
+    tables: Joined,
+    fold: int | None,
+    control: str | None,
+    d: Dist,
+    run_id: str | None = None,
 ) -> tuple[Arm, str | None, Joined]:
-    """The unfinished main run to continue, its control kind, and the tables of its own fold."""
-    run_id = _resume_ckpt(ws, ws.tracking_uri, spec.name, "main") if d.main else None
-    run_id = broadcast(run_id, d)
+    """The unfinished main run to continue (`run_id`, else the newest one), its control kind, and the tables of
+    its own fold."""
+    if run_id is None:
+        run_id = _resume_ckpt(ws, ws.tracking_uri, spec.name, "main") if d.main else None
+        run_id = broadcast(run_id, d)
     if run_id is None:
         raise MedxferError(
             f"no unfinished training run of spec '{spec.name}' with a checkpoint to resume; "
             "start one with `medxfer train SPEC`"
         )
-    tags = tracking.run_tags(ws.tracking_uri, run_id) if d.main else {}
+    # no MLflow run behind an untracked ("local-") or spooled ("offline-") id to read tags from
+    tracked = not run_id.startswith(("local-", "offline-"))
+    tags = tracking.run_tags(ws.tracking_uri, run_id) if d.main and tracked else {}
     control = broadcast(control or tags.get(tracking.TAG_CONTROL), d)
     if fold is None and tables.fold is not None:  # k-fold: continue on the run's own fold
         tables = _read_tables(spec, ws, _load_resume(spec, ws, run_id, d).get("fold"))
     return _arm_to_resume(spec, ws, run_id, "main", tables, d), control, tables
+
+
+# --- torchrun restarts ------------------------------------------------------------------------------------------------
+def _job_file(ws: Workspace, job_id: str, fold: int | None) -> Path:
+    # a digest: the id is whatever the scheduler called the job; the workspace only needs to tell jobs apart
+    key = f"{job_id}\0fold={fold}"
+    return ws.runs_dir / JOBS / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _note_job_run(ws: Workspace, job_id: str, fold: int | None, run_id: str | None) -> None:
+    path = _job_file(ws, job_id, fold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"run_id": run_id}))
+
+
+def _job_run(ws: Workspace, d: Dist, fold: int | None) -> tuple[str | None, bool, int]:
+    """Under torchrun: (the main run this job started before a restart, whether it left a checkpoint or a result to
+    continue from, the restart count), the same on every rank. Rank 0 decides from the files; the others may sit
+    on other machines and see the shared folder a moment later.
+
+    The first attempt notes "no run yet" at once, so a restart never picks up the run of an earlier job that had
+    the same id (c10d's default id is "none"); the run id follows when the run exists (`Arm.on_start`).
+    """
+    job = elastic_job_id()
+    if job is None:
+        return None, False, 0
+    restarts = restart_count(d)  # a collective: every rank, before any rank decides
+    found: tuple[str | None, bool] = (None, False)
+    if d.main:
+        path = _job_file(ws, job, fold)
+        if restarts == 0:
+            _note_job_run(ws, job, fold, None)
+        elif path.is_file():
+            run_id = json.loads(path.read_text()).get("run_id")
+            if run_id:
+                run_dir = ws.run_dir(run_id)
+                found = (run_id, any((run_dir / n).exists() for n in (ckpt_io.LAST, ckpt_io.PREV, RESULT)))
+    run_id, has_state = broadcast(found, d)
+    return run_id, has_state, restarts
 
 
 # --- the stage -------------------------------------------------------------------------------------------------------
@@ -339,9 +400,19 @@ class _Untracked(tracking.Tracker):
         self.run_id = "local-" + uuid.uuid4().hex
         return self.run_id
 
+    def resume(self, run_id: str) -> str:  # a torchrun restart continues the same run folder
+        self.run_id = run_id
+        return run_id
 
-def _tracker(uri: str, spec: DataSpec, guard: tracking.PHIGuard, d: Dist, track: bool) -> tracking.Tracker:
-    return tracking.Tracker(uri, spec.name, guard, enabled=d.main) if track else _Untracked(uri, spec.name, guard)
+
+def _tracker(
+    ws: Workspace, spec: DataSpec, guard: tracking.PHIGuard, d: Dist, track: bool, offline: bool = False
+) -> tracking.Tracker:
+    """The arm's run; its spool (``<workspace>/tracking-spool``) takes over when the server goes away mid-run."""
+    uri, spool = ws.tracking_uri, tracking.Spool.for_workspace(ws.root)
+    if not track:
+        return _Untracked(uri, spec.name, guard)
+    return tracking.Tracker(uri, spec.name, guard, enabled=d.main, spool=spool, offline=offline)
 
 
 def train(
@@ -356,6 +427,7 @@ def train(
     fold: int | None = None,
     track: bool = True,
     callbacks: Sequence[Callback] = (),
+    offline_tracking: bool = False,
 ) -> TrainResult:
     """Train (or continue) a classifier for `spec`; returns run ids, best epoch and validation metrics.
 
@@ -363,7 +435,10 @@ def train(
     logs nothing to MLflow (checkpoints and the run folder are still written; evaluate/register need a
     tracked run): for measuring the tracking overhead and for throw-away experiments. `callbacks`
     (:class:`medxfer.training.callbacks.Callback`) run after the built-in ones, in both arms, on every rank.
+    `offline_tracking` never contacts the server: the runs are spooled in the workspace for ``medxfer sync``.
     """
+    if offline_tracking and resume:
+        raise MedxferError("--resume finds the run on the tracking server; drop --offline-tracking to resume")
     if control is not None and control not in CONTROLS:
         raise MedxferError(f"--control {control!r}: use one of {', '.join(CONTROLS)}")
     ws = Workspace.for_spec(workspace, spec.name)
@@ -376,17 +451,29 @@ def train(
     uri = ws.tracking_uri
     guard = _guard(spec, ws, tables) if d.main else tracking.PHIGuard()
 
-    # -- which run: a new one, or the unfinished one we continue --
+    # -- which run: a new one, or the unfinished one we continue (--resume, or torchrun restarted the job) --
+    job_run, job_has_state, restarts = (None, False, 0) if resume else _job_run(ws, d, fold)
     if resume:
         if recipe is not None or overrides or weights is not None:
             ui.warn("--resume continues with the run's own recipe; --recipe, --set and --weights are ignored")
         main_arm, control, tables = _main_arm_to_resume(spec, ws, tables, fold, control, d)
+    elif job_has_state:
+        if d.main:
+            ui.info(f"torchrun restart {restarts}: continuing run {job_run} from its last checkpoint")
+        main_arm, control, tables = _main_arm_to_resume(spec, ws, tables, fold, control, d, run_id=job_run)
     else:
+        # job_run without a checkpoint: the restart came before the first epoch ended; the same run starts over
         main_arm = Arm(
             "main",
             load_recipe(recipe, spec.dims, overrides or [], weights=weights, n_classes=len(spec.classes)),
+            run_id=job_run,
             tags={tracking.TAG_CONTROL: control} if control else {},
         )
+        if job_run is not None and d.main:
+            ui.info(f"torchrun restart {restarts}: run {job_run} has no checkpoint yet; training it from the start")
+        job = elastic_job_id()
+        if job is not None and job_run is None and d.main:
+            main_arm.on_start = lambda run_id: _note_job_run(ws, job, fold, run_id)
     rec = main_arm.recipe
     if d.main:
         ui.info(
@@ -394,15 +481,17 @@ def train(
             f"{rec.encoder}, {rec.epochs} epochs on {d.device}" + (f" x{d.world}" if d.active else "")
         )
 
-    main_tracker = _tracker(uri, spec, guard, d, track)
+    main_tracker = _tracker(ws, spec, guard, d, track, offline_tracking)
     status = "failed"
     try:
         loaders = _make_loaders(spec, rec, ws, tables, d)
         main = _run_arm(spec, ws, main_arm, tables, loaders, d, main_tracker, callbacks)
         ctl = None
         if control is not None:
+            # after a torchrun restart, an unfinished control run of this parent continues as under --resume
+            again = resume or restarts > 0
             ctl = _run_control(
-                spec, ws, main_arm, control, tables, loaders, d, guard, main_tracker, resume, track, callbacks
+                spec, ws, main_arm, control, tables, loaders, d, guard, main_tracker, again, track, callbacks
             )
         status = "finished"
     except KeyboardInterrupt:
@@ -458,7 +547,7 @@ def _run_control(
         )
     if d.main:
         ui.info(f"control arm ({kind}): " + ("continuing" if child else "starting") + " a nested run")
-    tracker = _tracker(uri, spec, guard, d, track)
+    tracker = _tracker(ws, spec, guard, d, track, parent.offline)
     status = "failed"
     try:
         res = _run_arm(spec, ws, arm, tables, loaders, d, tracker, callbacks)
