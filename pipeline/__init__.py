@@ -12,6 +12,7 @@ The package reads as its layers, lowest first; a module imports only from its ow
     data        datasets, caches, loaders, transforms, augmentation (MONAI, albumentations)
     tracking    MLflow (the only mlflow importer) and the PHI guard in front of it
     training    the train stage, its loop and callbacks
+    planning    the dataset fingerprint and the plan derived from it (``medxfer plan``), beside training
     evaluation  the evaluate stage and the model card
     handoff     bundle, register/promote, pyfunc, predict, export
     cli, runall, demo   the commands

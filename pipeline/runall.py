@@ -54,6 +54,8 @@ class RunAllResult:
             "model_name": self.model_name,
             "model_version": self.model_version,
             "model_uri": f"models:/{self.model_name}/{self.model_version}",
+            "alias": (self.stages.get("register") or {}).get("alias"),
+            "warnings": (self.stages.get("register") or {}).get("warnings") or [],
             "test": self.test,
             "threshold": self.threshold,
             "tracking_uri": self.tracking_uri,
@@ -63,10 +65,10 @@ class RunAllResult:
         }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
-        rows = [
-            ("run id", self.run_id),
-            ("model", f"models:/{self.model_name}/{self.model_version}  (alias candidate)"),
-        ]
+        reg = self.stages.get("register") or {}
+        alias = f"alias {reg['alias']}" if reg.get("alias") else "NO alias: the registration guard withheld it"
+        rows = [("run id", self.run_id), ("model", f"models:/{self.model_name}/{self.model_version}  ({alias})")]
+        rows += [("WARNING", w) for w in reg.get("warnings") or []]
         rows += [(f"test {k}", _fmt_metric(self.test.get(k))) for k in TEST_METRICS if k in self.test]
         if self.threshold is not None:
             rows.append(("threshold", f"{self.threshold:.3f}"))
@@ -103,10 +105,14 @@ def run_all(
     device: str | None = None,
     resume: bool = False,
     control: str | None = None,
+    force: bool = False,
+    offline_tracking: bool = False,
 ) -> RunAllResult:
-    """Each stage in turn. ``device`` goes to train and evaluate, ``control`` to train, as their commands take them.
+    """Each stage in turn. ``device`` goes to train and evaluate, ``control`` to train, ``force`` to register, as
+    their commands take them.
     ``resume`` continues the spec's unfinished training run (on the manifest and split it started from: ingest and
-    split are skipped when both exist), then evaluates and registers it as usual."""
+    split are skipped when both exist), then evaluates and registers it as usual. ``offline_tracking`` trains without
+    the server (spooled); evaluate then sends the spool first, so it and register need the server back."""
     # Imported here so `medxfer --help` and this module's import stay light.
     from medxfer.config.recipe import load_recipe
     from medxfer.evaluation.evaluate import evaluate
@@ -142,6 +148,7 @@ def run_all(
             resume=resume,
             control=control,
             device=device,
+            offline_tracking=offline_tracking,
         ),
         seconds,
     )
@@ -151,8 +158,9 @@ def run_all(
     n_bootstrap = None if resume else resolved.evaluation.bootstrap
     evaluated = _stage("evaluate", lambda: evaluate(run_id, workspace, n_bootstrap=n_bootstrap, device=device), seconds)
     stages["evaluate"] = evaluated.summary()
+    run_id = stages["evaluate"].get("run_id") or run_id  # the server's id once an offline run is synced
     model_name = name or spec.name
-    registered = _stage("register", lambda: register(run_id, model_name, workspace), seconds)
+    registered = _stage("register", lambda: register(run_id, model_name, workspace, force=force), seconds)
     stages["register"] = registered.summary()
 
     return RunAllResult(

@@ -2,11 +2,11 @@
 
 The order, lowest first (pipeline/__init__.py documents it for readers):
 
-    core 0 < config 1 < io, stats, models 2 < ingest 3 < data 4 < tracking 5 < training 6 < evaluation 7
+    core 0 < config 1 < io, stats, models 2 < ingest 3 < data 4 < tracking 5 < training, planning 6 < evaluation 7
     < handoff 8 < cli, runall, demo, __main__ 9
 
-A module may import its own layer or lower ones. Two subpackages on one level (io, stats, models) are
-independent of each other: neither may import the other. Imports are read from the source with `ast`, so a
+A module may import its own layer or lower ones. Two subpackages on one level (io, stats, models; training,
+planning) are independent of each other: neither may import the other. Imports are read from the source with `ast`, so a
 lazy import inside a function counts the same as one at the top.
 """
 
@@ -35,6 +35,7 @@ LEVELS = {
     "data": 4,
     "tracking": 5,
     "training": 6,
+    "planning": 6,
     "evaluation": 7,
     "handoff": 8,
 }

@@ -111,7 +111,7 @@ def server_run(mlflow_server: tuple[str, Path], tmp_path_factory: pytest.TempPat
         mp.setenv("MLFLOW_TRACKING_URI", url)
         mp.delenv("MEDXFER_PSEUDONYM_KEY", raising=False)
         mp.setenv("MEDXFER_SYSTEM_METRICS", "0")
-        result = run_all(ds.spec, ds.workspace, overrides=SERVER_RECIPE, name="server-us")
+        result = run_all(ds.spec, ds.workspace, overrides=SERVER_RECIPE, name="server-us", force=True)
     return {"result": result, "dataset": ds, "summary": result.summary()}
 
 

@@ -19,6 +19,7 @@ STAGES = [
     "check-spec",
     "ingest",
     "split",
+    "plan",
     "models",
     "train",
     "evaluate",
@@ -28,7 +29,7 @@ STAGES = [
     "export",
     "run",
 ]
-WITH_WORKSPACE = ["ingest", "split", "train", "evaluate", "register", "promote", "predict", "export", "run"]
+WITH_WORKSPACE = ["ingest", "split", "plan", "train", "evaluate", "register", "promote", "predict", "export", "run"]
 # `pipeline` and `models` are folder names only; the import name is `medxfer` (pyproject's package-dir). This finds
 # `from models.x import`, `import pipeline`, `python -m pipeline`, also inside notebook JSON and README code blocks.
 FOLDER_IMPORT = re.compile(

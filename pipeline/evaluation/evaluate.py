@@ -5,19 +5,22 @@ What it does, in order:
 1. Finds the run in MLflow, loads its best checkpoint (the local run folder, else the run's
    ``checkpoints/best.pt`` artifact) and runs the deterministic eval transforms on the val and
    test studies of the run's split.
-2. Fits temperature scaling on validation logits; every probability reported afterwards is
-   calibrated. The binary operating threshold is chosen on the *calibrated* validation
-   probabilities (Youden, or a target sensitivity/specificity from ``recipe.evaluation``), so the
-   threshold in ``evaluation.json`` applies directly to what the deployed model outputs.
+2. Calibrates on validation logits: temperature alone, temperature plus a per-class bias (Platt scaling on the
+   logit for two classes) or nothing, whichever has the lowest cross-validated NLL within validation
+   (:func:`medxfer.stats.calibration.fit_calibration`); every probability reported afterwards is calibrated.
+   The binary operating threshold is chosen on the *calibrated* validation probabilities (Youden, or a target
+   sensitivity/specificity from ``recipe.evaluation``), so the threshold in ``evaluation.json`` applies
+   directly to what the deployed model outputs.
 3. Test metrics with patient-level bootstrap 95% CIs (see :mod:`medxfer.stats.metrics`); validation
-   metrics as point values (the threshold was tuned there, CIs would flatter).
+   metrics as point values (the threshold was tuned there, CIs would flatter), but for AUROC's CI.
 4. If training recorded a control arm (tag ``medxfer.control_run_id``), evaluates it on the same
    test studies and reports the AUROC transfer gain with a paired patient-level bootstrap CI.
    **Negative-transfer rule:** the flag is raised unless the pretrained model is shown better,
    i.e. when the gain's point estimate <= 0 or its 95% CI lower bound <= 0.
 5. Logs everything to the **same** MLflow run as training (not a nested run): one place shows the
    learning curves and the final test numbers, and registration reads metrics from that run.
-   Metrics ``test/<m>``, ``eval/threshold``, ``eval/temperature``, ``transfer/*`` (:func:`metrics_for_mlflow`);
+   Metrics ``test/<m>``, ``eval/threshold``, ``eval/temperature``, ``transfer/*``, ``eval/ood_threshold`` and
+   ``test/ood_flag_rate`` (:func:`metrics_for_mlflow`);
    the 95% CIs as tags ``test/<m>_ci_low``/``_ci_high``; validation and calibration values in the table
    ``evaluation/summary_table.json``; the run description gains the headline test metrics; tag
    ``medxfer.evaluated=true``; artifacts under ``evaluation/``
@@ -30,11 +33,13 @@ What it does, in order:
 
     run_id, format, medxfer_version, task, classes, positive_class,
     test / val: {auroc, auprc, balanced_accuracy, sensitivity, specificity, ppv, npv, ece, brier:
-                 {value, ci_low, ci_high}}   (val: CIs null; ece/brier after calibration)
+                 {value, ci_low, ci_high}}   (val: CIs null but for auroc; ece/brier after calibration)
     threshold (float, binary; null for multiclass = argmax), threshold_policy {policy, target, value,
     val_sensitivity, val_specificity, target_achieved}, temperature,
-    calibration {method, temperature, converged, val_nll_before/after, n_bins, ece_definition,
-                 val/test: {ece_before, ece_after, brier_before, brier_after, nll_before, nll_after}},
+    bias (per class, added to logits / temperature),
+    calibration {method, temperature, bias, cv_nll {method: NLL}, cv_folds, reason, n_bins, ece_definition,
+                 val/test: {ece_before, ece_after, ece_debiased_before/after, brier_before, brier_after,
+                 nll_before, nll_after}, methods {method: {temperature, bias, val, test}}},
     per_class {val, test: {class: {auroc, auprc, sensitivity, specificity, ppv, npv, support}}} (multiclass),
     confusion_matrix {labels, test: [[...]] rows=true}, counts {split: {class: n}}, patients {split: n},
     bootstrap {n_resamples, n_skipped, n_patients, seed, unit, method, level},
@@ -42,7 +47,12 @@ What it does, in order:
               p_not_better, negative_transfer, verdict, rule, n_resamples, n_skipped, n_studies}),
     warnings [plain-language caveats: small splits, separable validation, skipped resamples, ...],
     evaluated {val, test: studies scored}, failed_studies (null or {val, test}: unreadable now),
-    checkpoint {epoch (counted from 1), best_metric, select_metric}, hashes, artifacts [file names]
+    checkpoint {epoch (counted from 1), best_metric, select_metric}, hashes, artifacts [file names],
+    ood {method, description, features, fit_on, percentile, threshold_rule, fitted, reason, file, sha256, threshold,
+         n_fit, n_components, feature_dim, shrinkage, val_flag_rate (cross-fitted), test_flag_rate, test_flagged,
+         n_test, val_scores/test_scores {median, p90, p99, max}}   (medxfer.evaluation.shift; arrays in `file`),
+    subgroups {split, rule, min_studies, recorded, metrics, by {manufacturer, manufacturer_model:
+               [{group, n_studies, counts, status ("ok" | "too few"), metrics, ood_flag_rate}]}}
 """
 
 from __future__ import annotations
@@ -57,8 +67,17 @@ from typing import Any
 import numpy as np
 from medxfer.core.errors import DataError
 from medxfer.core.jsonio import dump_json, json_safe, medxfer_version
+from medxfer.evaluation import shift
 from medxfer.stats import metrics as M
-from medxfer.stats.calibration import fit_temperature, softmax
+from medxfer.stats.calibration import METHODS as CALIBRATION_METHODS
+from medxfer.stats.calibration import (
+    calibrated_softmax,
+    debiased_ece,
+    fit_calibration,
+    fit_method,
+    fit_temperature,
+    softmax,
+)
 
 FORMAT = 1
 NEGATIVE_TRANSFER_RULE = (
@@ -76,11 +95,15 @@ class SplitOutputs:
     y: np.ndarray  # (N,) class indices
     patients: np.ndarray  # (N,) patient pseudonyms
     studies: np.ndarray  # (N,) study pseudonyms
+    # (N, D) penultimate features of the inference model (TTA views averaged), for the OOD statistics; None when
+    # the model has none (a test's tiny net) or the outputs were made up.
+    features: np.ndarray | None = None
 
     def subset(self, studies: Sequence[str]) -> SplitOutputs:
         pos = {s: i for i, s in enumerate(self.studies)}
         idx = np.array([pos[s] for s in studies], dtype=int)
-        return SplitOutputs(self.logits[idx], self.y[idx], self.patients[idx], self.studies[idx])
+        feats = None if self.features is None else self.features[idx]
+        return SplitOutputs(self.logits[idx], self.y[idx], self.patients[idx], self.studies[idx], feats)
 
 
 @dataclass
@@ -103,11 +126,37 @@ def _calibration_block(y: np.ndarray, before: np.ndarray, after: np.ndarray, pos
     return {
         "ece_before": M.ece(yb, before),
         "ece_after": M.ece(yb, after),
+        "ece_debiased_before": debiased_ece(yb, before),
+        "ece_debiased_after": debiased_ece(yb, after),
         "brier_before": M.brier(yb, before),
         "brier_after": M.brier(yb, after),
         "nll_before": M.nll(yb, before),
         "nll_after": M.nll(yb, after),
     }
+
+
+def _every_method(
+    val: SplitOutputs, test: SplitOutputs, p_val_raw: np.ndarray, p_test_raw: np.ndarray, pos: int | None
+) -> dict[str, Any]:
+    """Each calibration method fitted on all of validation, with its ECE and Brier before/after on both splits:
+    what the choice (made on cross-validated validation NLL only) was between."""
+    out: dict[str, Any] = {}
+    for m in CALIBRATION_METHODS:
+        t, b = fit_method(m, _two_columns(val.logits), val.y)
+        out[m] = {
+            "temperature": t,
+            "bias": [float(x) for x in b],
+            "val": _calibration_block(val.y, p_val_raw, calibrated_softmax(val.logits, t, b), pos),
+            "test": _calibration_block(test.y, p_test_raw, calibrated_softmax(test.logits, t, b), pos),
+        }
+    return out
+
+
+def _two_columns(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return (
+        np.concatenate([np.zeros((z.shape[0], 1)), z.reshape(-1, 1)], axis=1) if z.ndim == 1 or z.shape[1] == 1 else z
+    )
 
 
 def _decision(prob: np.ndarray, threshold: float | None, pos: int | None) -> np.ndarray:
@@ -140,10 +189,10 @@ def compute_evaluation(
     if binary and pos is None:
         raise DataError(f"a binary task needs positive_class, one of {classes}; set positive_class in the data spec")
 
-    fit = fit_temperature(val.logits, val.y)
+    fit = fit_calibration(val.logits, val.y, seed=seed)
     t = fit.temperature
-    p_val_raw, p_val = softmax(val.logits), softmax(val.logits, t)
-    p_test_raw, p_test = softmax(test.logits), softmax(test.logits, t)
+    p_val_raw, p_val = softmax(val.logits), fit.probs(val.logits)
+    p_test_raw, p_test = softmax(test.logits), fit.probs(test.logits)
 
     if binary:
         choice = M.choose_threshold(val.y == pos, p_val[:, pos], policy, target)
@@ -158,6 +207,13 @@ def compute_evaluation(
     test_block = {k: boot.intervals[k].as_dict() for k in HEADLINE}
     val_point = stat(val.y, p_val)
     val_block = {k: {"value": val_point[k], "ci_low": None, "ci_high": None} for k in HEADLINE}
+    # AUROC alone gets a validation CI: it needs no threshold or temperature, so the bootstrap does not flatter
+    # it the way it would the threshold metrics tuned on validation. The registration guard reads it: a CI that
+    # includes 0.5 means validation shows no signal (the --limit 40, epochs=2 demo: AUROC 0.125).
+    val_auroc = M.bootstrap(
+        val.y, p_val, val.patients, _auroc_statistic(pos), n_resamples=n_bootstrap, seed=seed
+    ).intervals["auroc"]
+    val_block["auroc"] = val_auroc.as_dict()
 
     decision = _decision(p_test, threshold, pos)
     evaluation: dict[str, Any] = {
@@ -171,14 +227,17 @@ def compute_evaluation(
         "threshold": threshold,
         "threshold_policy": threshold_policy,
         "temperature": t,
+        "bias": fit.bias,
         "calibration": {
             **fit.as_dict(),
             "n_bins": 15,
             "ece_definition": (
                 "positive-class probability vs observed frequency" if binary else "top-label confidence vs accuracy"
             ),
+            "ece_debiased_definition": "debiased L2 calibration error, Kumar et al. 2019 (same bins)",
             "val": _calibration_block(val.y, p_val_raw, p_val, pos),
             "test": _calibration_block(test.y, p_test_raw, p_test, pos),
+            "methods": _every_method(val, test, p_val_raw, p_test_raw, pos),
         },
         "confusion_matrix": {
             "labels": classes,
@@ -200,6 +259,17 @@ def compute_evaluation(
             test, p_test, control_val, control_test, pos, n_bootstrap, seed, control_kind, control_run_id
         )
     return Computed(json_safe(evaluation), p_test_raw, p_test, p_val, decision)
+
+
+def _auroc_statistic(pos: int | None):
+    """AUROC of the positive class (binary) or macro one-vs-rest (multiclass), as a bootstrap statistic."""
+
+    def stat(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        if pos is None:
+            return {"auroc": M.macro_auroc(y, p)}
+        return {"auroc": M.auroc(y == pos, p[:, pos])}
+
+    return stat
 
 
 def _warnings(val: SplitOutputs, test: SplitOutputs, ev: dict[str, Any], temperature: float) -> list[str]:
@@ -358,6 +428,10 @@ def metrics_for_mlflow(ev: dict[str, Any]) -> dict[str, float]:
             out["transfer/gain"] = float(tr["gain"]["value"])
         out["transfer/control_test_auroc"] = float(tr["control"])
         out["transfer/negative_transfer"] = float(tr["negative_transfer"])
+    ood_block = ev.get("ood") or {}
+    if ood_block.get("fitted"):
+        out["eval/ood_threshold"] = float(ood_block["threshold"])
+        out["test/ood_flag_rate"] = float(ood_block["test_flag_rate"])
     return out
 
 
@@ -484,7 +558,8 @@ class EvalResult:
         rows.append(
             (
                 "calibration",
-                f"T={ev['temperature']:.3f}; ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
+                f"{ev['calibration'].get('method', 'temperature')}, T={ev['temperature']:.3f}; "
+                f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
                 f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}",
             )
         )
@@ -498,12 +573,29 @@ class EvalResult:
                     + (f"NEGATIVE-TRANSFER FLAG ({tr['verdict']})" if tr["negative_transfer"] else "pretrained better"),
                 )
             )
+        o = ev.get("ood") or {}
+        if o.get("fitted"):
+            rows.append(
+                (
+                    "OOD flag",
+                    f"score > {o['threshold']:.2f} ({o['n_fit']} val studies); flagged: val "
+                    f"{100 * o['val_flag_rate']:.1f}% (cross-fitted), test {100 * o['test_flag_rate']:.1f}%",
+                )
+            )
+        elif o:
+            rows.append(("OOD flag", f"not fitted: {o.get('reason')}"))
         b = ev["bootstrap"]
         rows.append(("CIs", f"patient bootstrap, {b['n_resamples']} resamples, {b['n_skipped']} skipped"))
         if ev.get("failed_studies"):
             rows.append(("unreadable", json.dumps(ev["failed_studies"])))
         rows.append(("written", str(self.path)))
         return f"evaluate: {self.run_id[:12]}", rows
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _count_text(ev: dict[str, Any], split: str) -> str:
@@ -532,6 +624,7 @@ def infer_split(
     import torch
     from medxfer.core import ui
     from medxfer.data.transforms import load_inference_tensor
+    from medxfer.models.classifier import logits_and_features
 
     records = rows.to_dict("records")
 
@@ -542,6 +635,7 @@ def infer_split(
             return None
 
     logits: list[np.ndarray] = []
+    feats: list[np.ndarray | None] = []
     keep: list[int] = []
     batch: list[Any] = []
     idx: list[int] = []
@@ -550,8 +644,9 @@ def infer_split(
     def flush() -> None:
         if batch:
             with torch.inference_mode():
-                out = model(torch.stack(batch).to(device, dtype=torch.float32))
+                out, f = logits_and_features(model, torch.stack(batch).to(device, dtype=torch.float32))
             logits.append(out.float().cpu().numpy())
+            feats.append(None if f is None else f.float().cpu().numpy())
             keep.extend(idx)
             batch.clear()
             idx.clear()
@@ -576,12 +671,14 @@ def infer_split(
     flush()
     k = int(getattr(model, "num_classes", 0)) or (logits[0].shape[1] if logits else 1)
     z = np.concatenate(logits) if logits else np.zeros((0, k))
+    features = np.concatenate(feats) if feats and all(f is not None for f in feats) else None
     sel = [records[i] for i in keep]
     return SplitOutputs(
         z,
         np.array([int(r["label_index"]) for r in sel], dtype=int),
         np.array([str(r["patient_key"]) for r in sel]),
         np.array([str(r["study_key"]) for r in sel]),
+        features,
     ), failed
 
 
@@ -664,6 +761,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     from medxfer.training import checkpoint as ckpt_io
 
     uri = Workspace.for_spec(workspace, "_").tracking_uri
+    run_id = tracking.sync_workspace(workspace, uri, run_id)  # what the run spooled reaches the server first
     run = tracking.get_run(uri, run_id)
     spec_name = run["tags"].get(tracking.TAG_SPEC) or run["experiment"]
     ws = Workspace.for_spec(workspace, spec_name)
@@ -731,6 +829,26 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
         },
         "hashes": ckpt.get("hashes"),
     }
+    ood_block, ood_stats, val_ood, test_ood = shift.ood_evaluation(val.features, test.features, seed=recipe.seed)
+    ev["ood"] = ood_block
+    if ood_stats is None:
+        ev["warnings"].append(f"no OOD statistics ({ood_block['reason']}): predict leaves ood_score/ood_flag empty")
+    elif ood_stats.n_fit < 50:
+        ev["warnings"].append(
+            f"the OOD threshold comes from {ood_stats.n_fit} validation studies: its 99th percentile is close to "
+            "their maximum, so expect more than 1% of new in-distribution studies flagged"
+        )
+    pos_index = spec.classes.index(spec.positive_class) if spec.task == "binary" and spec.positive_class else None
+    ev["subgroups"] = shift.subgroup_metrics(
+        test.studies,
+        test.y,
+        computed.prob_test,
+        shift.scanner_of(test_rows),
+        spec.classes,
+        ev["threshold"],
+        pos_index,
+        None if ood_stats is None else ood_stats.flag(test_ood),
+    )
     if val_failed or test_failed:
         ev["warnings"].append(
             f"{val_failed} val and {test_failed} test studies could not be read and are not in the metrics"
@@ -740,11 +858,21 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
 
     run_dir = ws.run_dir(run_id)
     out_dir = run_dir / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(out_dir, computed, test)
     preds = predictions_table("test", test, computed.prob_test, spec.classes, computed.decision_test)
     preds = pd.concat([predictions_table("val", val, computed.prob_val, spec.classes), preds], ignore_index=True)
+    extra = []
+    if ood_stats is not None:
+        # val: cross-fitted scores (what the threshold was taken from); test: scored by the final statistics.
+        preds["ood_score"] = np.concatenate([val_ood, test_ood])
+        preds["ood_flag"] = preds["ood_score"] > ood_stats.threshold
+        ev["ood"]["sha256"] = sha256_of(shift.write_ood_stats(ood_stats, out_dir / shift.OOD_FILE))
+        extra.append(shift.OOD_FILE)
+    else:
+        (out_dir / shift.OOD_FILE).unlink(missing_ok=True)  # a re-evaluation must not leave stale statistics
     preds.to_csv(out_dir / "predictions.csv", index=False)
-    ev["artifacts"] = sorted([p.name for p in plots] + ["predictions.csv", "evaluation.json", "report.html"])
+    ev["artifacts"] = sorted([p.name for p in plots] + ["predictions.csv", "evaluation.json", "report.html", *extra])
     path = dump_json(ev, run_dir / "evaluation.json")
     dump_json(ev, out_dir / "evaluation.json")
     _write_report(uri, run, ckpt, json.loads(path.read_text()), out_dir, plots)

@@ -3,6 +3,8 @@
 Layout of a bundle folder (format ``medxfer-bundle/1``)::
 
     weights.safetensors   the model state dict (safetensors: no pickle); its SHA-256 is in preprocessing.json
+    ood.safetensors       OOD statistics fitted on validation features (medxfer.stats.ood), when evaluated;
+                          its SHA-256 and threshold are in preprocessing.json ``ood``
     preprocessing.json    everything needed to rebuild the model and preprocess exactly as in training
     evaluation.json       aggregate evaluation (metrics with CIs, calibration, threshold); no per-study data
     model_card.md         human-readable model card (medxfer.evaluation.modelcard)
@@ -14,11 +16,14 @@ Layout of a bundle folder (format ``medxfer-bundle/1``)::
     model {encoder, num_classes, in_chans, spatial_dims},      -> medxfer.models.factory.create_classifier(...)
     weights {file, sha256},
     task, classes, positive_class, positive_index,
-    temperature, threshold (binary; null = argmax), threshold_policy, decision_rule,
+    temperature, bias (added to logits / temperature), calibration_method, threshold (binary; null = argmax),
+    threshold_policy, decision_rule,
     input {shape [C, *spatial] or null when native size, dtype, value_range},
     spec    (DataSpec fields: dims, source kind, labels key, series rules, preprocess; local paths
              replaced by "<local path>", no split section),
     recipe  (Recipe fields incl. data.size; a local pretrained-weights path replaced by its kind)
+    ood     (null, or {file, sha256, method, threshold, percentile, n_fit, n_components, feature_dim}; a bundle
+             without it, e.g. one written before OOD scores existed, predicts with empty ood columns)
 
 It holds no PHI and no source paths: nothing in it comes from the manifest.
 
@@ -29,6 +34,7 @@ Usage (this is the API the pyfunc wrapper and ``medxfer predict`` build on)::
     p = Predictor.from_dir("bundle/", device="cpu")                        # verifies the weights' SHA-256
     df = p.predict(["study_folder/", "scan.nii.gz"], model_name="m", model_version="3")
     # df columns: input, prob_<class> for each class (calibrated), decision (class name),
+    #             ood_score (float; NaN without OOD statistics), ood_flag (nullable bool: score > threshold),
     #             model_name, model_version, error (None or "REASON_CODE: message")
     x = p.preprocess("scan.nii.gz")   # torch.Tensor (C, *spatial), exactly the training eval transform
     p.logits(x[None])                  # raw logits (mirrored views averaged when the recipe's evaluation.tta)
@@ -58,6 +64,7 @@ WEIGHTS = "weights.safetensors"
 PREPROCESSING = "preprocessing.json"
 EVALUATION = "evaluation.json"
 CARD_MD, CARD_JSON = "model_card.md", "model_card.json"
+OOD = "ood.safetensors"
 LOCAL = "<local path>"
 
 
@@ -143,6 +150,9 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
         "positive_class": pos,
         "positive_index": classes.index(pos) if pos in classes else None,
         "temperature": float(ev.get("temperature", 1.0)),
+        # Added to logits / temperature (calibration method temperature+bias); absent in older evaluations.
+        "bias": [float(b) for b in (ev.get("bias") or [0.0] * len(classes))],
+        "calibration_method": (ev.get("calibration") or {}).get("method", "temperature"),
         "threshold": threshold,
         "threshold_policy": ev.get("threshold_policy")
         or {"policy": "default 0.5 (not evaluated)" if task == "binary" else "argmax"},
@@ -162,24 +172,14 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
 
 
 def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors with a canonical header, so the same weights always give the same file SHA-256.
-
-    safetensors writes ``__metadata__`` in its (Rust HashMap) iteration order, which changes from process to
-    process: bit-identical demo weights were registered as bbe5b427... by one run and f8ef2d3b... by the next.
-    The header is re-serialised with sorted keys; tensor offsets are relative to the data block, so they hold.
-    """
-    import json
-
+    """safetensors with a canonical header (:func:`medxfer.core.jsonio.canonical_safetensors`), so the same
+    weights always give the same file SHA-256."""
+    from medxfer.core.jsonio import canonical_safetensors
+    from medxfer.core.workspace import atomic_path
     from safetensors.torch import save
 
-    blob = save(state, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment with spaces
-    from medxfer.core.workspace import atomic_path
-
     with atomic_path(path) as tmp:
-        tmp.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n :])
+        tmp.write_bytes(canonical_safetensors(save(state, metadata=metadata)))
 
 
 def write_bundle(
@@ -187,11 +187,14 @@ def write_bundle(
     evaluation: dict[str, Any] | None,
     out_dir: Path | str,
     run_info: dict[str, Any] | None = None,
+    ood_stats: Any = None,
 ) -> Path:
     """Write a bundle folder from a training checkpoint (dict or path) and its evaluation.json dict.
 
     ``run_info`` feeds the model card (see medxfer.evaluation.modelcard); by default it is derived from the
-    checkpoint. Existing bundle files in `out_dir` are replaced.
+    checkpoint. ``ood_stats``: the evaluation's ``ood.safetensors`` (a path) or a fitted
+    ``medxfer.stats.ood.OODStats``; None writes a bundle without OOD scores. Existing bundle files in `out_dir`
+    are replaced.
     """
     import torch
     from medxfer.evaluation.modelcard import build_model_card, run_info_from_checkpoint
@@ -211,6 +214,7 @@ def write_bundle(
         state, out / WEIGHTS, {"format": "pt", "encoder": cfg["model"]["encoder"], "medxfer": BUNDLE_FORMAT}
     )
     cfg["weights"]["sha256"] = sha256_file(out / WEIGHTS)
+    cfg["ood"] = _write_ood(ood_stats, out)
     dump_json(cfg, out / PREPROCESSING)
     if evaluation:
         dump_json(evaluation, out / EVALUATION)
@@ -218,6 +222,55 @@ def write_bundle(
     (out / CARD_MD).write_text(md)
     dump_json(card, out / CARD_JSON)
     return out
+
+
+def _write_ood(ood_stats: Any, out: Path) -> dict[str, Any] | None:
+    """``ood.safetensors`` with the canonical header (same statistics, same SHA-256), and its preprocessing.json
+    entry; None (and no file) without statistics."""
+    import torch
+
+    if ood_stats is None:
+        (out / OOD).unlink(missing_ok=True)
+        return None
+    if not hasattr(ood_stats, "to_arrays"):
+        from medxfer.evaluation.shift import read_ood_stats
+
+        ood_stats = read_ood_stats(Path(ood_stats))
+    arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ood_stats.to_arrays().items()}
+    save_safetensors(arrays, out / OOD, ood_stats.metadata())
+    return {
+        "file": OOD,
+        "sha256": sha256_file(out / OOD),
+        "method": ood_stats.method,
+        "threshold": float(ood_stats.threshold),
+        "percentile": float(ood_stats.percentile),
+        "n_fit": int(ood_stats.n_fit),
+        "n_components": ood_stats.n_components,
+        "feature_dim": ood_stats.feature_dim,
+        "flag_rule": "ood_flag when ood_score > threshold (fitted on validation features; medxfer.stats.ood)",
+    }
+
+
+def load_ood(bundle_dir: Path, cfg: dict[str, Any], verify: bool = True) -> Any:
+    """The bundle's OOD statistics, or None for a bundle without them; a listed file that is missing or altered
+    refuses, as the weights do."""
+    entry = cfg.get("ood")
+    if not entry:
+        return None
+    from medxfer.evaluation.shift import read_ood_stats
+
+    path = Path(bundle_dir) / entry.get("file", OOD)
+    if not path.is_file():
+        raise BundleError(f"bundle {Path(bundle_dir).name}: {path.name} (OOD statistics) missing; re-export it")
+    if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        raise BundleError(
+            f"bundle {Path(bundle_dir).name}: {path.name} does not match the SHA-256 in {PREPROCESSING}; "
+            "the file was changed or truncated"
+        )
+    try:
+        return read_ood_stats(path)
+    except Exception as exc:
+        raise BundleError(f"bundle {Path(bundle_dir).name}: {path.name} cannot be read ({type(exc).__name__})") from exc
 
 
 # ---------------------------------------------------------------------------- loading and predicting
@@ -257,10 +310,11 @@ def _medxfer_cause(exc: BaseException) -> MedxferError | None:
 class Predictor:
     """A loaded bundle: preprocessing, model, temperature and threshold together."""
 
-    def __init__(self, model: Any, config: dict[str, Any], device: str = "cpu"):
+    def __init__(self, model: Any, config: dict[str, Any], device: str = "cpu", ood: Any = None):
         self.model = model
         self.config = config
         self.device = device
+        self.ood = ood  # medxfer.stats.ood.OODStats or None (no ood_score/ood_flag values)
         self._spec = None
         self._recipe = None
         self._inference_model: Any = None
@@ -282,7 +336,7 @@ class Predictor:
         model = build_model(cfg)
         model.load_state_dict(load_file(str(wpath), device="cpu"), strict=True)
         model.to(device).eval()
-        return cls(model, cfg, device)
+        return cls(model, cfg, device, ood=load_ood(bundle_dir, cfg, verify))
 
     @property
     def inference_model(self) -> Any:
@@ -354,10 +408,30 @@ class Predictor:
         with torch.inference_mode():
             return self.inference_model(batch.to(self.device, dtype=torch.float32)).float().cpu().numpy()
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        from medxfer.stats.calibration import softmax
+    def logits_and_features(self, batch) -> tuple[np.ndarray, np.ndarray | None]:
+        """(raw logits as `logits`, the penultimate features OOD scores use, averaged over the same views)."""
+        import torch
+        from medxfer.models.classifier import logits_and_features
 
-        return softmax(np.asarray(logits, dtype=np.float64), self.temperature)
+        with torch.inference_mode():
+            z, f = logits_and_features(self.inference_model, batch.to(self.device, dtype=torch.float32))
+        return z.float().cpu().numpy(), None if f is None else f.float().cpu().numpy()
+
+    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        """OOD score per row, or None without statistics (a bundle written before them) or features."""
+        if self.ood is None or features is None:
+            return None
+        return self.ood.score(features)
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        b = self.config.get("bias")
+        return None if b is None else np.asarray(b, dtype=np.float64)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        from medxfer.stats.calibration import calibrated_softmax
+
+        return calibrated_softmax(np.asarray(logits, dtype=np.float64), self.temperature, self.bias)
 
     def decide(self, prob: np.ndarray) -> list[str]:
         classes = self.classes
@@ -391,15 +465,18 @@ class Predictor:
             for i, x in pending:
                 by_shape.setdefault(tuple(x.shape), []).append((i, x))
             for group in by_shape.values():
-                logits = self.logits(torch.stack([x for _, x in group]))
+                logits, feats = self.logits_and_features(torch.stack([x for _, x in group]))
                 prob = self.probabilities(logits)
                 finite = np.isfinite(logits).all(axis=1) & np.isfinite(prob).all(axis=1)
-                for (i, _), p, d, ok in zip(group, prob, self.decide(prob), finite, strict=True):
+                scores = self.ood_scores(feats)
+                for j, ((i, _), p, d, ok) in enumerate(zip(group, prob, self.decide(prob), finite, strict=True)):
                     if not ok:
                         rows[i]["error"] = "nonfinite_pixels: the model output (logits) is NaN/Inf for this input"
                         continue
                     rows[i].update({f"prob_{c}": float(v) for c, v in zip(self.classes, p, strict=True)})
                     rows[i].update(decision=d, error=None)
+                    if scores is not None:
+                        rows[i].update(ood_score=float(scores[j]), ood_flag=bool(scores[j] > self.ood.threshold))
             pending.clear()
 
         items = self.resolve(paths)
@@ -408,6 +485,8 @@ class Predictor:
                 "input": it.input,
                 **{f"prob_{c}": math.nan for c in self.classes},
                 "decision": None,
+                "ood_score": math.nan,
+                "ood_flag": None,
                 "model_name": model_name,
                 "model_version": None if model_version is None else str(model_version),
                 "error": None,
@@ -433,5 +512,18 @@ class Predictor:
             if len(pending) >= batch_size:
                 flush()
         flush()
-        columns = ["input", *[f"prob_{c}" for c in self.classes], "decision", "model_name", "model_version", "error"]
-        return pd.DataFrame(rows, columns=columns)
+        columns = [
+            "input",
+            *[f"prob_{c}" for c in self.classes],
+            "decision",
+            "ood_score",
+            "ood_flag",
+            "model_name",
+            "model_version",
+            "error",
+        ]
+        df = pd.DataFrame(rows, columns=columns)
+        # Nullable: an empty cell (no statistics, or no prediction), never a False that claims "in distribution".
+        df["ood_flag"] = df["ood_flag"].astype("boolean")
+        df["ood_score"] = df["ood_score"].astype("float64")
+        return df

@@ -43,7 +43,7 @@ ONNX_ATOL, ONNX_RTOL = 1e-4, 1e-3
 OPSET = 17
 SUMS = "SHA256SUMS"
 REPORT = "report.html"
-BUNDLE_FILES = (B.WEIGHTS, B.PREPROCESSING, B.EVALUATION, B.CARD_MD, B.CARD_JSON)
+BUNDLE_FILES = (B.WEIGHTS, B.PREPROCESSING, B.EVALUATION, B.CARD_MD, B.CARD_JSON, B.OOD)  # OOD: when evaluated
 
 
 @dataclass
@@ -305,14 +305,14 @@ print(df)  # input, {", ".join("prob_" + c for c in classes)}, decision, model_n
 
 Input: float32 `{["batch", *(cfg["input"]["shape"] or ["C", "..."])]}`, preprocessed exactly as
 `preprocessing.json` says (`Predictor.preprocess` does it). Output: raw logits{mirrored}; divide by the temperature
-{cfg["temperature"]:.4f}, softmax, then decide: {decision}.
+{cfg["temperature"]:.4f}, add the bias {_bias(cfg)}, softmax, then decide: {decision}.
 
 ```python
 import numpy as np
 from medxfer.handoff.bundle import Predictor
 x = Predictor.from_dir("{folder}/").preprocess("{example}")[None]   # (1, C, *spatial)
 {run_program}
-z = logits / {cfg["temperature"]:.6f}
+z = logits / {cfg["temperature"]:.6f} + np.array({_bias(cfg)})
 prob = np.exp(z - z.max(1, keepdims=True)); prob /= prob.sum(1, keepdims=True)
 ```
 
@@ -324,6 +324,12 @@ Verified: {program.get("check_text")}.
 curves, ROC and precision-recall curves, calibration, the confusion matrix at the threshold, the transfer gain
 against a control, data counts and the model card's intended use and limitations.
 """
+
+
+def _bias(cfg: dict[str, Any]) -> str:
+    """The calibration bias as a Python list literal (zeros for a bundle from before temperature+bias)."""
+    b = cfg.get("bias") or [0.0] * len(cfg["classes"])
+    return "[" + ", ".join(f"{float(x):.6f}" for x in b) + "]"
 
 
 def export(model_uri: str, out: Path, workspace: Path) -> ExportResult:

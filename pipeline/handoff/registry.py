@@ -18,6 +18,11 @@ Registration turns an evaluated training run into an MLflow pyfunc model version
 
 Everything sent to MLflow passes the run's PHI guard (see :mod:`medxfer.tracking.guard`).
 
+The registration guard (:func:`registration_warnings`): a version whose validation AUROC 95% CI includes 0.5, whose
+temperature fit ended on a bound, or whose test decisions all fall in one class is registered *without* the
+``candidate`` alias, with a ``medxfer.warning`` tag that says why. ``--force`` sets the alias anyway and records the
+override (tag ``medxfer.forced``). A registered version stays reviewable either way.
+
 Promotion sets any alias but first checks the recipe's promotion floors (recorded on the version
 at registration) against the version's test metrics, and refuses with the reason when one fails.
 """
@@ -37,6 +42,7 @@ from medxfer.config.spec import modality_label
 from medxfer.core import ui
 from medxfer.core.errors import MedxferError, StageError
 from medxfer.core.workspace import Workspace
+from medxfer.stats.calibration import at_bound
 
 CANDIDATE = "candidate"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -75,6 +81,7 @@ class RunArtifacts:
     ws: Workspace
     ckpt: dict[str, Any]
     evaluation: dict[str, Any] | None
+    ood_stats: Path | None = None  # the evaluation's ood.safetensors (medxfer.evaluation.shift), when fitted
 
 
 def load_run(run_id: str, workspace: Path, tmp: Path, require_evaluation: bool = True) -> RunArtifacts:
@@ -103,7 +110,27 @@ def load_run(run_id: str, workspace: Path, tmp: Path, require_evaluation: bool =
             f"run {run_id} has not been evaluated: registration needs its test metrics, calibration "
             f"and threshold. Run `medxfer evaluate {run_id}` first"
         )
-    return RunArtifacts(run, ws, load(ckpt_path), evaluation)
+    return RunArtifacts(run, ws, load(ckpt_path), evaluation, _ood_file(uri, run_id, ws, evaluation, tmp))
+
+
+def _ood_file(uri: str, run_id: str, ws: Workspace, evaluation: dict[str, Any] | None, tmp: Path) -> Path | None:
+    """The OOD statistics the evaluation fitted (local run folder, else the run's artifact), checked against the
+    SHA-256 evaluation.json recorded; None when it fitted none."""
+    import hashlib
+
+    entry = (evaluation or {}).get("ood") or {}
+    if not entry.get("file"):
+        return None
+    path: Path | None = ws.run_dir(run_id) / "evaluation" / entry["file"]
+    if not path.is_file():
+        path = tracking.download_run_artifact(uri, run_id, f"evaluation/{entry['file']}", tmp / "ood")
+    if path is None or not path.is_file():
+        ui.warn(f"run {run_id[:12]}: its OOD statistics are missing; the model will leave ood_score empty")
+        return None
+    if entry.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        ui.warn(f"run {run_id[:12]}: {entry['file']} does not match evaluation.json; re-run `medxfer evaluate`")
+        return None
+    return path
 
 
 def _ingest_facts(ws: Workspace) -> dict[str, Any] | None:
@@ -151,7 +178,9 @@ def write_run_bundle(
 ) -> Path:
     from medxfer.handoff.bundle import write_bundle
 
-    return write_bundle(ra.ckpt, ra.evaluation, out, run_info=card_run_info(ra, model_name, model_version))
+    return write_bundle(
+        ra.ckpt, ra.evaluation, out, run_info=card_run_info(ra, model_name, model_version), ood_stats=ra.ood_stats
+    )
 
 
 def _guard(ra: RunArtifacts) -> tracking.PHIGuard:
@@ -208,6 +237,7 @@ def version_tags(ra: RunArtifacts, bundle_cfg: dict[str, Any]) -> dict[str, str]
         tags["threshold"] = _fmt(float(ev["threshold"]))
         tags["threshold_policy"] = str((ev.get("threshold_policy") or {}).get("policy", ""))
     tags["temperature"] = _fmt(float(bundle_cfg["temperature"]))
+    tags["calibration_method"] = str(bundle_cfg.get("calibration_method", "temperature"))
     if (ev.get("transfer") or {}).get("negative_transfer") is not None:
         tags["negative_transfer"] = str(bool(ev["transfer"]["negative_transfer"])).lower()
     for k, v in (ra.ckpt.get("hashes") or {}).items():
@@ -291,12 +321,16 @@ def logged_model_params(ra: RunArtifacts, cfg: dict[str, Any]) -> dict[str, str]
 
 
 def signature_columns(classes: list[str]) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str, bool]]]:
-    """(inputs, outputs) as (column, MLflow type, required): what `Predictor.predict` returns."""
+    """(inputs, outputs) as (column, MLflow type, required): what the pyfunc returns (``input`` only when echoed)."""
     inputs = [("path", "string", True)]
     outputs = [
-        ("input", "string", True),
+        ("row", "long", True),
+        ("input_key", "string", True),
+        ("input", "string", False),
         *[(f"prob_{c}", "double", False) for c in classes],
         ("decision", "string", False),
+        ("ood_score", "double", False),
+        ("ood_flag", "boolean", False),
         ("model_name", "string", False),
         ("model_version", "string", False),
         ("error", "string", False),
@@ -324,15 +358,52 @@ def _check_bundle_text(guard: tracking.PHIGuard, bundle: Path) -> None:
             guard.check(f"model artifact {f.name}", f.read_text(errors="replace"))
 
 
+# --------------------------------------------------------------------------- the registration guard
+
+WARNING_TAG = "medxfer.warning"
+FORCED_TAG = "medxfer.forced"
+
+
+def registration_warnings(evaluation: dict[str, Any]) -> list[str]:
+    """Why a version must not get the ``candidate`` alias; empty when none of the guard's checks fires."""
+    out: list[str] = []
+    auroc = (evaluation.get("val") or {}).get("auroc") or {}
+    value, lo, hi = auroc.get("value"), auroc.get("ci_low"), auroc.get("ci_high")
+    if lo is not None and lo <= 0.5:
+        out.append(
+            f"validation AUROC {value:.3f} has a 95% CI [{lo:.3f}, {hi:.3f}] that includes 0.5: "
+            "validation shows no evidence that the model beats chance"
+        )
+    elif lo is None and value is not None and value <= 0.5:
+        out.append(f"validation AUROC {value:.3f} is no better than chance")
+    t = evaluation.get("temperature")
+    if t is not None and at_bound(float(t)):
+        out.append(
+            f"the calibration temperature ended on its bound (T = {float(t):.3g}): no interior optimum, "
+            "so the probabilities are not calibrated"
+        )
+    cm = (evaluation.get("confusion_matrix") or {}).get("test")
+    if cm:
+        predicted = [sum(col) for col in zip(*cm, strict=True)]
+        used = [i for i, n in enumerate(predicted) if n > 0]
+        if len(used) == 1 and len(predicted) > 1:
+            classes = evaluation.get("classes") or []
+            name = classes[used[0]] if used[0] < len(classes) else str(used[0])
+            out.append(f"every test study is predicted '{name}': the decisions collapse to one class")
+    return out
+
+
 @dataclass
 class RegisterResult:
     run_id: str
     model_name: str
     model_version: str
     model_id: str
-    alias: str
+    alias: str | None  # None: the guard withheld `candidate` (see warnings)
     tracking_uri: str
     tags: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    forced: bool = False
 
     @property
     def model_uri(self) -> str:
@@ -344,8 +415,10 @@ class RegisterResult:
             "model_name": self.model_name,
             "model_version": self.model_version,
             "model_uri": self.model_uri,
-            "alias_uri": f"models:/{self.model_name}@{self.alias}",
+            "alias_uri": f"models:/{self.model_name}@{self.alias}" if self.alias else None,
             "alias": self.alias,
+            "warnings": self.warnings,
+            "forced": self.forced,
             "model_id": self.model_id,
             "tags": self.tags,
             "tracking_uri": self.tracking_uri,
@@ -354,7 +427,9 @@ class RegisterResult:
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         t = self.tags
         auroc = t.get("test_auroc")
-        rows = [("model", f"{self.model_uri}  (alias {self.alias})"), ("run", self.run_id)]
+        alias = f"alias {self.alias}" + (", forced past the guard" if self.forced else "") if self.alias else "NO alias"
+        rows = [("model", f"{self.model_uri}  ({alias})"), ("run", self.run_id)]
+        rows += [("WARNING", w) for w in self.warnings]
         if auroc:
             rows.append(
                 (
@@ -371,16 +446,20 @@ class RegisterResult:
             ("load", f'mlflow.pyfunc.load_model("models:/{self.model_name}@{self.alias}")'),
             ("promote", f"medxfer promote {self.model_name} {self.model_version} --alias champion"),
         ]
+        if not self.alias:
+            rows[-2:] = [("load", f'mlflow.pyfunc.load_model("{self.model_uri}")  (review it first)')]
         return f"register: {self.model_name} v{self.model_version}", rows
 
 
-def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
-    """Register an evaluated run as a pyfunc model version with alias 'candidate'."""
+def register(run_id: str, name: str, workspace: Path, force: bool = False) -> RegisterResult:
+    """Register an evaluated run as a pyfunc model version with alias 'candidate', unless the guard
+    (:func:`registration_warnings`) withholds it; ``force`` sets it anyway and records the override."""
     import pandas as pd
     from medxfer.handoff.bundle import CARD_JSON, CARD_MD, load_config
 
     _check_name(name)
     uri = _uri(workspace)
+    run_id = tracking.sync_workspace(workspace, uri, run_id)  # what the run spooled reaches the server first
     with tempfile.TemporaryDirectory(prefix="medxfer-register-") as tmp_s:
         tmp = Path(tmp_s)
         ra = load_run(run_id, workspace, tmp)
@@ -399,13 +478,19 @@ def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
                 run_id,
                 PYFUNC_CODE,
                 {"bundle": bundle},
-                {"model_name": name, "model_version": version},
+                # Every key a user may override at load time must be logged (MLflow ignores the others).
+                {"model_name": name, "model_version": version, "echo_input": False, "device": None},
                 inputs,
                 outputs,
                 pd.DataFrame({"path": [INPUT_EXAMPLE_PATH]}),
                 pip_requirements(),
             )
             tags = version_tags(ra, cfg)
+            warnings = registration_warnings(ra.evaluation or {})
+            if warnings:
+                tags[WARNING_TAG] = "; ".join(warnings)
+                if force:
+                    tags[FORCED_TAG] = f"true: candidate set with --force despite {len(warnings)} warning(s)"
             tracking.set_model_version_tags(uri, name, version, tags, guard)
             tracking.set_model_version_description(
                 uri, name, version, guard.check("description", _description(ra, cfg))
@@ -420,9 +505,26 @@ def register(run_id: str, name: str, workspace: Path) -> RegisterResult:
         tracker = tracking.attach(uri, ra.run["experiment"], run_id, guard)
         for f in (CARD_MD, CARD_JSON):
             tracker.log_file(bundle / f, "model_card", text=True)
-        tracker.set_tags({"medxfer.registered": f"{name}/{version}"})
-        tracking.set_model_alias(uri, name, CANDIDATE, version)
-    return RegisterResult(run_id, name, version, model_id, CANDIDATE, uri, tags)
+        run_tags = {"medxfer.registered": f"{name}/{version}"}
+        alias: str | None = CANDIDATE
+        if warnings:
+            run_tags[WARNING_TAG] = tags[WARNING_TAG]
+            for w in warnings:
+                ui.warn(f"registration guard: {w}")
+            if force:
+                run_tags[FORCED_TAG] = tags[FORCED_TAG]
+                ui.warn(f"--force: alias '{CANDIDATE}' set on {name} v{version} despite the warnings above")
+            else:
+                alias = None
+                ui.warn(
+                    f"{name} v{version} is registered WITHOUT the '{CANDIDATE}' alias. Review it; retrain (more "
+                    f"epochs, more data, another recipe) or, to set the alias anyway, `medxfer register {run_id} "
+                    f"--name {name} --force` (the override is recorded)"
+                )
+        tracker.set_tags(run_tags)
+        if alias:
+            tracking.set_model_alias(uri, name, alias, version)
+    return RegisterResult(run_id, name, version, model_id, alias, uri, tags, warnings, bool(force and warnings))
 
 
 # --------------------------------------------------------------------------- promote

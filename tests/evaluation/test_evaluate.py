@@ -230,13 +230,13 @@ def test_cli_json_is_one_object_on_stdout(evaluated_run) -> None:
 @pytest.mark.slow
 def test_phi_guard_knows_the_real_data_root(evaluated_run) -> None:
     """The spec in a checkpoint has a relative source root: the guard must resolve it like training did."""
-    import pandas as pd
     from medxfer.evaluation.evaluate import spec_from_checkpoint
+    from medxfer.ingest.manifest import read_manifest
     from medxfer.tracking import PHIGuard
     from medxfer.training.checkpoint import load
 
     ws = evaluated_run.workspace / "tiny-dicom2d"
     spec = spec_from_checkpoint(load(ws / "runs" / evaluated_run.run_id / "best.pt"))
-    guard = PHIGuard.for_training(spec, list(pd.read_parquet(ws / "manifest.parquet")["files"]))
+    guard = PHIGuard.for_training(spec, list(read_manifest(ws / "manifest.parquet")["files"]))  # real paths
     assert guard.problem("PLANTEDNAME_HELGA")  # a patient-named source folder
     assert guard.problem(str(evaluated_run.dataset.root / "x"))

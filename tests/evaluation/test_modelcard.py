@@ -101,7 +101,7 @@ def test_card_shows_threshold_calibration_and_negative_transfer() -> None:
     md, card = build_model_card(run_info_from_checkpoint(checkpoint_dict()), ev)
     assert card["threshold"]["value"] == ev["threshold"]
     assert f"{ev['threshold']:.4f}" in md
-    assert "Temperature scaling fitted on validation" in md
+    assert "Calibration fitted on validation: temperature" in md
     # The control arm had a stronger signal: negative transfer must be flagged in both forms.
     assert ev["transfer"]["negative_transfer"] is True
     assert "NEGATIVE TRANSFER FLAG" in md

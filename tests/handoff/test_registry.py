@@ -141,10 +141,18 @@ def test_pyfunc_on_unseen_dicom_and_nifti_with_error_rows(registered, tmp_path: 
     try:
         model = mlflow.pyfunc.load_model(f"models:/{registered.model_name}@candidate")
         df = model.predict(pd.DataFrame({"path": paths}))
+        echoed = mlflow.pyfunc.load_model(
+            f"models:/{registered.model_name}@candidate", model_config={"echo_input": True}
+        ).predict(pd.DataFrame({"path": paths}))
     finally:
         mlflow.set_tracking_uri(None)
-    assert list(df["input"]) == paths
-    assert list(df.columns) == ["input", "prob_neg", "prob_pos", "decision", "model_name", "model_version", "error"]
+    # By default a row number and a pseudonym of each input, never the input (its folder names a patient).
+    assert list(df.columns)[:5] == ["row", "input_key", "prob_neg", "prob_pos", "decision"]
+    assert {"model_name", "model_version", "error"} <= set(df.columns) and "input" not in df.columns
+    assert list(df["row"]) == [1, 2, 3, 4, 5] and df["input_key"].str.match(r"^in-[0-9a-f]{20}$").all()
+    assert "DOE_JANE" not in df.to_csv() and str(new) not in df.to_csv()
+    assert list(echoed["input"]) == paths and list(echoed.columns)[:3] == ["row", "input_key", "input"]
+    assert list(echoed["input_key"]) == list(df["input_key"])  # one process, one key
     ok, bad = df.iloc[:3], df.iloc[3:]
     assert ok["error"].isna().all(), ok["error"].tolist()
     np.testing.assert_allclose(ok["prob_neg"] + ok["prob_pos"], 1.0, rtol=1e-6)
@@ -210,3 +218,70 @@ def test_cli_promote_refusal_exits_nonzero_with_the_reason(registered) -> None:
         tracking.set_model_version_tags(uri, name, version, {"floor.min_auroc_ci_low": floor}, guard)
     assert res.exit_code == 1 and "refusing to set alias 'champion'" in res.output
     assert "required 1.500" in res.output and res.stdout.strip() == ""
+
+
+# --------------------------------------------------------------------------- the registration guard
+
+
+def _evaluation(val_auroc=(0.8, 0.7, 0.9), temperature=1.3, confusion=((5, 1), (2, 6))) -> dict:
+    value, lo, hi = val_auroc
+    return {
+        "classes": ["pos", "neg"],
+        "val": {"auroc": {"value": value, "ci_low": lo, "ci_high": hi}},
+        "temperature": temperature,
+        "confusion_matrix": {"labels": ["pos", "neg"], "test": [list(r) for r in confusion]},
+    }
+
+
+def test_guard_passes_a_sound_model_and_names_each_failed_check() -> None:
+    assert registry.registration_warnings(_evaluation()) == []
+    (w,) = registry.registration_warnings(_evaluation(val_auroc=(0.62, 0.48, 0.77)))
+    assert "includes 0.5" in w and "[0.480, 0.770]" in w
+    (w,) = registry.registration_warnings(_evaluation(temperature=20.0))
+    assert "bound" in w and "T = 20" in w
+    (w,) = registry.registration_warnings(_evaluation(temperature=0.05))
+    assert "bound" in w
+    (w,) = registry.registration_warnings(_evaluation(confusion=((0, 6), (0, 8))))
+    assert "predicted 'neg'" in w and "collapse" in w
+    # An evaluation from before validation CIs were recorded: the point value still counts.
+    old = _evaluation()
+    old["val"]["auroc"] = {"value": 0.45, "ci_low": None, "ci_high": None}
+    assert "no better than chance" in registry.registration_warnings(old)[0]
+    assert len(registry.registration_warnings(_evaluation((0.125, 0.0, 0.3), 20.0, ((0, 4), (0, 9))))) == 3
+
+
+def test_the_forced_tiny_fixture_records_why_and_the_override(registered) -> None:
+    mv = tracking.get_model_version(registered.tracking_uri, registered.model_name, registered.model_version)
+    assert "candidate" in mv["aliases"] and "T = 0.05" in mv["tags"][registry.WARNING_TAG]
+    assert mv["tags"][registry.FORCED_TAG].startswith("true") and registered.result.summary()["alias"] == "candidate"
+
+
+def test_guard_withholds_candidate_from_the_degenerate_demo_run_and_force_records_the_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run issue #12 reported: `medxfer demo --limit 40`, then `medxfer run` with `--set epochs=2` (25 s here):
+    validation AUROC 0.125 [0.000, 0.400] and the temperature on its bound of 20."""
+    from medxfer.config.spec import load_spec
+    from medxfer.demo import write_demo
+    from medxfer.runall import run_all
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MEDXFER_PSEUDONYM_KEY", raising=False)
+    monkeypatch.setenv("MEDXFER_SYSTEM_METRICS", "0")
+    write_demo(tmp_path / "demo-data", limit=40)
+    text = (Path(__file__).resolve().parents[2] / "data_specs" / "breastmnist_demo.yaml").read_text()
+    (tmp_path / "spec.yaml").write_text(text.replace("../demo-data", "demo-data"))
+    ws = tmp_path / "ws"
+    res = run_all(load_spec(tmp_path / "spec.yaml"), ws, overrides=["epochs=2"], name="degenerate")
+    summary = res.summary()
+    assert summary["alias"] is None and any("includes 0.5" in w for w in summary["warnings"])
+    uri = res.tracking_uri
+    mv = tracking.get_model_version(uri, "degenerate", res.model_version)
+    assert mv["aliases"] == [] and "includes 0.5" in mv["tags"][registry.WARNING_TAG]
+    assert tracking.run_tags(uri, res.run_id)[registry.WARNING_TAG] == mv["tags"][registry.WARNING_TAG]
+
+    forced = registry.register(res.run_id, "degenerate", ws, force=True)
+    assert forced.alias == "candidate" and forced.forced and forced.summary()["warnings"]
+    mv = tracking.get_model_version(uri, "degenerate", forced.model_version)
+    assert "candidate" in mv["aliases"] and mv["tags"][registry.FORCED_TAG].startswith("true")
+    assert registry.FORCED_TAG in tracking.run_tags(uri, res.run_id)

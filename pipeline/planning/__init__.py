@@ -1,0 +1,1 @@
+"""Planning: a dataset fingerprint and the recipes derived from it (``medxfer plan``)."""
