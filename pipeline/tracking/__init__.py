@@ -2,7 +2,8 @@
 
 - :mod:`~medxfer.tracking.guard`: the PHI guard every string bound for the tracking store passes;
 - :mod:`~medxfer.tracking.tracker`: one run (``Tracker``), finding and reading runs, environment facts;
-- :mod:`~medxfer.tracking.model_registry`: registered model versions (reserve, log the pyfunc, tags, aliases).
+- :mod:`~medxfer.tracking.model_registry`: registered model versions (reserve, log the pyfunc, tags, aliases);
+- :mod:`~medxfer.tracking.spool`: what a run could not send (server gone, or ``--offline-tracking``), for ``sync``.
 
 mlflow is imported inside functions, never at import time: ``import medxfer.tracking`` stays fast.
 """
@@ -23,6 +24,7 @@ from medxfer.tracking.model_registry import (
     set_model_version_description,
     set_model_version_tags,
 )
+from medxfer.tracking.spool import Spool
 from medxfer.tracking.tracker import (
     EXPERIMENT_KIND,
     MAX_PARAMS_PER_CALL,
@@ -47,6 +49,8 @@ from medxfer.tracking.tracker import (
     package_versions,
     run_tags,
     source_tags,
+    sync_spool,
+    sync_workspace,
     ui_command,
 )
 
@@ -63,6 +67,7 @@ __all__ = [
     "TAG_STATUS",
     "PHIGuard",
     "PHIRefused",
+    "Spool",
     "Tracker",
     "abandon_model_version",
     "attach",
@@ -88,6 +93,8 @@ __all__ = [
     "set_model_version_description",
     "set_model_version_tags",
     "source_tags",
+    "sync_spool",
+    "sync_workspace",
     "medxfer_executable",
     "ui_command",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 from medxfer.core.errors import StageError
 from medxfer.tracking.guard import PHIGuard
-from medxfer.tracking.tracker import _client, _quiet_mlflow, check_reachable
+from medxfer.tracking.tracker import _AuthErrors, _client, _quiet_mlflow, check_reachable, permission_errors
 
 
 def python_model_base() -> type:
@@ -74,7 +74,8 @@ def _registry_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return _AuthErrors(client, tracking_uri) if tracking_uri.startswith(("http://", "https://")) else client
 
 
 def reserve_model_version(
@@ -88,13 +89,17 @@ def reserve_model_version(
     client = _registry_client(tracking_uri)
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except (MlflowException, StageError):
+        # StageError: basic-auth answers 403, not 404, for a model that does not exist yet. Creating it tells the
+        # two apart: a new name is created (its creator gets MANAGE); an existing one fails, and the get below
+        # raises the 403 with the permission it needs.
         try:
             client.create_registered_model(name, description=description)
         except MlflowException:  # created meanwhile by another process
             client.get_registered_model(name)
     # The sqlite registry looks the logged model up through the *global* tracking URI.
-    with _GlobalURIs(tracking_uri):
+    needs = "EDIT on the run's experiment (registering logs a model into it)"
+    with _GlobalURIs(tracking_uri), permission_errors(tracking_uri, needs):
         lm = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment_id)
         mv = client.create_model_version(
             name, source=f"models:/{lm.model_id}", run_id=run_id, model_id=lm.model_id, description=description
@@ -132,7 +137,8 @@ def log_pyfunc(
 
     import warnings
 
-    with _GlobalURIs(tracking_uri), warnings.catch_warnings():
+    needs = "EDIT on the run's experiment (registering logs a model into it)"
+    with _GlobalURIs(tracking_uri), warnings.catch_warnings(), permission_errors(tracking_uri, needs):
         # MLflow nags about type hints on predict(); the explicit signature below is the contract.
         warnings.simplefilter("ignore", UserWarning)
         mlflow.pyfunc.log_model(
@@ -275,7 +281,7 @@ def download_registered_model(tracking_uri: str, model_uri: str, dst: Path) -> P
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        with _GlobalURIs(tracking_uri):
+        with _GlobalURIs(tracking_uri), permission_errors(tracking_uri, f"READ on the registered model of {model_uri}"):
             return Path(
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri

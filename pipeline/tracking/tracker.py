@@ -14,13 +14,15 @@ import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from medxfer.core.errors import StageError
 from medxfer.tracking.guard import PHIGuard
+from medxfer.tracking.spool import Journal, Spool
 
 TAG_STATUS = "medxfer.status"  # running | finished | failed | interrupted
 TAG_ROLE = "medxfer.role"  # main | control
@@ -164,6 +166,7 @@ def check_reachable(tracking_uri: str, timeout_s: float | None = None) -> None:
     """
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    check_credentials(tracking_uri)
     for name, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if tracking_uri in _REACHABLE:
@@ -191,12 +194,138 @@ def check_reachable(tracking_uri: str, timeout_s: float | None = None) -> None:
     _REACHABLE.add(tracking_uri)
 
 
+# --- credentials and permissions (a team's server running MLflow's basic-auth app; docs/deploy.md) ----------------
+# Credentials come only from where MLflow itself reads them: these variables, else its credentials file. Never from
+# the spec, the command line or the tracking URI, so no summary, log or run tag can carry them.
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+CREDENTIALS_FILE = "~/.mlflow/credentials"  # mlflow.utils.credentials._get_credentials_path
+
+
+def check_credentials(tracking_uri: str) -> None:
+    """Refuse a tracking URI with a user or password in it, and a credentials file other users can read."""
+    import stat
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.username is not None or parts.password is not None:
+        bare = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        raise StageError(
+            f"MLFLOW_TRACKING_URI carries credentials; fix: set it to {bare} and put the user and password in "
+            f"{' / '.join(CREDENTIAL_ENV)} or {CREDENTIALS_FILE} (mode 0600)"
+        )
+    path = Path(os.path.expanduser(CREDENTIALS_FILE))
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StageError(
+            f"{path} holds MLflow credentials and other users can read it (mode {stat.S_IMODE(mode):04o}); "
+            f"fix: chmod 600 {path}"
+        )
+
+
+def _user() -> str | None:
+    with contextlib.suppress(Exception):
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        return read_mlflow_creds().username
+    return None
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """401/403 from an MLflow REST call (MlflowException) or an artifact transfer (requests' HTTPError)."""
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    if isinstance(code, int):
+        return code
+    error_code = getattr(exc, "error_code", None)
+    return {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}.get(str(error_code))
+
+
+def needed_permission(method: str, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> str:
+    """What MLflow's basic-auth wants for one client call, in the words of its permission table (READ < USE <
+    EDIT < MANAGE, per experiment or registered model)."""
+    kwargs = kwargs or {}
+    name = kwargs.get("name", args[0] if args else None)
+    if method == "create_experiment":
+        return "the right to create experiments (or ask the admin to create it and grant you EDIT on it)"
+    if "registered_model" in method or "model_version" in method:
+        target = f"registered model {name!r}" if isinstance(name, str) else "the registered model"
+        if method == "create_registered_model":
+            return "the right to create registered models"
+        if method.startswith("delete"):
+            return f"MANAGE on {target}"
+        if method.startswith(("get", "search")):
+            return f"READ on {target}"
+        return f"EDIT on {target} (MANAGE to grant it to others)"
+    if method.startswith(("get", "search", "list", "download")):
+        return "READ on the experiment"
+    return "EDIT on the experiment (the run and its logged models)"
+
+
+def permission_error(exc: BaseException, tracking_uri: str, needs: str) -> StageError | None:
+    """A one-line error for an MLflow server's 401/403 (None for any other failure)."""
+    status = _http_status(exc)
+    if status == 401:
+        user = _user()
+        who = f"user {user!r} with the given password" if user else "no credentials"
+        return StageError(
+            f"MLflow server {tracking_uri} refused {who} (401 not authenticated); fix: set "
+            f"{' and '.join(CREDENTIAL_ENV)} (or {CREDENTIALS_FILE}, mode 0600) to an account on that server"
+        )
+    if status == 403:
+        return StageError(
+            f"MLflow server {tracking_uri} denied user {_user()!r} (403): this needs {needs}; fix: ask the "
+            "server's admin to grant it (docs/deploy.md, Permissions)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def permission_errors(tracking_uri: str, needs: str):
+    """Around MLflow calls that bypass :func:`_client` (fluent logging, downloads): 401/403 as a StageError."""
+    try:
+        yield
+    except Exception as exc:
+        err = permission_error(exc, tracking_uri, needs)
+        if err is None:
+            raise
+        raise err from None
+
+
+class _AuthErrors:
+    """An MlflowClient whose 401/403 answers become one-line StageErrors naming the missing permission."""
+
+    def __init__(self, client: Any, tracking_uri: str):
+        self._inner = client
+        self._uri = tracking_uri
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._inner, attr)
+        if not callable(value) or attr.startswith("_"):
+            return value
+
+        @functools.wraps(value)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except Exception as exc:
+                err = permission_error(exc, self._uri, needed_permission(attr, args, kwargs))
+                if err is None:
+                    raise
+                raise err from None
+
+        return call
+
+
 def _client(tracking_uri: str):
     check_reachable(tracking_uri)
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
-    return MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return _AuthErrors(client, tracking_uri) if tracking_uri.startswith(("http://", "https://")) else client
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
@@ -266,26 +395,97 @@ def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
 
 # --- a run -----------------------------------------------------------------------------------------------------------
 class Tracker:
-    """One MLflow run. With ``enabled=False`` (DDP ranks other than 0) every method is a no-op."""
+    """One MLflow run. With ``enabled=False`` (DDP ranks other than 0) every method is a no-op.
+
+    With a `spool` (:mod:`medxfer.tracking.spool`), a server that stops answering mid-run does not stop training:
+    that call and every later one of the run are journalled in the workspace, in order, for ``medxfer sync``.
+    ``offline=True`` journals from the start under a local run id and never contacts the server.
+    """
 
     def __init__(
-        self, tracking_uri: str, experiment: str, guard: PHIGuard, enabled: bool = True, system_metrics: bool = True
+        self,
+        tracking_uri: str,
+        experiment: str,
+        guard: PHIGuard,
+        enabled: bool = True,
+        system_metrics: bool = True,
+        spool: Spool | None = None,
+        offline: bool = False,
     ):
+        if offline and spool is None:
+            raise ValueError("offline tracking needs a spool")
         self.uri = tracking_uri
         self.experiment = experiment
         self.guard = guard
         self.enabled = enabled
-        self.system_metrics = system_metrics and os.environ.get("MEDXFER_SYSTEM_METRICS", "1") != "0"
+        self.system_metrics = system_metrics and os.environ.get("MEDXFER_SYSTEM_METRICS", "1") != "0" and not offline
         self.run_id: str | None = None
+        self.spool = spool
+        self.offline = offline
+        self.journal: Journal | None = None  # set once this run spools (offline, or the server went away)
+        self.outage_s = 0.0  # seconds the call that found the server gone spent before it gave up
+        self._tables: list[dict[str, str]] | None = None
         self._monitor = None
-        self._client = _client(tracking_uri) if enabled else None
+        self._client = self._connect() if enabled and not offline else None
 
-    def _tags(self, tags: Mapping[str, Any]):
-        from mlflow.entities import RunTag
+    def _connect(self) -> Any:
+        try:
+            return _client(self.uri)
+        except StageError as exc:  # a training run may go on without the server: say how
+            if self.spool is None or "not reachable" not in str(exc):
+                raise
+            raise StageError(f"{exc}; or train with --offline-tracking and `medxfer sync` later") from None
 
-        return [
-            RunTag(self.guard.check(f"tag key {k!r}", k), self.guard.check(f"tag {k!r}", v)) for k, v in tags.items()
-        ]
+    @property
+    def spooling(self) -> bool:
+        return self.journal is not None
+
+    def _send(self, entry: dict[str, Any], files: Sequence[Path] = ()) -> None:
+        """One call to the server, or to the journal once this run spools (every later call too: order holds)."""
+        from medxfer.tracking import spool as sp
+
+        if self.journal is None:
+            t0 = time.monotonic()
+            try:
+                sp.apply(
+                    self._client,
+                    str(self.run_id),
+                    {**entry, "files": [str(f) for f in files]} if files else entry,
+                    experiment_id=lambda: experiment_id(self.uri, self.experiment),
+                )
+                return
+            except Exception as exc:
+                if self.spool is None or not sp.unreachable(exc):
+                    raise
+                self.outage_s = time.monotonic() - t0
+                self._go_offline(exc)
+        assert self.journal is not None
+        self.journal.append(entry, files)
+
+    def _go_offline(self, exc: BaseException | None) -> None:
+        """From now on this run writes to its journal (keyed by its server run id); system metrics stop."""
+        from medxfer.core import ui
+        from medxfer.tracking import spool as sp
+
+        assert self.spool is not None
+        key = self.run_id if self.run_id and not sp.is_local_id(self.run_id) else sp.new_local_id()
+        self.journal = self.spool.journal(str(key))
+        if not self.journal.exists():
+            head = {"op": "open", "uri": sp.safe_uri(self.uri), "experiment": self.experiment, "run_id": key}
+            # outage_s: what the call that found the server gone cost (MLflow's retries), i.e. what the run lost.
+            self.journal.append({**head, "local_id": key, "created_ms": sp.now_ms(), "outage_s": self.outage_s})
+        if self._monitor is not None:  # its thread would only retry a dead server; the outage has no system metrics
+            with contextlib.suppress(Exception):
+                self._monitor._shutdown_event.set()
+            self._monitor = None
+        if exc is not None:
+            ui.warn(
+                f"MLflow server {sp.safe_uri(self.uri)} stopped answering after {self.outage_s:.1f} s; training goes "
+                f"on and run {key} is spooled in {self.journal.dir}; `medxfer sync` sends it once the server is back"
+            )
+
+    def _tags(self, tags: Mapping[str, Any]) -> dict[str, str]:
+        return {self.guard.check(f"tag key {k!r}", k): self.guard.check(f"tag {k!r}", v) for k, v in tags.items()}
 
     def start(
         self,
@@ -296,24 +496,58 @@ class Tracker:
     ) -> str | None:
         if not self.enabled:
             return None
-        exp_id = experiment_id(self.uri, self.experiment)
         all_tags = {**source_tags(entry_point), **tags, TAG_STATUS: "running", TAG_SPEC: self.experiment}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self.guard.check("run name", run_name)
-        run = self._client.create_run(exp_id, run_name=run_name, tags={t.key: t.value for t in self._tags(all_tags)})
-        self.run_id = run.info.run_id
-        self._start_monitor(resume=False)
-        return self.run_id
+        checked = self._tags(all_tags)
+        if not self.offline:
+            from medxfer.tracking import spool as sp
+
+            try:
+                exp_id = experiment_id(self.uri, self.experiment)
+                run = self._client.create_run(exp_id, run_name=run_name, tags=checked)
+                self.run_id = run.info.run_id
+                self._start_monitor(resume=False)
+                return self.run_id
+            except Exception as exc:  # gone between the probe and here: start this run offline, if we may
+                if self.spool is None or not sp.unreachable(exc):
+                    raise
+        return self._start_offline(run_name, checked)
+
+    def _start_offline(self, run_name: str, tags: dict[str, str]) -> str:
+        """A run the server has never seen: its journal opens with what create_run needs, under a local id."""
+        from medxfer.tracking import spool as sp
+
+        assert self.spool is not None
+        local = sp.new_local_id()
+        self.run_id = local
+        self.journal = self.spool.journal(local)
+        head = {
+            "op": "open",
+            "uri": sp.safe_uri(self.uri),
+            "experiment": self.experiment,
+            "run_id": None,
+            "local_id": local,
+            "created_ms": sp.now_ms(),
+            "start_time": sp.now_ms(),
+            "run_name": run_name,
+            "tags": tags,
+        }
+        if tags.get(TAG_SPEC):  # runs/<local id> of this spec: the replay links runs/<server id> to it
+            head["run_dir"] = f"{tags[TAG_SPEC]}/runs/{local}"
+        self.journal.append(head)
+        return local
 
     def resume(self, run_id: str) -> str | None:
         """Continue an existing run: status back to RUNNING, system metrics continue their step count."""
         if not self.enabled:
             return None
         self.run_id = run_id
-        self._client.update_run(run_id, status="RUNNING")
+        self._send({"op": "status", "status": "RUNNING"})
         self.set_tags({TAG_STATUS: "running"})
-        self._start_monitor(resume=True)
+        if not self.spooling:
+            self._start_monitor(resume=True)
         return run_id
 
     def _start_monitor(self, resume: bool) -> None:
@@ -331,31 +565,26 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
-        items = [
-            Param(self.guard.check(f"param key {k!r}", k)[:250], self.guard.check(f"param {k!r}", v)[:6000])
+        items = {
+            self.guard.check(f"param key {k!r}", k)[:250]: self.guard.check(f"param {k!r}", v)[:6000]
             for k, v in params.items()
-        ]
-        for i in range(0, len(items), MAX_PARAMS_PER_CALL):
-            self._client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_CALL], synchronous=True)
+        }
+        keys = list(items)
+        for i in range(0, len(keys), MAX_PARAMS_PER_CALL):
+            self._send({"op": "batch", "params": {k: items[k] for k in keys[i : i + MAX_PARAMS_PER_CALL]}})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        self._client.log_batch(self.run_id, tags=self._tags(tags), synchronous=True)
+        self._send({"op": "batch", "tags": self._tags(tags)})
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         """All of one epoch's metrics in one log_batch call; `step` is the epoch number (one-based)."""
         if not self.enabled:
             return
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(self.guard.check("metric name", k), float(v), now, int(step)) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        batch = [[self.guard.check("metric name", k), float(v), now, int(step)] for k, v in metrics.items()]
+        self._send({"op": "batch", "metrics": batch})
 
     def describe(self, text: str) -> None:
         """The run's description (Markdown), shown on the run overview."""
@@ -365,8 +594,7 @@ class Tracker:
         """The experiment's description (the experiment page's "About this experiment")."""
         if not self.enabled:
             return
-        exp_id = experiment_id(self.uri, self.experiment)
-        self._client.set_experiment_tag(exp_id, TAG_NOTE, self.guard.check("experiment description", text))
+        self._send({"op": "experiment_tag", "key": TAG_NOTE, "value": self.guard.check("experiment description", text)})
 
     def log_dataset(
         self, name: str, digest: str, counts: Mapping[str, Mapping[str, int]], context: str = "training"
@@ -376,21 +604,9 @@ class Tracker:
         `digest` identifies the data (manifest and split hashes); the source says which command made it."""
         if not self.enabled:
             return
-        import warnings
-
-        import mlflow.data
-        import pandas as pd
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-        from mlflow.entities import DatasetInput, InputTag
-
         rows = [{"split": s, "class": c, "studies": int(n)} for s, by in counts.items() for c, n in by.items()]
         self.guard.check_tree("dataset", {"name": name, "digest": digest, "rows": rows})
-        source = CodeDatasetSource(tags={TAG_SOURCE_NAME: "medxfer split"})
-        with warnings.catch_warnings():  # MLflow warns about int columns that could hold missing values
-            warnings.simplefilter("ignore")
-            ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=digest[:36])
-            entity = ds._to_mlflow_entity()
-        self._client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(TAG_DATASET_CONTEXT, context)])])
+        self._send({"op": "dataset", "name": name, "digest": digest, "rows": rows, "context": context})
 
     def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
         """A JSON table in MLflow's layout (what mlflow.log_table writes), replaced rather than appended to."""
@@ -398,10 +614,13 @@ class Tracker:
             return
         columns = list(dict.fromkeys(k for r in rows for k in r))
         self.log_json({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]}, artifact_file)
-        current = json.loads(self._client.get_run(self.run_id).data.tags.get(TAG_LOGGED_ARTIFACTS, "[]"))
+        if self._tables is None:
+            raw = "[]" if self.spooling else self._client.get_run(self.run_id).data.tags.get(TAG_LOGGED_ARTIFACTS)
+            self._tables = json.loads(raw or "[]")
         entry = {"path": artifact_file, "type": "table"}
-        if entry not in current:
-            self.set_tags({TAG_LOGGED_ARTIFACTS: json.dumps([*current, entry])})
+        if entry not in self._tables:
+            self._tables.append(entry)
+            self.set_tags({TAG_LOGGED_ARTIFACTS: json.dumps(self._tables)})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self.enabled:
@@ -411,7 +630,7 @@ class Tracker:
             path = Path(tmp) / Path(artifact_file).name
             path.write_text(text)
             parent = str(Path(artifact_file).parent)
-            self._client.log_artifact(self.run_id, str(path), artifact_path=None if parent == "." else parent)
+            self._send({"op": "artifact", "artifact_path": None if parent == "." else parent}, [path])
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
@@ -422,7 +641,7 @@ class Tracker:
             return
         if text:
             self.guard.check(f"artifact {Path(path).name}", Path(path).read_text(errors="replace"))
-        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+        self._send({"op": "artifact", "artifact_path": artifact_path}, [Path(path)])
 
     def end(self, status: str = "finished") -> None:
         """status: finished | failed | interrupted (MLflow FINISHED | FAILED | KILLED)."""
@@ -434,10 +653,62 @@ class Tracker:
         mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[status]
         try:
             self.set_tags({TAG_STATUS: status})
-            self._client.set_terminated(self.run_id, status=mlflow_status)
+            self._send({"op": "end", "status": mlflow_status, "end_time": int(time.time() * 1000)})
         except Exception:  # the store went away while we were failing anyway: keep the original error
             if status == "finished":
                 raise
+        if self.journal is not None:
+            self._sync_if_back()
+
+    def _sync_if_back(self) -> None:
+        """The server came back before the run ended: send the journal now, else say how to."""
+        from medxfer.core import ui
+
+        assert self.spool is not None and self.journal is not None
+        if self.offline:
+            ui.info(f"run {self.run_id} tracked offline in {self.journal.dir}; `medxfer sync` sends it to the server")
+            return
+        try:
+            _REACHABLE.discard(self.uri)
+            check_reachable(self.uri, timeout_s=2.0)
+            sync_spool(self.spool, self.uri)  # all of them: a control arm started meanwhile is spooled too
+            ui.info(f"MLflow server is back: run {self.run_id} synced from the spool")
+        except Exception:
+            ui.warn(
+                f"run {self.run_id} is spooled in {self.journal.dir}; run `medxfer sync` once the MLflow server "
+                "answers again"
+            )
+
+
+def sync_spool(spool: Spool, tracking_uri: str, only: str | None = None) -> Any:
+    """Replay `spool` to the server at `tracking_uri` (see :func:`medxfer.tracking.spool.replay`)."""
+    from medxfer.tracking import spool as sp
+
+    _REACHABLE.discard(tracking_uri)  # a server that died earlier in this process must be asked again
+    client = _client(tracking_uri)
+    return sp.replay(spool, client, tracking_uri, lambda name: experiment_id(tracking_uri, name), only=only)
+
+
+def sync_workspace(workspace: str | Path, tracking_uri: str, run_id: str) -> str:
+    """Before a stage reads a run: replay what the workspace spooled (a no-op without a spool), and return the
+    server's id of `run_id` (a run trained with --offline-tracking has a local one until it is synced)."""
+    from medxfer.tracking import spool as sp
+
+    spool = sp.Spool.for_workspace(workspace)
+    if spool.root.is_dir() and spool.pending(tracking_uri):
+        try:
+            sync_spool(spool, tracking_uri, only=None)
+        except StageError as exc:
+            raise StageError(f"{exc}; the workspace has spooled tracking to send first (`medxfer sync`)") from None
+    if sp.is_local_id(run_id):
+        mapped = spool.resolve(run_id)
+        if mapped == run_id:
+            raise StageError(
+                f"run {run_id} was tracked offline and is not on {sp.safe_uri(tracking_uri)} yet; fix: "
+                "`medxfer sync` once the server answers, then use the run id it prints"
+            )
+        return mapped
+    return run_id
 
 
 # --- reading a finished run back, and logging more into it (evaluate, export) ----------------------------------------
@@ -474,10 +745,11 @@ def download_run_artifact(tracking_uri: str, run_id: str, artifact_path: str, ds
     from mlflow.exceptions import MlflowException
 
     try:
-        out = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri
-        )
-    except (MlflowException, OSError):
+        with permission_errors(tracking_uri, "READ on the run's experiment"):
+            out = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri
+            )
+    except (MlflowException, OSError):  # a 401/403 is a StageError, not "no such artifact"
         return None
     return Path(out) if Path(out).exists() else None
 
