@@ -10,10 +10,14 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY models ./models
 COPY data_specs ./data_specs
-RUN pip install --no-cache-dir . \
+# [server]: the same image runs a team's tracking server on PostgreSQL with basic-auth (docs/deploy.md):
+#   docker run --entrypoint mlflow -p 5000:5000 -e MLFLOW_AUTH_CONFIG_PATH=... IMAGE server --host 0.0.0.0 ...
+RUN pip install --no-cache-dir "./[server]" \
     && useradd --create-home --uid 1000 medxfer
 
 USER 1000
+# mlflow server's port when the image runs the tracking server; medxfer itself listens on nothing.
+EXPOSE 5000
 WORKDIR /work
 ENTRYPOINT ["medxfer"]
 CMD ["--help"]

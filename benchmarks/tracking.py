@@ -8,12 +8,21 @@ Arms alternate on/off in fresh processes and fresh workspaces; medians count.
 The tracked arm's workspace already has its MLflow store, as for every run but a workspace's first:
 creating the sqlite tables (MLflow's schema migrations) is a one-time cost per workspace, timed
 separately and reported as its own row. The timed run still imports mlflow and does all its logging.
+
+"Remote" (quick and full sizes) is a team's server (docs/deploy.md) on this machine: PostgreSQL (durable: fsync on)
+and ``mlflow server --serve-artifacts --app-name basic-auth`` on loopback, started by tests/tracking/servers.py; the
+run logs over HTTP as a basic-auth user with its experiment already created. Target: remote / sqlite <= 1.03.
+Loopback has no network latency: on a LAN add ~0.5 ms per request (a 3-epoch run makes a few hundred).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from benchmarks import common, fixtures
@@ -21,6 +30,7 @@ from benchmarks import common, fixtures
 TITLE = "Tracking overhead: training wall time with MLflow on vs off"
 NAME = "tracking"
 TARGET = 1.02
+REMOTE_TARGET = 1.03
 
 # (demo studies per split, epochs, repeats of each arm) per size
 # full: every study, since the overhead is partly per run and a realistic run length matters; two
@@ -28,9 +38,16 @@ TARGET = 1.02
 _PLAN = {"tiny": (24, 1, 1), "quick": (120, 3, 2), "full": (None, 3, 2)}
 
 
-def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict[str, Any]:
-    """A fresh workspace; for the tracked arm with its (empty) MLflow store created, timed."""
+def new_workspace(
+    kind: str, limit: int | None, tracked: bool, tag: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A fresh workspace; for the tracked arm with its (empty) MLflow store created, timed. `env`: the remote
+    server's MLFLOW_TRACKING_URI and credentials (this runs in its own process)."""
+    import os
+
     from medxfer.core.workspace import Workspace
+
+    os.environ.update(env or {})
 
     spec, ws_root = fixtures.prepare(kind, limit)
     run_ws = fixtures.fresh_workspace(spec, ws_root, f"tracking-{tag}")
@@ -47,10 +64,20 @@ def new_workspace(kind: str, limit: int | None, tracked: bool, tag: str) -> dict
 
 
 def arm(
-    kind: str, limit: int | None, epochs: int, tracked: bool, tag: str, extra: list[str] | None = None
+    kind: str,
+    limit: int | None,
+    epochs: int,
+    tracked: bool,
+    tag: str,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    import os
+
     from medxfer.config.spec import load_spec
     from medxfer.training.stage import train
+
+    os.environ.update(env or {})
 
     spec, _ = fixtures.prepare(kind, limit)
     run_ws = common.work_dir("runs", f"tracking-{tag}")  # made by new_workspace
@@ -67,34 +94,79 @@ def arm(
     }
 
 
+@contextlib.contextmanager
+def remote_server(size: str, notes: list[str]) -> Iterator[dict[str, str] | None]:
+    """The team server for the remote arm, as the environment a user's shell has; None (and why, in `notes`) at
+    the tiny size or without PostgreSQL."""
+    if size == "tiny":  # the smoke test: tests/tracking already starts (and pays for) this server
+        notes.append("remote-server arm not run at the tiny size (tests/tracking runs that server)")
+        yield None
+        return
+    import secrets
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(common.REPO / "tests" / "tracking"))
+    import servers  # tests/tracking/servers.py: throw-away PostgreSQL + mlflow server
+
+    try:
+        servers.require_postgres()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # pytest's skip/fail outcome, with the install command
+        notes.append(f"remote-server arm not run: {exc}")
+        yield None
+        return
+    root = Path(tempfile.mkdtemp(prefix="server-", dir=common.work_dir("tracking")))
+    with servers.tracking_stack(root, auth=True, durable=True) as stack:
+        user = ("bench", secrets.token_urlsafe(12))
+        stack.create_user(*user)
+        yield {
+            "MLFLOW_TRACKING_URI": stack.url,
+            "MLFLOW_TRACKING_USERNAME": user[0],
+            "MLFLOW_TRACKING_PASSWORD": user[1],
+        }
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def run(size: str = "full") -> dict[str, Any]:
     result = common.new_result(NAME, TITLE, size)
     common.require("medxfer.training.stage", "the training stage (medxfer.training.stage)")
     limit, epochs, repeats = _PLAN[size]
     t0 = time.perf_counter()
     fixtures.prepare("breast", limit)
-    walls: dict[bool, list[float]] = {True: [], False: []}
+    walls: dict[str, list[float]] = {"sqlite": [], "off": [], "remote": []}
     stores: list[float] = []
     details = []
-    for r in range(repeats):
-        for tracked in (True, False) if r % 2 == 0 else (False, True):
-            # Isolated (except tiny): each arm pays its own imports and MLflow start-up, as `medxfer train` would.
-            tag = f"{r}-{int(tracked)}"
-            wkw = dict(kind="breast", limit=limit, tracked=tracked, tag=tag)
-            ws = (
-                new_workspace(**wkw)
-                if size == "tiny"
-                else common.run_isolated("benchmarks.tracking:new_workspace", **wkw)
-            )
-            kw = dict(
-                kind="breast", limit=limit, epochs=epochs, tracked=tracked, tag=tag, extra=common.tiny_train(size)
-            )
-            m = arm(**kw) if size == "tiny" else common.run_isolated("benchmarks.tracking:arm", **kw)
-            walls[tracked].append(m["wall_s"])
-            if tracked:
-                stores.append(ws["store_init_s"])
-            details.append({"tracked": tracked, **m, "store_init_s": ws["store_init_s"]})
-    on, off, store = common.median(walls[True]), common.median(walls[False]), common.median(stores)
+    with remote_server(size, result["notes"]) as remote_env:
+        arms = ["sqlite", "off", *(["remote"] if remote_env else [])]
+        for r in range(repeats):
+            for kind in arms if r % 2 == 0 else arms[::-1]:
+                # Isolated (except tiny): each arm pays its own imports and MLflow start-up, as `medxfer train` would.
+                tracked = kind != "off"
+                tag = f"{r}-{kind}"
+                env = remote_env if kind == "remote" else None
+                wkw = dict(kind="breast", limit=limit, tracked=tracked, tag=tag, env=env)
+                ws = (
+                    new_workspace(**wkw)
+                    if size == "tiny"
+                    else common.run_isolated("benchmarks.tracking:new_workspace", **wkw)
+                )
+                kw = dict(
+                    kind="breast",
+                    limit=limit,
+                    epochs=epochs,
+                    tracked=tracked,
+                    tag=tag,
+                    extra=common.tiny_train(size),
+                    env=env,
+                )
+                m = arm(**kw) if size == "tiny" else common.run_isolated("benchmarks.tracking:arm", **kw)
+                walls[kind].append(m["wall_s"])
+                if kind == "sqlite":
+                    stores.append(ws["store_init_s"])
+                details.append({"arm": kind, "tracked": tracked, **m, "store_init_s": ws["store_init_s"]})
+    on, off, store = common.median(walls["sqlite"]), common.median(walls["off"]), common.median(stores)
     ctx = {"set": "2D BreastMNIST DICOM", "epochs": epochs, "repeats": repeats}
     result["rows"] = [
         {**ctx, "arm": "tracking off (train(track=False))", "median_wall_s": off, "ratio": 1.0},
@@ -107,6 +179,20 @@ def run(size: str = "full") -> dict[str, Any]:
         },
     ]
     result["ratios"]["tracked / untracked wall time"] = common.ratio_entry(on / off, TARGET, higher_is_better=False)
+    if walls["remote"]:
+        remote = common.median(walls["remote"])
+        result["rows"].append(
+            {
+                **ctx,
+                "arm": "MLflow on, remote server (PostgreSQL + mlflow server, basic-auth, loopback)",
+                "median_wall_s": remote,
+                "ratio": remote / off,
+                "ratio_vs_sqlite": remote / on,
+            }
+        )
+        result["ratios"]["remote server / embedded sqlite wall time"] = common.ratio_entry(
+            remote / on, REMOTE_TARGET, higher_is_better=False
+        )
     result["details"] = details
     result["notes"].append("off = medxfer.training.stage.train(track=False): same training and checkpoints, no MLflow")
     result["wall_s"] = round(time.perf_counter() - t0, 1)

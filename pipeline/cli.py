@@ -11,6 +11,7 @@ prints ``error: <message with the fix>`` and exits with its code; anything else 
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +23,10 @@ from medxfer.core.workspace import DEFAULT_WORKSPACE
 from typer.core import TyperGroup
 
 DEBUG_ENV = "MEDXFER_DEBUG"
+DISK_FULL = (
+    "no space left on the device (errno 28); free space where --workspace lies, or give another --workspace, "
+    "then rerun: the outputs of the last complete run are unchanged (docs/faults.md)"
+)
 
 
 class _Commands(TyperGroup):
@@ -36,6 +41,11 @@ class _Commands(TyperGroup):
             _report(ctx, exc, "error:", str(exc))
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # An environment problem, not a bug (issue 14: "OSError: [Errno 28]"). Workspace files are replaced
+                # whole (temp file, then rename), so what the last complete stage wrote is still there.
+                _report(ctx, exc, "error:", DISK_FULL)
+                raise typer.Exit(1) from None
             # The type only: a library's message (an OSError's, say) may quote a source path, and sites name
             # folders after patients. --debug shows the whole message and traceback on the user's own terminal.
             what = type(exc).__name__
@@ -166,12 +176,36 @@ def split(spec: SpecArg, workspace: Workspace = DEFAULT_WORKSPACE, json: Json = 
     _run(lambda: run_split(load_spec(spec), workspace), json)
 
 
+@app.command(epilog="Example: `medxfer plan data_specs/breastmnist_demo.yaml --budget 30m`")
+def plan(
+    spec: SpecArg,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    budget: Annotated[str, typer.Option(help="Wall-clock budget for training, e.g. 30m, 90s, 1.5h.")] = "30m",
+    json: Json = False,
+) -> None:
+    """Fingerprint the ingested data and this machine; write plan.json and a recipe per arm, each decision with
+    its reason (input size, resampling, encoder, batch size, loss, arms, folds, epochs)."""
+    from medxfer.config.spec import load_spec
+    from medxfer.planning.plan import plan as run_plan
+
+    _run(lambda: run_plan(load_spec(spec), workspace, budget), json)
+
+
 @app.command("models", epilog="Example: `medxfer models --json`")
 def list_models(json: Json = False) -> None:
     """List registered encoders, their dims, parameter counts, weight sources and layer groups."""
     from medxfer.models.catalog import models_command
 
     _run(models_command, json)
+
+
+OfflineTracking = Annotated[
+    bool,
+    typer.Option(
+        "--offline-tracking",
+        help="Do not contact the MLflow server: spool the run in the workspace; `medxfer sync` sends it later.",
+    ),
+]
 
 
 @app.command(
@@ -191,6 +225,7 @@ def train(
     control: Control = None,
     device: Device = None,
     fold: Annotated[int | None, typer.Option(help="Validation fold when the spec splits into k folds.")] = None,
+    offline_tracking: OfflineTracking = False,
     json: Json = False,
 ) -> None:
     """Train a classifier with progressive unfreezing and focal loss; log everything to MLflow."""
@@ -208,10 +243,21 @@ def train(
             control=control,
             device=device,
             fold=fold,
+            offline_tracking=offline_tracking,
         )
         return res if res.rank == 0 else None  # under torchrun, rank 0 alone prints the summary
 
     _run(go, json)
+
+
+@app.command(epilog="Example: `medxfer sync --workspace medxfer-work` once the MLflow server answers again")
+def sync(workspace: Workspace = DEFAULT_WORKSPACE, json: Json = False) -> None:
+    """Send what runs spooled in the workspace (server gone mid-run, or --offline-tracking) to the MLflow server."""
+    from medxfer import tracking
+    from medxfer.core.workspace import Workspace as Ws
+
+    uri = Ws.for_spec(workspace, "_").tracking_uri
+    _run(lambda: tracking.sync_spool(tracking.Spool.for_workspace(workspace), uri), json)
 
 
 @app.command(epilog="Example: `medxfer evaluate 3f2a... --workspace medxfer-work --json`")
@@ -230,17 +276,30 @@ def evaluate(
     _run(lambda: run_evaluate(run_id, workspace, n_bootstrap=bootstrap), json)
 
 
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Set alias 'candidate' even when the registration guard withholds it (the override is recorded).",
+    ),
+]
+
+
 @app.command(epilog="Example: `medxfer register 3f2a... --name breast-us`")
 def register(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of an evaluated training run.")],
     name: Annotated[str, typer.Option(help="Registered model name.")],
     workspace: Workspace = DEFAULT_WORKSPACE,
+    force: Force = False,
     json: Json = False,
 ) -> None:
-    """Register the run's model as an MLflow pyfunc with alias 'candidate' and its model card."""
+    """Register the run's model as an MLflow pyfunc with alias 'candidate' and its model card.
+
+    The guard withholds 'candidate' (and tags medxfer.warning) when the validation AUROC CI includes 0.5, the
+    temperature fit ended on a bound, or the test decisions collapse to one class."""
     from medxfer.handoff.registry import register as run_register
 
-    _run(lambda: run_register(run_id, name, workspace), json)
+    _run(lambda: run_register(run_id, name, workspace, force=force), json)
 
 
 @app.command(epilog="Example: `medxfer promote breast-us 3 --alias champion`")
@@ -268,13 +327,24 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Study folders, DICOM/NIfTI files, or a CSV of paths.")],
     out: Annotated[Path, typer.Option(help="Output CSV.")] = Path("preds.csv"),
     saliency: Annotated[Path | None, typer.Option(help="Write Grad-CAM maps to this folder.")] = None,
+    echo_input: Annotated[
+        bool,
+        typer.Option(
+            "--echo-input",
+            help="Add an 'input' column with your input paths (they may name patients); "
+            "by default rows carry only a row number and a pseudonym of the input.",
+        ),
+    ] = False,
     workspace: Workspace = DEFAULT_WORKSPACE,
     json: Json = False,
 ) -> None:
     """Predict on new studies with exactly the training preprocessing."""
     from medxfer.handoff.predict import predict as run_predict
 
-    _run(lambda: run_predict(model_uri, inputs, out, saliency=saliency, workspace=workspace), json)
+    _run(
+        lambda: run_predict(model_uri, inputs, out, saliency=saliency, workspace=workspace, echo_input=echo_input),
+        json,
+    )
 
 
 @app.command(epilog="Example: `medxfer export models:/breast-us@champion --out handoff/`")
@@ -309,6 +379,8 @@ def run_all(
     ] = False,
     control: Control = None,
     device: Device = None,
+    force: Force = False,
+    offline_tracking: OfflineTracking = False,
     json: Json = False,
 ) -> None:
     """ingest -> split -> train -> evaluate -> register, in one command."""
@@ -326,6 +398,8 @@ def run_all(
             device=device,
             resume=resume,
             control=control,
+            force=force,
+            offline_tracking=offline_tracking,
         ),
         json,
     )
