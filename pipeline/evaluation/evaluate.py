@@ -71,6 +71,7 @@ from medxfer.evaluation import shift
 from medxfer.stats import metrics as M
 from medxfer.stats.calibration import METHODS as CALIBRATION_METHODS
 from medxfer.stats.calibration import (
+    as_logit_columns,
     calibrated_softmax,
     debiased_ece,
     fit_calibration,
@@ -142,7 +143,7 @@ def _every_method(
     what the choice (made on cross-validated validation NLL only) was between."""
     out: dict[str, Any] = {}
     for m in CALIBRATION_METHODS:
-        t, b = fit_method(m, _two_columns(val.logits), val.y)
+        t, b = fit_method(m, as_logit_columns(val.logits), val.y)
         out[m] = {
             "temperature": t,
             "bias": [float(x) for x in b],
@@ -150,13 +151,6 @@ def _every_method(
             "test": _calibration_block(test.y, p_test_raw, calibrated_softmax(test.logits, t, b), pos),
         }
     return out
-
-
-def _two_columns(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return (
-        np.concatenate([np.zeros((z.shape[0], 1)), z.reshape(-1, 1)], axis=1) if z.ndim == 1 or z.shape[1] == 1 else z
-    )
 
 
 def _decision(prob: np.ndarray, threshold: float | None, pos: int | None) -> np.ndarray:

@@ -73,12 +73,18 @@ def at_bound(temperature: float) -> bool:
     return temperature <= lo * 1.001 or temperature >= hi * 0.999
 
 
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray, max_iter: int = 200) -> TemperatureFit:
-    """The T minimising validation NLL of softmax(logits / T). T is clipped to [0.05, 20] to stay sane
-    when validation is perfectly separable (the NLL then keeps falling as T -> 0)."""
+def as_logit_columns(logits: np.ndarray) -> np.ndarray:
+    """(N, K) float64 logits; a single logit column (or a 1-D array) becomes [0, z], the binary softmax form."""
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim == 1 or z.shape[1] == 1:
         z = np.concatenate([np.zeros((z.shape[0], 1)), z.reshape(-1, 1)], axis=1)
+    return z
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray, max_iter: int = 200) -> TemperatureFit:
+    """The T minimising validation NLL of softmax(logits / T). T is clipped to [0.05, 20] to stay sane
+    when validation is perfectly separable (the NLL then keeps falling as T -> 0)."""
+    z = as_logit_columns(logits)
     y = np.asarray(y_true).astype(int)
     before, _ = _nll_and_grad(np.zeros(1), z, y)
     res = minimize(
@@ -115,9 +121,7 @@ BIAS_BOUND = 10.0
 
 def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, bias: np.ndarray | None = None) -> np.ndarray:
     """softmax(logits / T + bias): the one form every calibration method here takes (bias None = zeros)."""
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim == 1 or z.shape[1] == 1:
-        z = np.concatenate([np.zeros((z.shape[0], 1)), z.reshape(-1, 1)], axis=1)
+    z = as_logit_columns(logits)
     z = z / temperature
     if bias is not None:
         z = z + np.asarray(bias, dtype=np.float64)[None, :]
@@ -182,9 +186,7 @@ def _stratified_folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
 
 def fit_calibration(logits: np.ndarray, y_true: np.ndarray, folds: int = 5, seed: int = 0) -> CalibrationFit:
     """The calibration method with the lowest cross-validated NLL on validation, refitted on all of it."""
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim == 1 or z.shape[1] == 1:
-        z = np.concatenate([np.zeros((z.shape[0], 1)), z.reshape(-1, 1)], axis=1)
+    z = as_logit_columns(logits)
     y = np.asarray(y_true).astype(int)
     smallest = int(np.bincount(y, minlength=z.shape[1]).min())
     k = min(folds, smallest)
