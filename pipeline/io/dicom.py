@@ -411,7 +411,17 @@ def _read_header_pydicom(h: Header, pseudo: _Pseudo) -> Header:
                 truncated = _pixel_data_truncated(fh, pos, h.size, little is not False, bool(implicit))
     except OSError:
         return _fail(h, "unreadable", "file could not be read")
-    return _fill(h, ds, tsyntax, truncated, pseudo, at_eof)
+    except Exception:  # noqa: BLE001
+        # pydicom converts elements lazily: a value whose length does not fit its VR raises on first access
+        # (BytesLengthException, found by the fuzzer in tests/fuzz/regressions/dicom_header/), after dcmread.
+        return _fail(h, *(("truncated", "DICOM header is cut short or corrupt") if has_magic else _NOT_DICOM))
+    try:
+        return _fill(h, ds, tsyntax, truncated, pseudo, at_eof)
+    except Exception:  # noqa: BLE001 - the same lazy conversion, in a tag the fill reads
+        return _fail(h, *(("truncated", "DICOM header is cut short or corrupt") if has_magic else _NOT_DICOM))
+
+
+_NOT_DICOM = ("not_dicom", "not a DICOM file")
 
 
 def read_description(path: str) -> str:
