@@ -482,3 +482,14 @@ def set_dicom_attrs(path: Path, **attrs: Any) -> Path:
         setattr(ds, k, v)
     ds.save_as(str(path), enforce_file_format=True)
     return Path(path)
+
+
+# The cheapest real training run, for tests about what reaches MLflow or a server, not about accuracy.
+CHEAP_RUN = [
+    "weights=none",
+    "data.size=[32,32]",
+    "data.batch_size=8",
+    "optim.warmup_epochs=0",
+    "stages=[{epoch: 0, groups: all}]",
+    "data.augment={}",
+]

@@ -18,19 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PHI, make_dicom2d_dataset, write_image2d
+from helpers import CHEAP_RUN, PHI, make_dicom2d_dataset, write_image2d
 
-# The cheapest real run: this test is about what reaches the server, not about accuracy.
-SERVER_RECIPE = [
-    "epochs=1",
-    "weights=none",
-    "data.size=[32,32]",
-    "data.batch_size=8",
-    "optim.warmup_epochs=0",
-    "stages=[{epoch: 0, groups: all}]",
-    "data.augment={}",
-    "evaluation.bootstrap=50",
-]
+SERVER_RECIPE = ["epochs=1", *CHEAP_RUN, "evaluation.bootstrap=50"]
 STARTUP_S = 120  # ~20 s on an idle 2-core machine; generous for a loaded CI runner
 
 

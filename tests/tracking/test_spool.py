@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import CHEAP_RUN
 from medxfer import tracking
 from medxfer.tracking import spool as sp
 from medxfer.tracking.spool import Journal, Spool
@@ -212,16 +213,7 @@ def test_cli_has_sync_and_the_offline_flag() -> None:
 
 
 # --- end to end: a real server on PostgreSQL, killed during an epoch -------------------------------------------------
-# The cheapest real run (as tests/test_mlflow_server.py): this is about what reaches the server, not accuracy.
-KILL_RECIPE = [
-    "epochs=2",
-    "weights=none",
-    "data.size=[32,32]",
-    "data.batch_size=8",
-    "optim.warmup_epochs=0",
-    "stages=[{epoch: 0, groups: all}]",
-    "data.augment={}",
-]
+KILL_RECIPE = ["epochs=2", *CHEAP_RUN]
 
 
 @pytest.fixture(scope="module")
