@@ -29,6 +29,14 @@ What it does, in order:
    Re-evaluating overwrites these values (MLflow keeps the metric history).
 6. Writes ``<workspace>/<spec>/runs/<run_id>/evaluation.json`` (+ plots, predictions) locally.
 
+A fold-ensemble run (``medxfer.training.ensemble.create_ensemble_run``: a k-fold split has no val rows) brings its
+out-of-fold table (artifact ``oof/oof_predictions.csv``): those logits ARE the validation outputs, so the
+calibration choice, the threshold and the validation AUROC CI the registration guard reads all come from them
+(``validation_source: "out_of_fold"``, else ``"val_split"``); the test split is inferred with the ensemble. The OOD
+statistics are fitted on the ensemble's features of the same non-test studies (``ood.fit_on`` says what that
+means for the threshold). Its ``auto/race.json`` is copied into ``race``, its checkpoint's ``ensemble`` block into
+``ensemble``; a control-run tag is not evaluated for it (the race compares the arms out of fold).
+
 ``evaluation.json`` (format 1)::
 
     run_id, format, medxfer_version, task, classes, positive_class,
@@ -48,6 +56,8 @@ What it does, in order:
     warnings [plain-language caveats: small splits, separable validation, skipped resamples, ...],
     evaluated {val, test: studies scored}, failed_studies (null or {val, test}: unreadable now),
     checkpoint {epoch (counted from 1), best_metric, select_metric}, hashes, artifacts [file names],
+    validation_source ("val_split" | "out_of_fold"), ensemble (fold ensembles: {members, folds, member_run_ids,
+    best_epochs, best_metrics}), race (runs with auto/race.json: its content),
     ood {method, description, features, fit_on, percentile, threshold_rule, fitted, reason, file, sha256, threshold,
          n_fit, n_components, feature_dim, shrinkage, val_flag_rate (cross-fitted), test_flag_rate, test_flagged,
          n_test, val_scores/test_scores {median, p90, p99, max}}   (medxfer.evaluation.shift; arrays in `file`),
@@ -478,7 +488,7 @@ def evaluation_note(ev: dict[str, Any], previous: str = "") -> str:
     if ev.get("threshold") is not None:
         policy = (ev.get("threshold_policy") or {}).get("policy", "")
         lines.append(
-            f"- threshold {ev['threshold']:.4f} ({policy}, from validation), temperature {ev['temperature']:.3g}"
+            f"- threshold {ev['threshold']:.4f} ({policy}, from {_fitted_on(ev)}), temperature {ev['temperature']:.3g}"
         )
     tr = ev.get("transfer")
     if tr:
@@ -543,7 +553,7 @@ class EvalResult:
                     "threshold",
                     f"{ev['threshold']:.4f} ({tp['policy']}"
                     + (f" {tp['target']}" if tp.get("target") else "")
-                    + ", from validation)",
+                    + f", from {_fitted_on(ev)})",
                 )
             )
         else:
@@ -584,6 +594,11 @@ class EvalResult:
             rows.append(("unreadable", json.dumps(ev["failed_studies"])))
         rows.append(("written", str(self.path)))
         return f"evaluate: {self.run_id[:12]}", rows
+
+
+def _fitted_on(ev: dict[str, Any]) -> str:
+    """Where the threshold and calibration were fitted, in words."""
+    return "out-of-fold predictions" if ev.get("validation_source") == "out_of_fold" else "validation"
 
 
 def sha256_of(path: Path) -> str:
@@ -692,6 +707,78 @@ def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
     return got
 
 
+OOF_ARTIFACT = "oof/oof_predictions.csv"  # a fold ensemble's out-of-fold logits (medxfer.training.ensemble)
+RACE_ARTIFACT = "auto/race.json"  # the `run --auto` arm race that chose it
+TAG_ENSEMBLE, TAG_AUTO = "medxfer.ensemble", "medxfer.auto"
+
+
+def _run_file(ws: Any, uri: str, run_id: str, artifact: str, tmp: Path, download: bool = True) -> Path | None:
+    """A run's file: the workspace run folder's copy, else (when `download`) its MLflow artifact; None if neither."""
+    from medxfer import tracking
+
+    local = ws.run_dir(run_id) / artifact
+    if local.is_file():
+        return local
+    if not download:
+        return None
+    got = tracking.download_run_artifact(uri, run_id, artifact, tmp / "run-files" / Path(artifact).parent)
+    return got if got is not None and got.is_file() else None
+
+
+def oof_outputs(oof: Any, rows: Any, n_classes: int) -> tuple[SplitOutputs, int]:
+    """(the out-of-fold table as validation outputs, in the split's row order; non-test studies it lacks).
+
+    `oof`: columns ``study_key``, ``fold``, ``logit_0`` .. ``logit_{C-1}`` (raw logits of the fold model that did
+    not train on the study). `rows`: :func:`_split_rows`'s rows. A table that names a test study, a study the split
+    does not have, or a fold other than the study's own would evaluate on the wrong data: refused.
+    """
+    from medxfer.core.errors import StageError
+
+    cols = [f"logit_{i}" for i in range(n_classes)]
+    missing = [c for c in ("study_key", "fold", *cols) if c not in oof.columns]
+    if missing:
+        raise DataError(
+            f"{OOF_ARTIFACT} lacks the column(s) {', '.join(missing)}; it needs study_key, fold and "
+            f"logit_0..logit_{n_classes - 1} (one row per non-test study)"
+        )
+    keys = oof["study_key"].astype(str)
+    if keys.duplicated().any():
+        raise DataError(f"{OOF_ARTIFACT} has {int(keys.duplicated().sum())} repeated study_key(s); one row per study")
+    by_key = rows.assign(study_key=rows["study_key"].astype(str)).set_index("study_key")
+    unknown = ~keys.isin(by_key.index)
+    if unknown.any():
+        raise StageError(
+            f"{OOF_ARTIFACT} names {int(unknown.sum())} studies this workspace's split does not have; evaluate in the "
+            "workspace the fold models were trained in (--workspace)"
+        )
+    split_of = by_key.loc[keys, "split"].to_numpy()
+    if (split_of == "test").any():
+        raise StageError(
+            f"{OOF_ARTIFACT} has {int((split_of == 'test').sum())} test studies: out-of-fold predictions come from "
+            "the non-test folds only; the test split must stay unseen until evaluation"
+        )
+    fold_of = by_key.loc[keys, "fold"].to_numpy(dtype=float)
+    if (oof["fold"].to_numpy(dtype=float) != fold_of).any():
+        raise StageError(
+            f"{OOF_ARTIFACT}: the fold of {int((oof['fold'].to_numpy(dtype=float) != fold_of).sum())} studies differs "
+            "from the split's; the split changed since the fold models were trained. Rerun `run --auto`"
+        )
+    z = oof[cols].to_numpy(dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise DataError(f"{OOF_ARTIFACT} has non-finite logits; the fold model that wrote them diverged")
+    pos = {k: i for i, k in enumerate(keys)}
+    nontest = rows[rows["split"] != "test"]
+    ordered = nontest[nontest["study_key"].astype(str).isin(pos)]
+    idx = np.array([pos[str(k)] for k in ordered["study_key"]], dtype=int)
+    out = SplitOutputs(
+        z[idx] if idx.size else np.zeros((0, n_classes)),
+        ordered["label_index"].to_numpy(dtype=int),
+        ordered["patient_key"].astype(str).to_numpy(),
+        ordered["study_key"].astype(str).to_numpy(),
+    )
+    return out, int(len(nontest) - len(ordered))
+
+
 def _one_based(index: Any) -> int | None:
     return None if index is None else int(index) + 1
 
@@ -716,7 +803,9 @@ def _split_rows(ws: Any, spec: Any, ckpt: dict[str, Any]):
     # The fixed val and test splits, in pixel-hash order as split deals them: the manifest is in pseudonym order,
     # which changes with the workspace key, and the bootstrap numbers patients by first appearance (two fresh
     # demo workspaces gave test AUROC CIs [0.851, 0.952] and [0.849, 0.950] from identical weights).
-    rows = join(ws, select_fold=False).rows
+    joined = join(ws, select_fold=False)
+    # The k-fold number of each non-test study (-1 elsewhere): an out-of-fold table is checked against it.
+    rows = joined.rows.merge(joined.splits[["study_key", "fold"]], on="study_key", how="left")
     rows = rows.sort_values(["content_hash", "study_key"], na_position="last", kind="stable").reset_index(drop=True)
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
@@ -765,18 +854,43 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
         spec = spec_from_checkpoint(ckpt)
         recipe = recipe_from_dict(ckpt["recipe"])
         rows, counts, patients = _split_rows(ws, spec, ckpt)
-        val_rows, test_rows = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
+        wants_oof = bool(ckpt.get("ensemble")) or any(run["tags"].get(t) for t in (TAG_ENSEMBLE, TAG_AUTO))
+        oof_path = _run_file(ws, uri, run_id, OOF_ARTIFACT, Path(tmp), download=wants_oof)
+        race_path = _run_file(ws, uri, run_id, RACE_ARTIFACT, Path(tmp), download=wants_oof)
+        race = json.loads(race_path.read_text()) if race_path is not None else None
+        test_rows = rows[rows["split"] == "test"]
+        oof = None
+        if oof_path is not None:
+            oof, n_missing = oof_outputs(pd.read_csv(oof_path), rows, len(spec.classes))
+            val_rows = rows[rows["study_key"].isin(set(oof.studies))]
+            if n_missing:
+                ui.warn(f"{n_missing} non-test studies have no out-of-fold prediction; they are not in validation")
+        else:
+            val_rows = rows[rows["split"] == "val"]
         if val_rows.empty or test_rows.empty:
             raise StageError(
                 f"the split has {len(val_rows)} val and {len(test_rows)} test studies; evaluate needs "
                 "both (k-fold splits without a test fraction cannot be evaluated here)"
             )
-        ui.info(f"evaluating run {run_id[:12]} on {len(val_rows)} val + {len(test_rows)} test studies ({dev})")
+        source = f"{len(val_rows)} out-of-fold" if oof is not None else f"{len(val_rows)} val"
+        ui.info(f"evaluating run {run_id[:12]} on {source} + {len(test_rows)} test studies ({dev})")
         model = inference_model(model, spec, recipe)
-        val, val_failed = infer_split(model, val_rows, spec, recipe, dev, "val")
+        if oof is not None:
+            # The validation outputs ARE the out-of-fold logits (each from the fold model that did not train on
+            # the study). The ensemble's pass over the same studies only gives the OOD statistics their features.
+            fitted, val_failed = infer_split(model, val_rows, spec, recipe, dev, "non-test (OOD features)")
+            val = oof.subset(list(fitted.studies))
+            val.features = fitted.features
+        else:
+            val, val_failed = infer_split(model, val_rows, spec, recipe, dev, "val")
         test, test_failed = infer_split(model, test_rows, spec, recipe, dev, "test")
         control_kw: dict[str, Any] = {}
         control_id = run["tags"].get(tracking.TAG_CONTROL_RUN)
+        if control_id and oof is not None:
+            # The control would need its own out-of-fold outputs; an --auto run compares arms out of fold in its
+            # race (race.json: transfer_gain), so this control tag is not evaluated a second time here.
+            ui.info(f"control run {control_id[:12]} not evaluated: out-of-fold runs report transfer in race.json")
+            control_id = None
         if control_id:
             cmodel, cckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, control_id, Path(tmp)), dev)
             ui.info(f"control arm {control_id[:12]} ({cckpt.get('control') or 'control'}): same val/test studies")
@@ -822,8 +936,22 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
             "select_metric": recipe.select_metric,
         },
         "hashes": ckpt.get("hashes"),
+        "validation_source": "out_of_fold" if oof is not None else "val_split",
     }
-    ood_block, ood_stats, val_ood, test_ood = shift.ood_evaluation(val.features, test.features, seed=recipe.seed)
+    if oof is not None:
+        # What "val" means here: the out-of-fold studies, i.e. every non-test study that has an OOF prediction.
+        ev["counts"] = {**counts, "val": {c: int((val.y == i).sum()) for i, c in enumerate(spec.classes)}}
+        ev["patients"] = {**patients, "val": int(np.unique(val.patients).size)}
+    if ckpt.get("ensemble"):
+        ev["ensemble"] = json_safe(dict(ckpt["ensemble"]))
+    if race is not None:
+        ev["race"] = race
+    ood_block, ood_stats, val_ood, test_ood = shift.ood_evaluation(
+        val.features,
+        test.features,
+        seed=recipe.seed,
+        fit_on=shift.FIT_ON_NON_TEST if oof is not None else "validation",
+    )
     ev["ood"] = ood_block
     if ood_stats is None:
         ev["warnings"].append(f"no OOD statistics ({ood_block['reason']}): predict leaves ood_score/ood_flag empty")

@@ -40,17 +40,29 @@ def _quantiles(x: np.ndarray) -> dict[str, float] | None:
     return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(x.max())}
 
 
+FIT_ON_NON_TEST = (
+    "the non-test studies, scored by the fold ensemble (its features are the mean of the members'); each of them "
+    "was in the training data of all members but one, so their features sit closer together than a new study's "
+    "and the threshold may flag more than 1% of new in-distribution studies: test_flag_rate shows how many"
+)
+
+
 def ood_evaluation(
-    val_features: np.ndarray | None, test_features: np.ndarray | None, seed: int = 0
+    val_features: np.ndarray | None, test_features: np.ndarray | None, seed: int = 0, fit_on: str = "validation"
 ) -> tuple[dict[str, Any], ood.OODStats | None, np.ndarray | None, np.ndarray | None]:
-    """(the ``ood`` block, fitted statistics or None, cross-fitted val scores, test scores)."""
+    """(the ``ood`` block, fitted statistics or None, cross-fitted val scores, test scores).
+
+    ``fit_on`` says what `val_features` are: "validation" (a val split), or :data:`FIT_ON_NON_TEST` for a fold
+    ensemble, whose k-fold split has no study that no member trained on but the test split (never fitted on)."""
     block: dict[str, Any] = {
         "method": ood.METHOD,
         "description": ood.DESCRIPTION,
         "features": FEATURES,
-        "fit_on": "validation",
+        "fit_on": fit_on,
         "percentile": ood.PERCENTILE,
-        "threshold_rule": f"{ood.PERCENTILE:g}th percentile of {ood.N_FOLDS}-fold cross-fitted validation scores",
+        "threshold_rule": f"{ood.PERCENTILE:g}th percentile of {ood.N_FOLDS}-fold cross-fitted "
+        + ("validation" if fit_on == "validation" else "non-test")
+        + " scores",
         "fitted": False,
         "reason": None,
         "file": None,

@@ -14,6 +14,8 @@ Layout of a bundle folder (format ``medxfer-bundle/1``)::
 
     format, medxfer_version, run_id,
     model {encoder, num_classes, in_chans, spatial_dims},      -> medxfer.models.factory.create_classifier(...)
+          + ensemble_members K for a fold ensemble only       -> medxfer.models.ensemble.FoldEnsemble of K
+    ensemble (fold ensembles only: {members, folds, member_run_ids, combine}; weights keys members.{i}.<key>)
     weights {file, sha256},
     task, classes, positive_class, positive_index,
     temperature, bias (added to logits / temperature), calibration_method, threshold (binary; null = argmax),
@@ -134,16 +136,21 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
     if task == "binary" and threshold is None:
         threshold = 0.5  # not evaluated: an uncalibrated default, recorded as such in threshold_policy
     size = _input_size(spec, recipe)
-    return {
+    model = {
+        "encoder": args["name"],
+        "num_classes": int(args["num_classes"]),
+        "in_chans": int(args["in_chans"]),
+        "spatial_dims": int(args["spatial_dims"]),
+    }
+    ens = ckpt.get("ensemble")
+    if ens:
+        # Only for a fold ensemble: a single model's preprocessing.json keeps exactly its old keys (and bytes).
+        model["ensemble_members"] = int(ens["members"])
+    cfg = {
         "format": BUNDLE_FORMAT,
         "medxfer_version": medxfer_version(),
         "run_id": ckpt.get("run_id"),
-        "model": {
-            "encoder": args["name"],
-            "num_classes": int(args["num_classes"]),
-            "in_chans": int(args["in_chans"]),
-            "spatial_dims": int(args["spatial_dims"]),
-        },
+        "model": model,
         "weights": {"file": WEIGHTS, "sha256": None},
         "task": task,
         "classes": classes,
@@ -169,6 +176,14 @@ def preprocessing_config(ckpt: dict[str, Any], evaluation: dict[str, Any] | None
         "spec": _sanitised_spec(spec),
         "recipe": _sanitised_recipe(recipe),
     }
+    if ens:
+        cfg["ensemble"] = {
+            "members": int(ens["members"]),
+            "folds": [int(f) for f in ens.get("folds") or []],
+            "member_run_ids": [str(r) for r in ens.get("member_run_ids") or []],
+            "combine": "mean of the members' logits, then temperature, bias and threshold as for one model",
+        }
+    return cfg
 
 
 def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
@@ -289,13 +304,27 @@ def load_config(bundle_dir: Path) -> dict[str, Any]:
 
 
 def build_model(cfg: dict[str, Any]):
-    """The architecture from preprocessing.json, randomly initialised (weights come from the safetensors)."""
+    """The architecture from preprocessing.json, randomly initialised (weights come from the safetensors): one
+    classifier, or a FoldEnsemble of ``model.ensemble_members`` of them (keys ``members.{i}.<key>``)."""
     from medxfer.models.factory import create_classifier
 
     m = cfg["model"]
-    return create_classifier(
-        m["encoder"], num_classes=m["num_classes"], in_chans=m["in_chans"], spatial_dims=m["spatial_dims"], weights=None
-    )
+
+    def one():
+        return create_classifier(
+            m["encoder"],
+            num_classes=m["num_classes"],
+            in_chans=m["in_chans"],
+            spatial_dims=m["spatial_dims"],
+            weights=None,
+        )
+
+    k = m.get("ensemble_members")
+    if k:
+        from medxfer.models.ensemble import FoldEnsemble
+
+        return FoldEnsemble([one() for _ in range(int(k))])
+    return one()
 
 
 def _medxfer_cause(exc: BaseException) -> MedxferError | None:

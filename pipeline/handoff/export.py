@@ -19,6 +19,9 @@ MODEL_URI: ``models:/NAME@alias``, ``models:/NAME/VERSION`` (the registered pyfu
 downloaded), ``runs:/RUN_ID`` of an evaluated run (the bundle is built from its best checkpoint and
 evaluation.json), or a bundle folder (e.g. an earlier export) -- resolved as ``medxfer predict`` does.
 
+A fold ensemble (preprocessing.json ``model.ensemble_members``) exports as one program: its graph holds every
+member and outputs the mean of their logits, checked against eager PyTorch like a single model.
+
 The exported network outputs raw logits: the temperature and threshold are applied outside it
 (preprocessing.json), exactly as ``medxfer.handoff.bundle.Predictor`` does, so one set of weights serves
 calibrated and uncalibrated use.
@@ -273,12 +276,15 @@ def _readme(cfg: dict[str, Any], program: dict[str, Any], meta: dict[str, str | 
         else "argmax"
     )
     views = program.get("tta_flip_dims") or []
+    k = (cfg.get("model") or {}).get("ensemble_members")
+    ensemble = f" (the mean of the logits of a fold ensemble of {k} models, all inside the program)" if k else ""
     mirrored = (
         f" (already the mean over the input and its {len(views)} mirror image(s), flipped along batch-tensor "
         f"dims {views}: test-time mirroring, as evaluated)"
         if views
         else ""
     )
+    output = f"raw logits{ensemble}{mirrored}"
     run_program = (
         "import onnxruntime as ort\n"
         f'sess = ort.InferenceSession("{folder}/model.onnx")\n'
@@ -304,7 +310,7 @@ print(df)  # input, {", ".join("prob_" + c for c in classes)}, decision, model_n
 ## The exported program ({program["file"]})
 
 Input: float32 `{["batch", *(cfg["input"]["shape"] or ["C", "..."])]}`, preprocessed exactly as
-`preprocessing.json` says (`Predictor.preprocess` does it). Output: raw logits{mirrored}; divide by the temperature
+`preprocessing.json` says (`Predictor.preprocess` does it). Output: {output}; divide by the temperature
 {cfg["temperature"]:.4f}, add the bias {_bias(cfg)}, softmax, then decide: {decision}.
 
 ```python

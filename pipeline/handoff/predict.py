@@ -12,10 +12,10 @@ container, not a property of the model. Each input that yields no usable study g
 reason code in ``error``; the batch never fails for one bad input.
 
 ``--saliency DIR`` writes a Grad-CAM map (``monai.visualize.GradCAM`` on the model's
-``cam_target_layer``) per predicted study, for the positive class (binary) or the predicted class
-(multiclass), mapped back through the preprocessing onto the source image grid: a PNG overlay for 2D,
-a NIfTI with the source affine for 3D. Files are named by row number (``0001.png``), never by anything
-derived from the input.
+``cam_target_layer``; for a fold ensemble the mean of its members' maps) per predicted study, for the positive
+class (binary) or the predicted class (multiclass), mapped back through the preprocessing onto the source image
+grid: a PNG overlay for 2D, a NIfTI with the source affine for 3D. Files are named by row number
+(``0001.png``), never by anything derived from the input.
 
 Output rows carry no input string by default (paths name patients at many sites, and a predictions file is
 shared): ``row`` is the row number (1-based, the saliency file's number) and ``input_key`` a pseudonym of the
@@ -188,9 +188,13 @@ def saliency_map(
     data = spatial({"files": list(files), "source_kind": source_kind})
     img = data["image"]
     x = img.as_tensor()[None].to(predictor.device, dtype=torch.float32).requires_grad_(True)
-    model = predictor.model
+    # A fold ensemble's map is the mean of its members' maps (each normalised to [0, 1] by GradCAM): the ensemble
+    # logit's gradient at member i's feature map is member i's own gradient / K, so each member's CAM is what the
+    # ensemble's CAM at that layer would be, at one forward pass per member instead of K.
+    members = list(getattr(predictor.model, "members", None) or [predictor.model])
     with torch.enable_grad():
-        cam = GradCAM(nn_module=model, target_layers=model.cam_target_layer)(x, class_idx=class_idx)
+        cams = [GradCAM(nn_module=m, target_layers=m.cam_target_layer)(x, class_idx=class_idx) for m in members]
+    cam = cams[0] if len(cams) == 1 else torch.stack(cams).mean(0)
     cam_t = MetaTensor(cam[0].detach().cpu().float(), meta=dict(img.meta))  # meta carries the affine
     cam_t.applied_operations = list(img.applied_operations)
     back = spatial.inverse({"image": cam_t})["image"]

@@ -18,6 +18,7 @@ calibrated ``prob_<class>``, ``decision``, ``model_name``, ``model_version`` and
 themselves are not echoed (folder names often name patients); model config ``echo_input: true``
 (``mlflow.pyfunc.load_model(uri, model_config={"echo_input": True})``) adds an ``input`` column with them.
 Model config ``device`` ("cpu", "cuda") overrides the default (CUDA when available).
+A fold ensemble (``medxfer run --auto``) loads as one model: the bundle's Predictor averages its members' logits.
 Every scored row also gets ``ood_score`` (distance of its encoder features to the validation studies', see
 medxfer.stats.ood) and ``ood_flag`` (score above the threshold fitted on validation); both are empty for error rows
 and for a model registered before OOD statistics existed.

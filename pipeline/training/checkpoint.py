@@ -205,17 +205,105 @@ def for_tracking(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_model(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the trained architecture (random init; the caller loads the state dict)."""
+    """Rebuild the trained architecture (random init; the caller loads the state dict): one classifier, or a
+    :class:`medxfer.models.ensemble.FoldEnsemble` of K for a checkpoint made by :func:`ensemble_checkpoint`."""
     from medxfer.models.factory import create_classifier
 
     args = ckpt["model_args"]
-    return create_classifier(
-        args["name"],
-        num_classes=int(args["num_classes"]),
-        in_chans=int(args["in_chans"]),
-        spatial_dims=int(args["spatial_dims"]),
-        weights=None,
-    )
+
+    def one() -> nn.Module:
+        return create_classifier(
+            args["name"],
+            num_classes=int(args["num_classes"]),
+            in_chans=int(args["in_chans"]),
+            spatial_dims=int(args["spatial_dims"]),
+            weights=None,
+        )
+
+    ens = ckpt.get("ensemble")
+    if ens:
+        from medxfer.models.ensemble import FoldEnsemble
+
+        return FoldEnsemble([one() for _ in range(int(ens["members"]))])
+    return one()
+
+
+# What a fold ensemble's members must share: a member built from another recipe, architecture, class list or
+# data (split hash) would make "the mean of the members" a mean of different models.
+ENSEMBLE_SAME = ("model_args", "recipe", "classes", "positive_index", "hashes")
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    """The first dotted key at which two plain trees differ, with both values (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                return f"{path}.{k} (only in {'member 0' if k in a else 'this member'})"
+            d = _first_difference(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+        return None if same else path
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN == NaN here
+    return None if same else f"{path} ({a!r} vs {b!r})"
+
+
+def ensemble_checkpoint(members: list[dict[str, Any]], folds: list[int], member_run_ids: list[str]) -> dict[str, Any]:
+    """ONE checkpoint for the fold ensemble of `members` (single-model checkpoints as :func:`load` returns them).
+
+    Everything but the weights is member 0's (recipe, spec, hashes, classes, model_args); ``model`` holds the
+    :class:`~medxfer.models.ensemble.FoldEnsemble` state dict (``members.{i}.<key>``); ``ensemble`` records
+    ``{members: K, folds, member_run_ids}`` and each member's best epoch and metric. No optimiser or RNG state:
+    an ensemble is never resumed, only evaluated, registered and exported.
+    """
+    if not members:
+        raise CheckpointError("a fold ensemble needs at least one member checkpoint")
+    if not (len(members) == len(folds) == len(member_run_ids)):
+        raise CheckpointError(
+            f"ensemble_checkpoint got {len(members)} checkpoints, {len(folds)} folds and "
+            f"{len(member_run_ids)} run ids; pass one fold and one run id per member"
+        )
+    if len(set(folds)) != len(folds):
+        raise CheckpointError(f"ensemble folds {folds} repeat a fold; each member must be trained on its own fold")
+    first = members[0]
+    for i, m in enumerate(members):
+        if m.get("ensemble"):
+            raise CheckpointError(f"member {i} (run {member_run_ids[i]}) is itself an ensemble; pass fold models")
+        if not isinstance(m.get("model"), dict) or not m.get("model_args"):
+            raise CheckpointError(f"member {i} (run {member_run_ids[i]}) is not a medxfer training checkpoint")
+        for key in ENSEMBLE_SAME:
+            d = _first_difference(first.get(key), m.get(key), key)
+            if d:
+                raise CheckpointError(
+                    f"member {i} (run {member_run_ids[i]}) differs from member 0 (run {member_run_ids[0]}) in {d}; "
+                    "a fold ensemble needs the same recipe, architecture, classes and split in every member"
+                )
+    out = {k: v for k, v in first.items() if k not in TRAINING_ONLY}
+    for k in ("history", "best", "epoch", "stage", "param_groups", "best_metric"):
+        out.pop(k, None)  # per-member facts: kept per member under "ensemble" below
+    out["format"] = FORMAT
+    out["model"] = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m["model"].items()}
+    out["fold"] = None
+    out["run_id"] = None  # the ensemble's own run (medxfer.training.ensemble.create_ensemble_run) sets it
+    out["role"] = "main"
+    out["control"] = None
+    out["ensemble"] = {
+        "members": len(members),
+        "folds": [int(f) for f in folds],
+        "member_run_ids": [str(r) for r in member_run_ids],
+        # Counted from 1, as the console and MLflow count epochs (a checkpoint keeps the loop's 0-based index).
+        "best_epochs": [None if m.get("epoch") is None else int(m["epoch"]) + 1 for m in members],
+        "best_metrics": [None if m.get("best_metric") is None else float(m["best_metric"]) for m in members],
+    }
+    return out
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
