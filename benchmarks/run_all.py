@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # Order: cheap first, the long accuracy study last.
-BENCHMARKS = ("data_path", "train_step", "ingest", "tracking", "inference", "gpu_amp", "accuracy")
+BENCHMARKS = ("data_path", "train_step", "ingest", "tracking", "inference", "gpu_amp", "accuracy", "accuracy_auto")
 
 
 def run_one(name: str, size: str) -> dict[str, Any]:

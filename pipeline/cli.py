@@ -364,7 +364,8 @@ def export(
     "run",
     epilog=(
         "Examples: `medxfer run data_specs/breastmnist_demo.yaml --json`; "
-        "`medxfer run SPEC --set epochs=4 --set optim.lr=3e-4 --device cpu`; `medxfer run SPEC --resume`"
+        "`medxfer run SPEC --set epochs=4 --set optim.lr=3e-4 --device cpu`; `medxfer run SPEC --resume`; "
+        "`medxfer run SPEC --auto --budget 30m`"
     ),
 )
 def run_all(
@@ -381,13 +382,36 @@ def run_all(
     device: Device = None,
     force: Force = False,
     offline_tracking: OfflineTracking = False,
+    auto: Annotated[
+        bool,
+        typer.Option(
+            "--auto", help="Plan, race transfer/progressive/probe/scratch on k folds, register the fold ensemble."
+        ),
+    ] = False,
+    budget: Annotated[str | None, typer.Option(help="With --auto: wall-clock budget, e.g. 30m (default).")] = None,
     json: Json = False,
 ) -> None:
-    """ingest -> split -> train -> evaluate -> register, in one command."""
+    """ingest -> split -> train -> evaluate -> register, in one command (`--auto`: plan -> arm race -> ensemble)."""
     from medxfer.config.spec import load_spec
     from medxfer.core import ui
     from medxfer.runall import run_all as run_pipeline
 
+    if auto:
+        from medxfer.autorun import auto_run
+
+        if resume or control or recipe is not None or offline_tracking:
+            raise MedxferError(
+                "--auto plans its own recipes and arms: drop --recipe, --resume, --control and "
+                "--offline-tracking (--set still applies to every arm)"
+            )
+        res = _run(
+            lambda: auto_run(load_spec(spec), workspace, budget or "30m", name, set_ or [], device=device, force=force),
+            json,
+        )
+        ui.console.print(f"Review the runs and the registered model: {res.ui_command}", soft_wrap=True, markup=False)
+        return
+    if budget is not None:
+        raise MedxferError("--budget goes with --auto: `medxfer run SPEC --auto --budget 30m`")
     result = _run(
         lambda: run_pipeline(
             load_spec(spec),

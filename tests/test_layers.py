@@ -39,7 +39,7 @@ LEVELS = {
     "evaluation": 7,
     "handoff": 8,
 }
-TOP_MODULES = {"cli", "runall", "demo", "__main__"}
+TOP_MODULES = {"cli", "runall", "autorun", "demo", "__main__"}
 TOP_LEVEL = 9
 
 

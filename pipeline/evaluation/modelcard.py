@@ -288,7 +288,9 @@ def _limitations(run: dict[str, Any], ev: dict[str, Any]) -> list[str]:
         )
     out += [w[0].upper() + w[1:] + "." for w in ev.get("warnings") or [] if "bootstrap" not in w]
     out.append(
-        "The threshold and the temperature were fitted on the validation split; a site with different "
+        "The threshold and the temperature were fitted on the "
+        + ("out-of-fold predictions" if ev.get("validation_source") == "out_of_fold" else "validation split")
+        + "; a site with different "
         "prevalence or scanners should re-check both on local data."
     )
     out.append("Internal validation only (held-out patients from the same data source); no external validation.")
@@ -582,12 +584,70 @@ def build_model_card(run_info: dict[str, Any], evaluation: dict[str, Any]) -> tu
         "calibration": ev.get("calibration") or {},
         "threshold": {"value": ev.get("threshold"), **(ev.get("threshold_policy") or {})},
         "transfer": ev.get("transfer"),
+        "race": ev.get("race"),
+        "validation_source": ev.get("validation_source") or "val_split",
         "domain_shift": _domain_shift(ev),
     }
     card["limitations"] = _limitations(run, ev)
     card["checklists"] = _checklists(card)
     card = json.loads(json.dumps(card, default=str))  # JSON-safe: Paths, numpy scalars -> plain values
     return render_markdown(card), card
+
+
+_FITTED_ON = {"out_of_fold": "out-of-fold predictions (each study scored by the fold model that did not train on it)"}
+
+
+def _race_iv(d: dict[str, Any] | None, signed: bool = False) -> str:
+    if not d or d.get("value") is None:
+        return "n/a"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    lo, hi = d.get("lo"), d.get("hi")
+    return f.format(d["value"]) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None and hi is not None else "")
+
+
+def _race_markdown(race: dict[str, Any] | None) -> list[str]:
+    """`run --auto`'s arm race: every arm with its out-of-fold AUROC, the decision and why, the transfer gain."""
+    if not race:
+        return []
+    L = ["## Arm race (`medxfer run --auto`)", ""]
+    if race.get("negative_transfer"):
+        L += ["**Negative transfer: scratch was chosen.** The scratch control beat or tied the pretrained arms.", ""]
+    L += [
+        f"The winner, **{race.get('winner')}**, is this model: the ensemble of its {race.get('folds')} fold models "
+        "(mean of their logits). Calibration and the threshold were fitted on its out-of-fold predictions.",
+        "",
+        f"- Decision: {race.get('reason')}",
+        f"- Rule: {race.get('selection') or 'out-of-fold AUROC; ties go to the simpler/cheaper arm'}",
+    ]
+    g = race.get("transfer_gain")
+    if g:
+        L.append(
+            f"- Transfer gain ({g.get('arm')} - {g.get('control')}, out-of-fold AUROC, paired patient bootstrap): "
+            f"{_race_iv(g, True)}"
+        )
+    else:
+        L.append("- Transfer gain: n/a (no scratch arm, or no transfer arm, raced)")
+    b, p, a = race.get("budget_s"), race.get("planned_s"), race.get("actual_s")
+    L.append(
+        f"- Budget {_fmt(b, 0)} s; training planned {_fmt(p, 0)} s, took {_fmt(a, 0)} s"
+        + (f"; whole run {_fmt(race['actual_total_s'], 0)} s" if race.get("actual_total_s") is not None else "")
+    )
+    L += ["", "| arm | kind | folds | out-of-fold AUROC [95% CI] | difference vs best [95% CI] | seconds | outcome |"]
+    L.append("|---|---|---|---|---|---|---|")
+    for arm in race.get("arms") or []:
+        stopped = arm.get("eliminated_at_rung")
+        outcome = (
+            "**winner**"
+            if arm.get("name") == race.get("winner")
+            else (f"stopped after rung {stopped}" if stopped is not None else "finalist")
+        )
+        L.append(
+            f"| {arm.get('name')} | {arm.get('kind')} | {', '.join(str(f) for f in arm.get('folds') or [])} | "
+            f"{_race_iv(arm.get('oof_auroc'))} | {_race_iv(arm.get('diff_vs_best'), True)} | "
+            f"{_fmt(arm.get('seconds'), 0)} | {outcome} |"
+        )
+    L.append("")
+    return L
 
 
 def render_markdown(card: dict[str, Any]) -> str:
@@ -709,7 +769,8 @@ def render_markdown(card: dict[str, Any]) -> str:
     L += [
         "## Calibration and threshold",
         "",
-        f"- Calibration fitted on validation: {cal.get('method', 'temperature')}, T = {_fmt(cal.get('temperature'))}"
+        f"- Calibration fitted on {_FITTED_ON.get(card.get('validation_source'), 'validation')}: "
+        f"{cal.get('method', 'temperature')}, T = {_fmt(cal.get('temperature'))}"
         + (f", bias {[round(b, 3) for b in cal['bias']]}" if any(cal.get("bias") or []) else "")
         + (f" ({cal['reason']})" if cal.get("reason") else ""),
         f"- Test ECE {_fmt(_get(cal, 'test', 'ece_before'))} -> {_fmt(_get(cal, 'test', 'ece_after'))}; "
@@ -738,8 +799,11 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"- Rule: {t.get('rule')}",
             "",
         ]
-    else:
+    elif not card.get("race"):
         L += ["- No control arm was trained for this run (`medxfer train --control scratch` adds one).", ""]
+    else:
+        L += ["- The scratch control raced as an arm: see the arm race below for the out-of-fold transfer gain.", ""]
+    L += _race_markdown(card.get("race"))
     L += _domain_shift_markdown(card)
     L += ["## Limitations", ""] + [f"- {x}" for x in card["limitations"]] + [""]
     L += [

@@ -210,11 +210,16 @@ def _split(spec: DataSpec, ws: Workspace) -> SplitResult:
     if policy.folds:
         held_out = fractions.pop("test", 0.0)
         if held_out > 0:
-            part = _deal(free_groups, y, len(classes), {"test": held_out, "rest": 1.0 - held_out}, rng)
+            # Dealt with the same targets (and the same seeded draw) as the split without folds, so adding folds
+            # to a spec leaves its test studies unchanged (`run --auto` compares against the single-split test).
+            three = {k: v for k, v in (policy.fractions or {}).items() if v > 0}
+            if set(three) == {"test"}:  # `{folds: k, fractions: {test: 0.3}}`: the rest is the folds' share
+                three["rest"] = max(0.0, 1.0 - held_out)
+            part = _deal(free_groups, y, len(classes), {k: v / sum(three.values()) for k, v in three.items()}, rng)
             for gi, name in part.items():
                 if name == "test":
                     split_of[free_groups[gi]] = "test"
-            free_groups = [g for gi, g in enumerate(free_groups) if part[gi] == "rest"]
+            free_groups = [g for gi, g in enumerate(free_groups) if part[gi] != "test"]
         folds = _deal(free_groups, y, len(classes), {str(f): 1.0 / policy.folds for f in range(policy.folds)}, rng)
         for gi, f in folds.items():
             split_of[free_groups[gi]] = "train"

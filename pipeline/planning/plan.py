@@ -375,8 +375,11 @@ class PlanResult:
         return f"plan: {self.plan.fingerprint['spec']}", rows
 
 
-def plan(spec: DataSpec, workspace: Path, budget: str | float = "30m") -> PlanResult:
-    """Fingerprint the ingested data and the machine, probe the cost, decide, and write plan.json + recipes."""
+def plan(spec: DataSpec, workspace: Path, budget: str | float = "30m", size: list[int] | None = None) -> PlanResult:
+    """Fingerprint the ingested data and the machine, probe the cost, decide, and write plan.json + recipes.
+
+    ``size``: an input size the user fixed (``run --auto --set data.size=...``); the probe, the batch size and the
+    epochs are then planned at it, and the input-size decision says so."""
     from medxfer.core.errors import StageError
 
     ws = Workspace.for_spec(workspace, spec.name)
@@ -388,7 +391,12 @@ def plan(spec: DataSpec, workspace: Path, budget: str | float = "30m") -> PlanRe
     machine = machine_fingerprint()
     # Probe at the size the rules will choose; the size rules do not depend on the probe.
     first = make_plan(fp, machine, {"seconds_per_sample": 0.0, "bytes_per_sample": 1}, budget_s, defaults)
-    size = first.decision("input_size").value
-    probe = probe_cost(defaults["encoder"], spec.dims, size, len(spec.classes))
+    rule = first.decision("input_size")
+    probe = probe_cost(defaults["encoder"], spec.dims, list(size or rule.value), len(spec.classes))
     p = make_plan(fp, machine, probe, budget_s, defaults)
+    if size:
+        d = p.decision("input_size")
+        d.value, d.reason = list(size), f"set by the user (--set data.size); the rule gives {rule.value}: {rule.reason}"
+        for arm in p.arms:
+            arm.overrides["data"]["size"] = list(size)
     return PlanResult(p, write_plan(p, ws, defaults))
