@@ -172,7 +172,13 @@ def profile_cold(spec_path: Path, workspace: Path, top: int = 15) -> dict[str, A
     from medxfer.io import dicom
 
     phases: dict[str, float] = {}
-    patched = [(dicom, "scan_headers"), (ingest_mod, "_walk"), (ingest_mod, "_decode_study"), (ingest_mod, "_join")]
+    # scan_headers_records: what ingest calls for the header scan (scan_headers is its record-less wrapper).
+    patched = [
+        (dicom, "scan_headers_records"),
+        (ingest_mod, "_walk"),
+        (ingest_mod, "_decode_study"),
+        (ingest_mod, "_join"),
+    ]
     originals = [getattr(m, n) for m, n in patched]
 
     def wrap(fn: Any, name: str) -> Any:

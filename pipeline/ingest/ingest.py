@@ -32,13 +32,17 @@ split's duplicate grouping needs. NIfTI rows hash and range the whole volume.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import hashlib
 import json
 import os
 import stat
+import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +67,8 @@ _NIFTI_NAMES = (".nii", ".nii.gz")
 # version-3 file, which holds it in clear, is dropped and rewritten on the next ingest. 5: keys are HMACs of the
 # paths and header records carry no path (version 4 named every folder and file in clear). 6: header records carry
 # Manufacturer and ManufacturerModelName (a version-5 record would give every cached study an empty scanner).
-_CACHE_VERSION = 6
+# 7: header records are JSON lists in medxfer.io.dicom.RECORD_FIELDS order, not objects (Header.to_record).
+_CACHE_VERSION = 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +86,15 @@ def normalise_key(value: Any, source_kind: str) -> str:
     return s
 
 
-def _walk(root: Path, exclude: set[Path]) -> tuple[list[str], int, list[str]]:
-    """All regular files under root, sorted; dot-files/folders skipped and counted; dangling symlinks listed."""
+def _walk(
+    root: Path, exclude: set[Path], info: dict[str, tuple[int, int, bool]] | None = None
+) -> tuple[list[str], int, list[str]]:
+    """All regular files under root, sorted; dot-files/folders skipped and counted; dangling symlinks listed.
+
+    ``info``, when given, gets (size, mtime_ns, is_symlink) of every file returned: the scan cache and the file map
+    need no second stat or lstat of it. Symlinked folders are not entered (as os.walk does), so every folder on
+    the way to a file is a real one below ``root``.
+    """
     # Excluded files (labels CSV, spec) are matched by inode: resolving every path costs an lstat per
     # path component, more than reading a small DICOM header.
     skip = set()
@@ -95,23 +107,45 @@ def _walk(root: Path, exclude: set[Path]) -> tuple[list[str], int, list[str]]:
     out: list[str] = []
     dangling: list[str] = []
     hidden = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        hidden += sum(1 for d in dirnames if d.startswith("."))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith("."):
+    # os.scandir instead of os.walk + os.stat per path: the entries' types come with the listing, and each
+    # file is stat'ed once through its entry (the 5,000-file tree: 41 -> 19 ms).
+    stack = [os.fspath(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(e)
+        hidden += sum(1 for d in dirs if d.name.startswith("."))
+        for e in sorted(files, key=lambda e: e.name):
+            if e.name.startswith("."):
                 hidden += 1
                 continue
-            p = os.path.join(dirpath, f)
             try:
-                st = os.stat(p)
+                st = e.stat()
             except OSError:
-                if os.path.islink(p):
-                    dangling.append(p)
+                if e.is_symlink():
+                    dangling.append(e.path)
                 continue
             if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in skip:
                 continue
-            out.append(p)
+            out.append(e.path)
+            if info is not None:
+                info[e.path] = (st.st_size, st.st_mtime_ns, e.is_symlink())
+        # Depth first in name order, as os.walk (top-down) visits them; symlinked folders are counted, not entered.
+        stack += [
+            d.path
+            for d in sorted(dirs, key=lambda e: e.name, reverse=True)
+            if not d.name.startswith(".") and not d.is_symlink()
+        ]
     return out, hidden, dangling
 
 
@@ -135,11 +169,26 @@ def _resolve_all(files: list[str]) -> list[str]:
 
 class _Sharer:
     """Local paths -> their shareable form (relative to source.root, identifying names pseudonymised), and the
-    file map back to the real (resolved) paths, which only the workspace's local side holds."""
+    file map back to the real (resolved) paths, which only the workspace's local side holds.
 
-    def __init__(self, root: Path, pseudo: Pseudonymizer):
+    ``walked``: ``_walk``'s info for the files under ``root``. A walked file that is no symlink resolves to the
+    resolved root joined with its path below it (the walk enters no symlinked folder), so only the root is
+    resolved, not each folder, and no file needs an lstat (5,000 files: 35 -> 3 ms).
+    """
+
+    def __init__(self, root: Path, pseudo: Pseudonymizer, walked: dict[str, tuple[int, int, bool]] | None = None):
         self.share = PathSharer(root, pseudo)
         self.mapping: dict[str, str] = {}
+        self._walked = walked or {}
+        self._prefix = os.path.join(os.fspath(root), "")
+        self._real_root = os.path.join(os.path.realpath(root), "") if walked else ""
+
+    def _real(self, files: list[str]) -> list[str]:
+        walked, prefix, n = self._walked, self._prefix, len(self._prefix)
+        if not walked or not all(f in walked and not walked[f][2] and f.startswith(prefix) for f in files):
+            return _resolve_all(files)
+        real_root = self._real_root
+        return [real_root + f[n:] for f in files]
 
     def _add(self, walked: str, real: str) -> str:
         shared = self.share(walked)
@@ -152,7 +201,7 @@ class _Sharer:
         return shared
 
     def files(self, walked: list[str]) -> list[str]:
-        return [self._add(w, r) for w, r in zip(walked, _resolve_all(walked), strict=True)]
+        return [self._add(w, r) for w, r in zip(walked, self._real(walked), strict=True)]
 
     def reject_input(self, r: Reject) -> str:
         real = os.path.realpath(r.input) if os.path.exists(r.input) else os.path.abspath(r.input)
@@ -163,17 +212,27 @@ class _Sharer:
 def _common_input(paths: list[str]) -> str:
     if len(paths) == 1:
         return paths[0]
+    first = os.path.dirname(paths[0])
+    if all(os.path.dirname(p) == first for p in paths):
+        # Distinct files of one folder: commonpath gives that folder (normalised), which two names show as well
+        # as all of them (a 20-slice series: 36 -> 12 us).
+        return _folder_input(first)
     try:
         return os.path.commonpath(paths)
     except ValueError:
         return paths[0]
 
 
+@functools.lru_cache(maxsize=4096)
+def _folder_input(folder: str) -> str:
+    return os.path.commonpath([os.path.join(folder, "a"), os.path.join(folder, "b")])
+
+
 class ScanCache:
     """Per-file (and per-study) results keyed by path + size + mtime; invalid under another key or version.
 
     Stored keys are keyed hashes (HMAC under the workspace key) of the paths, and header records leave their
-    ``path`` out (it is the lookup key, put back on ``get``): the cache file names no folder or file.
+    ``path`` out (it is the lookup key; ``Header.from_record`` puts it back): the cache file names no folder or file.
     """
 
     def __init__(self, path: Path, pseudo: Pseudonymizer, load: bool = True):
@@ -184,11 +243,17 @@ class ScanCache:
         self._new: dict[tuple[str, str], tuple[int, int, str]] = {}
         if load and path.is_file():
             try:
-                df = pd.read_parquet(path)
-                meta = df[df["kind"] == "meta"]
-                if len(meta) == 1 and json.loads(meta["record"].iloc[0]) == self._meta():
-                    for r in df[df["kind"] != "meta"].itertuples(index=False):
-                        self._old[(r.kind, r.key)] = (int(r.size), int(r.mtime_ns), r.record)
+                import pyarrow.parquet as pq
+
+                # Columns as Python lists straight from Arrow: a DataFrame's itertuples cost ~3x more (5,250 rows).
+                t = pq.read_table(path, columns=["kind", "key", "size", "mtime_ns", "record"])
+                kinds, keys, sizes, mtimes, records = (t.column(c).to_pylist() for c in t.column_names)
+                metas = [r for k, r in zip(kinds, records, strict=True) if k == "meta"]
+                if len(metas) == 1 and json.loads(metas[0]) == self._meta():
+                    old = self._old
+                    for k, key, s, m, r in zip(kinds, keys, sizes, mtimes, records, strict=True):
+                        if k != "meta":
+                            old[(k, key)] = (int(s), int(m), r)
             except Exception:  # an unreadable cache is only a slower run
                 self._old = {}
 
@@ -198,27 +263,62 @@ class ScanCache:
     def _key(self, key: str) -> str:
         return self._pseudo.digest("ca", key, 32)
 
-    def get(self, kind: str, key: str, size: int, mtime_ns: int) -> dict[str, Any] | None:
+    def get(self, kind: str, key: str, size: int, mtime_ns: int) -> Any:
+        if not self._old:  # a cold ingest: no keyed hash of every path for nothing
+            return None
         hk = self._key(key)
         hit = self._old.get((kind, hk))
         if hit is None or hit[0] != size or hit[1] != mtime_ns:
             return None
         self._new[(kind, hk)] = hit
-        rec = json.loads(hit[2])
-        return {**rec, "path": key} if kind == "h" else rec
+        return json.loads(hit[2])  # "h": Header.to_record's list (its path is ``key``)
 
     def put(self, kind: str, key: str, size: int, mtime_ns: int, record: dict[str, Any]) -> None:
         if "path" in record:
             record = {k: v for k, v in record.items() if k != "path"}
         self._new[(kind, self._key(key))] = (size, mtime_ns, json.dumps(record))
 
+    def header_record(self, h: Any) -> tuple[str, int, int, str]:
+        """The cache entry of a header (``Header.to_record``); the scan's workers make it (``put_header_records``)."""
+        return self._key(h.path), h.size, h.mtime_ns, json.dumps(h.to_record())
+
+    def put_header_records(self, records: Iterable[tuple[str, int, int, str]]) -> None:
+        new = self._new
+        for hk, size, mtime_ns, rec in records:
+            new[("h", hk)] = (size, mtime_ns, rec)
+
     def save(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         # Only what this run used is kept, so deleted files drop out of the cache.
         rows = [("meta", "", 0, 0, json.dumps(self._meta()))]
         rows += [(k, key, s, m, r) for (k, key), (s, m, r) in sorted(self._new.items())]
-        df = pd.DataFrame(rows, columns=["kind", "key", "size", "mtime_ns", "record"])
-        with atomic_path(self.path) as tmp:
-            df.to_parquet(tmp, index=False)
+        kinds, keys, sizes, mtimes, records = zip(*rows, strict=True)
+        table = pa.table(
+            {
+                "kind": pa.array(kinds, pa.string()),
+                "key": pa.array(keys, pa.string()),
+                "size": pa.array(sizes, pa.int64()),
+                "mtime_ns": pa.array(mtimes, pa.int64()),
+                "record": pa.array(records, pa.string()),
+            }
+        )
+        # Straight to Arrow (no DataFrame: its string conversion cost more than the write), and renamed into
+        # place without atomic_path's fsyncs: a cache torn by a power loss reads as no cache (see __init__),
+        # which only makes the next ingest slower. 5,250 rows: ~90 -> ~40 ms.
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            os.chmod(tmp, 0o666 & ~umask)  # the mode a plain write gives (mkstemp makes 0600), as atomic_path does
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,11 +383,18 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def _discover_dicom(
-    files: list[str], spec: DataSpec, pseudo: Pseudonymizer, cache: ScanCache | None, workers: int | None, decode: str
+    files: list[str],
+    spec: DataSpec,
+    pseudo: Pseudonymizer,
+    cache: ScanCache | None,
+    workers: int | None,
+    decode: str,
+    walked: dict[str, tuple[int, int, bool]] | None = None,
 ) -> Discovery:
     """Headers -> studies -> chosen series -> geometry -> pixels.
 
     ``decode``: "full" (ingest: sampled slices decoded, hashed and ranged) or "check" (predict: one slice).
+    ``walked``: ``_walk``'s (size, mtime_ns, is_symlink) of the files, so the cache look-up needs no stat.
     """
     from medxfer.io import dicom
 
@@ -295,17 +402,22 @@ def _discover_dicom(
     to_read: list[str] = []
     cached = 0
     for p in files:
-        size, mtime = _stat(p)
+        got = walked.get(p) if walked else None
+        size, mtime = got[:2] if got else _stat(p)
         rec = cache.get("h", p, size, mtime) if cache else None
-        if rec is not None:
-            headers.append(dicom.Header.from_dict(rec))
+        try:
+            h = dicom.Header.from_record(p, rec) if rec is not None else None
+        except (TypeError, ValueError):  # a record this version did not write: read the file again
+            h = None
+        if h is not None:
+            headers.append(h)
             cached += 1
         else:
             to_read.append(p)
-    fresh = dicom.scan_headers(to_read, pseudo, workers)
-    if cache:
-        for h in fresh:
-            cache.put("h", h.path, h.size, h.mtime_ns, h.to_dict())
+    # The cache records are made where each header is read (in the scan's worker processes for a large tree).
+    fresh, records = dicom.scan_headers_records(to_read, pseudo, workers, record=cache.header_record if cache else None)
+    if cache and records:
+        cache.put_header_records(records)
     headers += fresh
     disc = Discovery([], [], [], files_seen=len(files), files_read=len(to_read), files_cached=cached)
     disc.header_fallbacks = sum(1 for h in fresh if h.fallback)
@@ -400,9 +512,13 @@ def _discover_dicom(
             st.content_hash, st.intensity_min, st.intensity_max = rec["content_hash"], rec["min"], rec["max"]
             st.shape = rec["shape"]
 
-    n_threads = max(1, workers or os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n_threads) as ex:
-        list(ui.progress(ex.map(pixels, chosen), total=len(chosen), description="decoding chosen series"))
+    # The checks hold the GIL but for file reads and numpy: threads help only where a core is spare.
+    n_threads = workers or dicom.usable_cpus()
+    if n_threads == 1:  # no pool: a hand-off per study to one thread only adds its wake-ups
+        list(ui.progress(map(pixels, chosen), total=len(chosen), description="decoding chosen series"))
+    else:
+        with ThreadPoolExecutor(max_workers=n_threads) as ex:
+            list(ui.progress(ex.map(pixels, chosen), total=len(chosen), description="decoding chosen series"))
     return disc
 
 
@@ -732,8 +848,22 @@ def ingest(spec: DataSpec, workspace: Path, strict: bool = False, workers: int |
     if problems:
         raise SpecError(f"{spec.spec_path}:\n  - " + "\n  - ".join(problems))
     # One writer per spec's workspace: two ingests at once interleaved their manifest, map and cache writes.
-    with Workspace.for_spec(workspace, spec.name).locked("ingest") as ws:
+    with Workspace.for_spec(workspace, spec.name).locked("ingest") as ws, _gc_paused():
         return _ingest(spec, ws, t0, strict, workers)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during the stage: it builds ~10 objects a file that all stay alive until the
+    manifest is written, so every collection walks a growing heap for nothing (the 5,000-file header scan:
+    0.62 -> 0.43 s). Reference counting still frees everything; the collector runs again afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int | None) -> IngestResult:
@@ -746,10 +876,11 @@ def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int
         exclude.add(spec.spec_path.resolve())
     if spec.split.pinned_test:
         exclude.add(spec.resolve(spec.split.pinned_test).resolve())
-    files, hidden, dangling = _walk(root, exclude)
+    walked: dict[str, tuple[int, int, bool]] = {}
+    files, hidden, dangling = _walk(root, exclude, walked)
     ui.info(f"ingest {spec.name}: {len(files)} files under source.root")
     if spec.source.kind == "dicom":
-        disc = _discover_dicom(files, spec, pseudo, cache, workers, decode="full")
+        disc = _discover_dicom(files, spec, pseudo, cache, workers, decode="full", walked=walked)
     else:
         disc = _discover_nifti(files, root, spec, pseudo, cache, workers)
     disc.hidden_skipped = hidden
@@ -762,7 +893,7 @@ def _ingest(spec: DataSpec, ws: Workspace, t0: float, strict: bool, workers: int
         for line in blank
     ]
 
-    sharer = _Sharer(root, pseudo)
+    sharer = _Sharer(root, pseudo, walked)
     for row in rows:
         row["files"] = sharer.files(row["files"])
     rej_inputs = [sharer.reject_input(r) for r in rejects]

@@ -362,7 +362,10 @@ def test_header_scan_in_processes_matches_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(dicom, "_PROCESS_MIN_FILES", 1)
     monkeypatch.setattr(dicom, "_cpus", lambda: 2)
     procs = Pseudonymizer(b"k" * 32)
-    got = dicom.scan_headers(paths, procs)
+    forked = []
+    monkeypatch.setattr(dicom, "_scan_forked", lambda *a, _f=dicom._scan_forked: forked.append(1) or _f(*a))
+    got = dicom.scan_headers(paths, procs, workers=2)  # explicit workers: forks whatever the machine's load
+    assert forked
     assert [h.to_dict() for h in got] == [h.to_dict() for h in want]
     assert got[-1].error == "not_dicom"
     # The parent's pseudonym map learned every key the workers handed out.
