@@ -62,14 +62,29 @@ class AutoRunResult:
         return float(self.race.get("actual_total_s") or sum(self.seconds.values()))
 
     def budget(self) -> dict[str, Any]:
-        r = self.race
+        r, pl, sec = self.race, self.stages.get("plan") or {}, self.seconds
+        before = sum(sec.get(k, 0.0) for k in ("ingest", "plan", "split"))
+        after = sum(sec.get(k, 0.0) for k in ("ensemble", "evaluate", "register"))
         return {
             "budget_s": self.budget_s,
+            "planned_s": pl.get("estimated_s"),
+            "actual_s": round(self.actual_s, 1),
             "planned_train_s": r.get("planned_s"),
             "actual_train_s": r.get("actual_s"),
-            "actual_s": round(self.actual_s, 1),
+            # Before the race (ingest, plan, split) and after it (ensemble, evaluate, register).
+            "planned_before_s": pl.get("reserved_s"),
+            "actual_before_s": round(before, 1),
+            "planned_after_s": pl.get("post_s"),
+            "actual_after_s": round(after, 1),
             "within": self.actual_s <= self.budget_s * OVER_BUDGET,
-            "per_arm": {a["name"]: {"planned_s": a["planned_s"], "actual_s": a["seconds"]} for a in r["arms"]},
+            "per_arm": {
+                a["name"]: {
+                    "planned_s": a["planned_s"],
+                    "actual_s": a["seconds"],
+                    "s_per_sample": a.get("s_per_sample"),
+                }
+                for a in r["arms"]
+            },
         }
 
     def summary(self) -> dict[str, Any]:
@@ -189,8 +204,13 @@ def _race_arm(arm: Any, recipe_path: Path, spec: DataSpec, overrides: list[str],
     rec = load_recipe(recipe_path, spec.dims, overrides, n_classes=len(spec.classes))
     planned_size = plan.decision("input_size").value
     size = rec.data.size or planned_size
-    scale = rec.epochs / max(arm.epochs, 1) * math.prod(size) / max(math.prod(planned_size), 1)
-    return RaceArm(arm.name, arm.kind, rec.epochs, round(arm.estimated_s * scale, 1))
+    px = math.prod(size) / max(math.prod(planned_size), 1)
+    if arm.epoch_s or arm.fixed_s:  # the plan's cost model: fixed per fold + per epoch
+        planned = arm.fixed_s + rec.epochs * arm.epoch_s * px
+    else:  # a plan.json without the split (format 1 before the cost model)
+        planned = arm.estimated_s * rec.epochs / max(arm.epochs, 1) * px
+    step = arm.s_per_sample * px if arm.s_per_sample else None
+    return RaceArm(arm.name, arm.kind, rec.epochs, round(planned, 1), planned_s_per_sample=step)
 
 
 def auto_run(
@@ -213,7 +233,7 @@ def auto_run(
     from medxfer.ingest import manifest
     from medxfer.ingest.ingest import ingest
     from medxfer.ingest.split import split
-    from medxfer.planning.plan import TRAIN_SHARE, parse_budget
+    from medxfer.planning.plan import parse_budget
     from medxfer.planning.plan import plan as make_plan
     from medxfer.planning.race import Labels, Race
     from medxfer.training.ensemble import create_ensemble_run
@@ -231,8 +251,15 @@ def auto_run(
     stages["ingest"] = _stage("ingest", lambda: ingest(spec, workspace), seconds).summary()
     # An input size fixed with --set is what the arms train at: the plan probes its cost there.
     size = resolved.data.size if any(o.replace(" ", "").startswith("data.size=") for o in overrides) else None
-    planned = _stage("plan", lambda: make_plan(spec, workspace, budget_s, size=size), seconds)
+    spent = time.perf_counter() - t0
+    planned = _stage(
+        "plan", lambda: make_plan(spec, workspace, budget_s, size=size, spent_s=spent, overrides=overrides), seconds
+    )
     stages["plan"] = planned.summary()
+    for d in planned.plan.decisions:
+        if d.key == "budget":  # the budget forced fewer epochs than the minimum, or cannot be kept at all
+            ui.warn(f"[bold red]{d.reason}[/bold red]")
+            warnings.append(d.reason)
     k = int(folds or spec.split.folds or planned.plan.folds)
     why = "given" if folds else ("the spec's split.folds" if spec.split.folds else "the plan's")
     kspec = kfold_spec(spec, k)
@@ -260,7 +287,9 @@ def auto_run(
         k,
         labels,
         budget_s,
-        train_deadline_s=budget_s * TRAIN_SHARE,
+        # The race must end when what follows it (ensemble, evaluation, registration: the plan's post_s) still
+        # fits the budget; the clock the race is given starts at the run's start, ingest included.
+        train_deadline_s=planned.plan.race_deadline_s,
         n_resamples=resolved.evaluation.bootstrap,
         seed=resolved.seed,
     )
@@ -299,7 +328,10 @@ def auto_run(
                     fold_rows = trainval[trainval["fold"] == f]
                     oof = _oof_logits(kspec, ws, run_id, f, fold_rows, dev)
                     took = time.perf_counter() - t
-                    race.record(arm_name, f, took, oof, run_id, train_s=res.main.epoch_s * res.main.epochs)
+                    sps = 1.0 / res.main.samples_per_s if res.main.samples_per_s > 0 else None
+                    race.record(
+                        arm_name, f, took, oof, run_id, train_s=res.main.epoch_s * res.main.epochs, s_per_sample=sps
+                    )
                     ui.info(
                         f"[bold]auto[/bold] arm {arm_name}, fold {f + 1}/{k}: {took:.1f} s "
                         f"({res.main.epoch_s:.1f} s/epoch x {res.main.epochs}), "

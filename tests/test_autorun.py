@@ -29,7 +29,7 @@ AUTO_CHEAP = [
     "data.batch_size=8",
     "optim.warmup_epochs=0",
     "data.augment={}",
-    "evaluation.bootstrap=200",
+    "evaluation.bootstrap=20",
 ]
 H4 = all(importlib.util.find_spec(m) for m in ("medxfer.training.ensemble", "medxfer.models.ensemble"))
 
@@ -93,6 +93,10 @@ def test_run_auto_races_the_arms_and_registers_the_fold_ensemble(tmp_path, monke
     # Budget: planned against actual, per arm and in total.
     b = s["budget"]
     assert b["budget_s"] == 90 and b["actual_s"] > 0 and set(b["per_arm"]) == set(arms)
+    assert b["planned_s"] > 0 and b["planned_after_s"] > 0 and b["actual_before_s"] > 0
+    for a in b["per_arm"].values():  # the probe's seconds per training sample against the loop's first fold
+        sps = a["s_per_sample"]
+        assert sps["planned"] > 0 and sps["first_fold"] > 0 and sps["ratio"] > 0
     # One registered model: the fold ensemble run, nested under the auto parent, its members tagged with the arm.
     uri = s["tracking_uri"]
     run = tracking.get_run(uri, s["run_id"])

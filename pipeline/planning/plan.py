@@ -21,8 +21,15 @@ with a few real steps), so each rule can be tested on its own. The rules:
 - **arms**: the transfer arm (fine-tuning every group with discriminative LRs), progressive unfreezing in
   addition when the smallest class has < 100 training studies (few examples: the pretrained features
   need protecting early), a linear probe, and a scratch control.
-- **folds**: 5, fewer (down to 2) when the budget cannot pay for every arm on every fold at the minimum epochs.
-- **epochs**: what the budget buys each arm per fold, from the probed seconds per sample, within [min, max].
+- **budget** (the whole run, ingest to registered model): the budget less what ingest and planning already took
+  and less what follows the race (every fold member's test inference at the probed inference cost, plus a
+  measured constant for the ensemble run, evaluation and registration) is the race's. The race is priced as
+  its successive-halving schedule (:func:`schedule_cost`) over per-fold arm costs: a fixed part (a measured
+  constant for set-up and logging, plus the out-of-fold inference) and, per epoch, the arm's probed training
+  step per sample x the training studies, the validation pass, a checkpoint write and a per-epoch constant.
+- **folds**: 5, fewer (down to 2) when the race at the minimum epochs would not fit.
+- **epochs**: what the race's share buys, within [min, max]; at 2 folds and below the minimum, fewer epochs
+  (down to 1) with a loud ``budget`` decision rather than a run 10x over its budget.
 
 The packaged recipes stay available as named presets (``--recipe default_2d`` / ``default_3d``).
 """
@@ -55,9 +62,19 @@ FOCAL_BELOW = 0.40
 PROGRESSIVE_BELOW = 100
 FOLDS_DEFAULT, FOLDS_MIN = 5, 2
 EPOCHS_RANGE = {2: (4, 30), 3: (3, 20)}
-# Share of the budget for training arms; the rest pays ingest-free overheads: evaluation, the fold ensemble's
-# calibration, registration (~15% of a tiny demo run's wall time).
-TRAIN_SHARE = 0.85
+# What the probe cannot time, measured on the loaded 2-core machine: a fold run's fixed cost beyond its epochs
+# (loaders, model build, the MLflow run, the final checkpoint and model logging, loading the best checkpoint for
+# the out-of-fold pass): the 5m breast run's transfer folds took 52 s each beyond their training wall, of
+# which ~46 s was the out-of-fold pass the probe prices; the per-epoch logging; and what follows the race
+# beyond the inference the probe prices (ensemble run, evaluate's bootstrap/calibration/plots/card, register):
+# 7.7 s with 20 bootstrap resamples on the tiny test set (load 3), 246 s with 1000 on the breast demo (load 6),
+# so ~8 s + 0.24 s per resample.
+FOLD_FIXED_S = 6.0
+EPOCH_FIXED_S = 0.3
+PER_STUDY_CACHE_S = 0.0
+POST_FIXED_S = 8.0
+POST_PER_RESAMPLE_S = 0.24
+PLAN_WRITE_S = 0.5  # plan.json and the recipes, after the clock stops
 
 
 @dataclass
@@ -73,7 +90,10 @@ class Arm:
     kind: str  # transfer | progressive | probe | scratch
     overrides: dict[str, Any]
     epochs: int
-    estimated_s: float
+    estimated_s: float  # per fold: fixed_s + epochs x epoch_s
+    fixed_s: float = 0.0  # per fold: set-up, logging, out-of-fold inference
+    epoch_s: float = 0.0  # per epoch: training steps, validation pass, checkpoint, logging
+    s_per_sample: float = 0.0  # the probed training-step seconds per sample of this arm's kind
 
 
 @dataclass
@@ -85,19 +105,31 @@ class Plan:
     decisions: list[Decision] = field(default_factory=list)
     arms: list[Arm] = field(default_factory=list)
     folds: int = FOLDS_DEFAULT
+    reserved_s: float = 0.0  # already spent when planning ended (ingest, fingerprint, probe)
+    race_s: float = 0.0  # the race's estimate: the halving schedule at the arms' per-fold costs
+    post_s: float = 0.0  # after the race: ensemble, evaluation, registration
 
     def decision(self, key: str) -> Decision:
         return next(d for d in self.decisions if d.key == key)
 
     @property
     def estimated_s(self) -> float:
-        return sum(a.estimated_s for a in self.arms) * self.folds
+        """The whole run's estimate, ingest to registered model."""
+        return self.reserved_s + self.race_s + self.post_s
+
+    @property
+    def race_deadline_s(self) -> float:
+        """Seconds from the run's start by which the race must end, so that what follows still fits."""
+        return self.budget_s - self.post_s
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "budget_s": self.budget_s,
             "estimated_s": round(self.estimated_s, 1),
+            "reserved_s": round(self.reserved_s, 1),
+            "race_s": round(self.race_s, 1),
+            "post_s": round(self.post_s, 1),
             "folds": self.folds,
             "decisions": [asdict(d) for d in self.decisions],
             "arms": [asdict(a) for a in self.arms],
@@ -183,8 +215,10 @@ def make_plan(
     probe: dict[str, Any],
     budget_s: float,
     recipe_defaults: dict[str, Any] | None = None,
+    reserved_s: float = 0.0,
 ) -> Plan:
-    """The plan for this data on this machine within ``budget_s`` seconds (pure: no I/O)."""
+    """The plan for this data on this machine within ``budget_s`` seconds of the whole run, ``reserved_s`` of
+    which are already spent (ingest, planning): pure, no I/O."""
     dims, device = fp["dims"], machine["device"]
     p = Plan(fp, machine, probe, float(budget_s))
     d = p.decisions
@@ -230,31 +264,7 @@ def make_plan(
     kinds += ["probe", "scratch"]
     d.append(Decision("arms", kinds, why + "; a linear probe and a scratch control race it"))
 
-    s_per_epoch = float(probe["seconds_per_sample"]) * n_train * (1.0 + 0.25)  # + validation passes
-    lo, hi = EPOCHS_RANGE[dims]
-    train_budget = budget_s * TRAIN_SHARE
-    folds = FOLDS_DEFAULT
-    # Successive halving runs every arm for a first rung of the epochs, then only the better half onward;
-    # the cost of the race is then ~ (1 + 1/2 + ...) rungs of the full arm set: bounded by 2x one arm set.
-    while folds > FOLDS_MIN and folds * len(kinds) * lo * s_per_epoch > train_budget:
-        folds -= 1
-    epochs = int(max(lo, min(hi, train_budget / max(folds * len(kinds) * s_per_epoch, 1e-9))))
-    fold_why = f"{FOLDS_DEFAULT} by default"
-    if folds < FOLDS_DEFAULT:
-        fold_why = (
-            f"{folds}, not {FOLDS_DEFAULT}: {len(kinds)} arms x {lo} epochs x {s_per_epoch:.1f} s/epoch per fold "
-            f"would not fit {train_budget:.0f} s"
-        )
-    d.append(Decision("folds", folds, fold_why + "; patient-grouped, stratified, test split untouched"))
-    d.append(
-        Decision(
-            "epochs",
-            epochs,
-            f"{train_budget:.0f} s for training / ({folds} folds x {len(kinds)} arms x {s_per_epoch:.1f} s per "
-            f"epoch) within [{lo}, {hi}]",
-        )
-    )
-    p.folds = folds
+    p.folds, epochs, costs, steps = _fit_budget(p, kinds, n_trainval, budget_s, reserved_s, defaults)
     base = {"data": data, **loss, "epochs": epochs}
     arm_overrides = {
         "transfer": {"stages": [{"epoch": 0, "groups": "all"}]},
@@ -268,58 +278,215 @@ def make_plan(
             "optim": {"lr_decay": 1.0},
         },
     }
-    cost = {"transfer": 1.0, "progressive": 0.8, "probe": 0.4, "scratch": 1.0}  # relative to a full step
     for k in kinds:
-        est = epochs * s_per_epoch * cost[k]
-        p.arms.append(Arm(k, k, base | arm_overrides[k], epochs, round(est, 1)))
-    if p.estimated_s > budget_s:
-        d.append(
-            Decision(
-                "budget",
-                "over",
-                f"even {folds} folds x {lo} epochs need ~{p.estimated_s / 60:.0f} min > {budget_s / 60:.0f} min: "
-                "raise --budget, or use a GPU; successive halving stops losing arms early and spends less",
-            )
-        )
+        fixed, per_epoch = costs[k](0), costs[k](1) - costs[k](0)
+        est = round(costs[k](epochs), 1)
+        p.arms.append(Arm(k, k, base | arm_overrides[k], epochs, est, round(fixed, 2), round(per_epoch, 3), steps[k]))
     return p
 
 
+def _per_sample(probe: dict[str, Any]) -> tuple[float, float, float, float]:
+    """(train, head-only, inference) seconds per sample and one checkpoint write's seconds, from the probe; a probe
+    without the head/inference measurements (an old plan.json) falls back to 0.4x and 1/3 of a training step."""
+    train = float(probe["seconds_per_sample"])
+    head = float(probe.get("seconds_per_sample_head", 0.4 * train))
+    infer = float(probe.get("seconds_per_sample_eval", train / 3))
+    return train, head, infer, float(probe.get("checkpoint_s", 0.0))
+
+
+def schedule_cost(k: int, fold_costs: list[float]) -> float:
+    """Seconds the race's successive halving takes over ``k`` folds at these per-fold arm costs, when the
+    costliest arms survive each halving (the race's :func:`rung_folds`, eta 2): an upper bound, no early losses."""
+    from medxfer.planning.race import ETA, rung_folds
+
+    costs = sorted(fold_costs, reverse=True)
+    n, total = len(costs), 0.0
+    sched = rung_folds(k)
+    for i, new in enumerate(sched):
+        total += len(new) * sum(costs[:n])
+        if i < len(sched) - 1:
+            n = max(1, math.ceil(n / ETA))
+    return total
+
+
+def _fit_budget(
+    p: Plan, kinds: list[str], n_trainval: int, budget_s: float, reserved_s: float, defaults: dict[str, Any]
+) -> tuple[int, int, dict[str, Any], dict[str, float]]:
+    """Folds and epochs the whole-run budget pays for, with the decisions that say so; per-arm cost per fold (a
+    function of the epochs) and per-arm training seconds per sample."""
+    d, fp = p.decisions, p.fingerprint
+    s_train, s_head, s_infer, ckpt_s = _per_sample(p.probe)
+    views = 2 if (defaults.get("evaluation") or {}).get("tta", False) and fp["dims"] == 2 else 1
+    n_test = int((fp.get("split") or {}).get("test", round(0.2 * fp["n_studies"])))
+    lo, hi = EPOCHS_RANGE[fp["dims"]]
+    n_boot = int((defaults.get("evaluation") or {}).get("bootstrap", 1000))
+    step = {"transfer": s_train, "scratch": s_train, "probe": s_head, "progressive": 0.25 * s_head + 0.75 * s_train}
+
+    def model(k: int) -> tuple[float, float, dict[str, Any]]:
+        n_val = n_trainval / k
+        n_train = n_trainval - n_val
+        # Per fold: the fixed set-up/logging cost, the out-of-fold inference (with test-time views), and per
+        # epoch the training steps, the validation pass, a checkpoint write and the per-epoch logging.
+        fixed = FOLD_FIXED_S + n_val * s_infer * views + PER_STUDY_CACHE_S * n_train
+        per_epoch = {a: n_train * step[a] + n_val * s_infer + ckpt_s + EPOCH_FIXED_S for a in kinds}
+        costs = {a: (lambda e, a=a: fixed + e * per_epoch[a]) for a in kinds}
+        at0 = schedule_cost(k, [costs[a](0) for a in kinds])
+        slope = schedule_cost(k, [costs[a](1) for a in kinds]) - at0
+        return at0, max(slope, 1e-9), costs
+
+    # After the race: the ensemble run, evaluation (every member on the test split with its views, the
+    # bootstrap CIs, calibration on the out-of-fold logits, the plots and the card) and registration.
+    def post(k: int) -> float:
+        # Evaluate passes every member over the test studies and, for the OOD statistics' features, over the
+        # non-test ones too (each with its test-time views).
+        return POST_FIXED_S + n_boot * POST_PER_RESAMPLE_S + k * (n_test + n_trainval) * s_infer * views
+
+    folds, epochs = FOLDS_DEFAULT, 0
+    for k in range(FOLDS_DEFAULT, FOLDS_MIN - 1, -1):
+        at0, slope, costs = model(k)
+        avail = budget_s - reserved_s - post(k)
+        folds, epochs = k, int((avail - at0) // slope)
+        if epochs >= lo:
+            break
+    race_budget = budget_s - reserved_s - post(folds)
+    fold_why = f"{FOLDS_DEFAULT} by default"
+    if folds < FOLDS_DEFAULT:
+        fold_why = (
+            f"{folds}, not {FOLDS_DEFAULT}: the race at {lo} epochs per fold would not fit the {race_budget:.0f} s "
+            f"left for it with more folds"
+        )
+    d.append(Decision("folds", folds, fold_why + "; patient-grouped, stratified, test split untouched"))
+    at0, slope, costs = model(folds)
+    why = (
+        f"{budget_s:.0f} s budget - {reserved_s:.0f} s spent (ingest, plan) - {post(folds):.0f} s after the race "
+        f"(ensemble, evaluation, registration) = {race_budget:.0f} s for the race: {at0:.0f} s fixed (set-up, "
+        f"out-of-fold inference) + {slope:.1f} s per epoch over the halving schedule; within [{lo}, {hi}]"
+    )
+    if epochs < lo:
+        short = max(1, epochs)
+        need_lo = at0 + lo * slope + reserved_s + post(folds)
+        need_1 = at0 + slope + reserved_s + post(folds)
+        if epochs >= 1:
+            why_b = (
+                f"BUDGET TOO SMALL: {folds} folds x {lo} epochs need ~{need_lo:.0f} s > {budget_s:.0f} s; "
+                f"training {short} epoch(s) instead of the minimum {lo} to keep the promise"
+            )
+        else:
+            why_b = (
+                f"BUDGET TOO SMALL: even {folds} folds x 1 epoch need ~{need_1:.0f} s > {budget_s:.0f} s: "
+                "the run will be over budget"
+            )
+        d.append(Decision("budget", "under_min" if epochs >= 1 else "over", why_b + "; raise --budget, or use a GPU"))
+        epochs = short
+    else:
+        epochs = min(hi, epochs)
+    d.append(Decision("epochs", epochs, why))
+    p.reserved_s, p.post_s = float(reserved_s), round(post(folds), 1)
+    p.race_s = round(at0 + epochs * slope, 1)
+    return folds, epochs, costs, {a: round(step[a], 6) for a in kinds}
+
+
 def probe_cost(
-    encoder: str, dims: int, size: list[int], n_classes: int, steps: int = 2, batch: int = 2
+    encoder: str,
+    dims: int,
+    size: list[int],
+    n_classes: int,
+    steps: int = 3,
+    batch: int = 2,
+    spec: DataSpec | None = None,
+    recipe: Any = None,
+    head: bool = True,
 ) -> dict[str, Any]:
-    """Seconds and bytes per training sample at ``size``: a few real forward/backward/step passes."""
+    """Seconds and bytes per training sample at ``size`` and ``batch``, measured the way the training loop runs.
+
+    The real model in train mode, one warm-up step (it pays for allocation and kernel selection), then
+    the median of ``steps`` timed steps, each with the recipe's batched augmentation when it has one. With
+    ``head``: the same for a head-only step (the encoder frozen in eval mode, under no_grad: what the probe arm and a
+    progressive arm's first stage pay per step), an inference pass (validation, out-of-fold and test inference)
+    and one checkpoint write (weights + AdamW state: the loop writes one per improved epoch)."""
+    import tempfile
+
     import psutil
     import torch
     from medxfer.models.factory import create_classifier
 
     model = create_classifier(encoder, n_classes, spatial_dims=dims, weights=None)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, *size)
-    y = torch.zeros(batch, dtype=torch.long)
+    augment = None
+    if spec is not None and recipe is not None:
+        from medxfer.data.batch_augment import build_batch_augment
+
+        augment = build_batch_augment(spec, recipe)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, *size, generator=gen)
+    y = torch.arange(batch) % max(n_classes, 1)
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     peak = rss0
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
+
+    def timed(step: Any, n: int) -> float:
+        nonlocal peak
+        times = []
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            step(i)
+            peak = max(peak, proc.memory_info().rss)
+            if i:  # the first step pays for allocation and kernel selection
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    def full(i: int) -> None:
+        xb = augment(x, 0, i) if augment is not None else x
+        loss = torch.nn.functional.cross_entropy(model(xb), y)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        peak = max(peak, proc.memory_info().rss)
-        if i:  # the first step pays for allocation and kernel selection
-            times.append(time.perf_counter() - t0)
-    per_step = sorted(times)[len(times) // 2]
-    return {
+
+    per_step = timed(full, steps)
+    out: dict[str, Any] = {
         "encoder": encoder,
-        "size": size,
+        "size": list(size),
         "batch": batch,
         "steps": steps,
+        "warmup_steps": 1,
+        "augment": augment is not None,
         "seconds_per_sample": round(per_step / batch, 5),
         # RSS growth over the steps understates what the first step allocated; count the activations at least
         # as the parameter + Adam state size (3x the weights) when the growth is smaller.
         "bytes_per_sample": int(max(peak - rss0, 3 * sum(p.numel() * 4 for p in model.parameters())) / batch),
     }
+    if not head:
+        return out
+    enc, top = getattr(model, "encoder", None), getattr(model, "head", None)
+    if enc is not None and top is not None:
+        head_opt = torch.optim.AdamW(top.parameters(), lr=1e-4)
+        drop = getattr(model, "dropout", torch.nn.Identity())
+
+        enc.eval()  # as the loop's frozen groups: eval mode (BatchNorm's running statistics) under no_grad
+
+        def head_only(i: int) -> None:
+            xb = augment(x, 0, i) if augment is not None else x
+            with torch.no_grad():
+                feats = enc(xb)
+            loss = torch.nn.functional.cross_entropy(top(drop(feats)), y)
+            head_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            head_opt.step()
+
+        out["seconds_per_sample_head"] = round(timed(head_only, steps) / batch, 5)
+    model.eval()
+
+    def infer(i: int) -> None:
+        with torch.no_grad():
+            model(x)
+
+    out["seconds_per_sample_eval"] = round(timed(infer, steps) / batch, 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, Path(tmp) / "ckpt.pt")
+        out["checkpoint_s"] = round(time.perf_counter() - t0, 4)
+    return out
 
 
 def write_plan(plan: Plan, ws: Workspace, recipe_defaults: dict[str, Any]) -> dict[str, Path]:
@@ -370,30 +537,65 @@ class PlanResult:
     def table(self) -> tuple[str, list[tuple[str, str]]]:
         rows = [(d.key, f"{d.value}: {d.reason}") for d in self.plan.decisions]
         rows += [(f"arm {a.name}", f"{a.epochs} epochs, ~{a.estimated_s:.0f} s per fold") for a in self.plan.arms]
-        rows.append(("estimate", f"{self.plan.estimated_s / 60:.1f} min of {self.plan.budget_s / 60:.1f} min budget"))
+        p = self.plan
+        rows.append(
+            (
+                "estimate",
+                f"{p.estimated_s / 60:.1f} min of {p.budget_s / 60:.1f} min budget (ingest + plan {p.reserved_s:.0f} s,"
+                f" race {p.race_s:.0f} s, ensemble + evaluate + register {p.post_s:.0f} s)",
+            )
+        )
         rows.append(("written", ui.short_path(str(self.paths["plan"]))))
         return f"plan: {self.plan.fingerprint['spec']}", rows
 
 
-def plan(spec: DataSpec, workspace: Path, budget: str | float = "30m", size: list[int] | None = None) -> PlanResult:
+def plan(
+    spec: DataSpec,
+    workspace: Path,
+    budget: str | float = "30m",
+    size: list[int] | None = None,
+    spent_s: float = 0.0,
+    overrides: list[str] | None = None,
+) -> PlanResult:
     """Fingerprint the ingested data and the machine, probe the cost, decide, and write plan.json + recipes.
 
     ``size``: an input size the user fixed (``run --auto --set data.size=...``); the probe, the batch size and the
-    epochs are then planned at it, and the input-size decision says so."""
+    epochs are then planned at it, and the input-size decision says so. ``spent_s``: seconds the run spent before
+    planning (ingest); with planning's own seconds they are reserved out of the budget. ``overrides``: the run's
+    ``--set`` list; the probe times the recipe they give (its augmentation, a batch size they fix)."""
+    from medxfer.config.recipe import load_recipe
     from medxfer.core.errors import StageError
 
+    t0 = time.perf_counter()
     ws = Workspace.for_spec(workspace, spec.name)
     if not ws.manifest.is_file():
         raise StageError(f"no manifest for spec {spec.name!r} in {workspace}: run `medxfer ingest` first")
     budget_s = parse_budget(budget) if isinstance(budget, str) else float(budget)
     defaults = yaml.safe_load(default_recipe_path(spec.dims).read_text())
+    overrides = list(overrides or [])
+    recipe = load_recipe(None, spec.dims, overrides, n_classes=len(spec.classes))
+    fixed_batch = any(o.replace(" ", "").startswith("data.batch_size=") for o in overrides)
     fp = dataset_fingerprint(spec, ws)
     machine = machine_fingerprint()
     # Probe at the size the rules will choose; the size rules do not depend on the probe.
     first = make_plan(fp, machine, {"seconds_per_sample": 0.0, "bytes_per_sample": 1}, budget_s, defaults)
     rule = first.decision("input_size")
-    probe = probe_cost(defaults["encoder"], spec.dims, list(size or rule.value), len(spec.classes))
-    p = make_plan(fp, machine, probe, budget_s, defaults)
+    shape = list(size or rule.value)
+    # Memory first (one step at batch 2 gives bytes per sample), then the batch-size rule, then the timing at
+    # that batch: per-sample cost at batch 2 was 6-12x the loop's at batch 32 (the loop amortises per-step work).
+    mem = probe_cost(defaults["encoder"], spec.dims, shape, len(spec.classes), steps=1, batch=2, head=False)
+    batch = (
+        int(recipe.data.batch_size)
+        if fixed_batch
+        else make_plan(fp, machine, mem, budget_s, defaults).decision("batch_size").value
+    )
+    probe = probe_cost(
+        defaults["encoder"], spec.dims, shape, len(spec.classes), batch=batch, spec=spec, recipe=recipe
+    ) | {"bytes_per_sample": mem["bytes_per_sample"]}
+    reserved = float(spent_s) + (time.perf_counter() - t0) + PLAN_WRITE_S
+    # The evaluation the run will do (bootstrap resamples, test-time views) as --set leaves it: what follows the race.
+    priced = defaults | {"evaluation": recipe.evaluation.model_dump()}
+    p = make_plan(fp, machine, probe, budget_s, priced, reserved_s=reserved)
     if size:
         d = p.decision("input_size")
         d.value, d.reason = list(size), f"set by the user (--set data.size); the rule gives {rule.value}: {rule.reason}"

@@ -91,6 +91,8 @@ class RaceArm:
     oof: dict[int, pd.DataFrame] = field(default_factory=dict)  # fold -> study_key, fold, logit_*
     run_ids: dict[int, str] = field(default_factory=dict)
     eliminated_at_rung: int | None = None
+    planned_s_per_sample: float | None = None  # the plan's probed training-step seconds per sample
+    s_per_sample: dict[int, float] = field(default_factory=dict)  # fold -> the training loop's, measured
 
     @property
     def cost(self) -> float:
@@ -242,8 +244,11 @@ class Race:
         oof: pd.DataFrame,
         run_id: str | None = None,
         train_s: float | None = None,
+        s_per_sample: float | None = None,
     ) -> None:
         arm = self.arms[name]
+        if s_per_sample is not None:
+            arm.s_per_sample[fold] = float(s_per_sample)
         arm.seconds[fold] = float(seconds)
         if train_s is not None:
             arm.train_s[fold] = float(train_s)
@@ -377,6 +382,7 @@ class Race:
                     "oof_auroc": s["oof_auroc"],
                     "diff_vs_best": {k: s["diff_vs_best"][k] for k in ("value", "lo", "hi")},
                     "eliminated_at_rung": a.eliminated_at_rung,
+                    "s_per_sample": _planned_actual(a.planned_s_per_sample, a.s_per_sample),
                 }
             )
         return {
@@ -418,3 +424,15 @@ def _f(iv: dict[str, Any]) -> str:
     if v is None:
         return "n/a"
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
+
+
+def _planned_actual(planned: float | None, measured: dict[int, float]) -> dict[str, Any]:
+    """The probe's training seconds per sample against the loop's on the arm's first fold (the same process and
+    machine: what the plan's epochs were bought with) and its mean over folds."""
+    first = measured[min(measured)] if measured else None
+    return {
+        "planned": planned,
+        "first_fold": None if first is None else round(first, 6),
+        "mean": round(float(np.mean(list(measured.values()))), 6) if measured else None,
+        "ratio": round(first / planned, 3) if first and planned else None,
+    }

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import write_labels, write_nifti, write_spec
-from medxfer.config.recipe import load_recipe
+from medxfer.config.recipe import default_recipe_path, load_recipe
 from medxfer.config.spec import load_spec
 from medxfer.core.errors import MedxferError
 from medxfer.ingest.ingest import ingest
@@ -67,10 +67,66 @@ def test_batch_loss_arms_folds_and_epochs_follow_their_rules() -> None:
     # A budget that pays for 5 folds keeps them; a small one drops folds first, then epochs hit their floor.
     roomy = P.make_plan(_fp(n=200), CPU, PROBE, 3600)
     assert roomy.folds == 5 and roomy.decision("epochs").value <= P.EPOCHS_RANGE[2][1]
-    tight = P.make_plan(_fp(n=200), CPU, PROBE | {"seconds_per_sample": 0.2}, 600)
+    tight = P.make_plan(_fp(n=200), CPU, PROBE | {"seconds_per_sample": 0.2}, 900)
     assert tight.folds < 5 and "not 5" in tight.decision("folds").reason
-    assert tight.decision("epochs").value == P.EPOCHS_RANGE[2][0] and tight.decision("budget").value == "over"
+    assert tight.decision("epochs").value == P.EPOCHS_RANGE[2][0] and "budget" not in [x.key for x in tight.decisions]
     assert roomy.estimated_s <= 3600 and all(a.epochs == roomy.decision("epochs").value for a in roomy.arms)
+    assert tight.estimated_s <= 900
+
+
+def test_a_budget_below_the_minimum_epochs_trains_fewer_and_says_so_loudly() -> None:
+    probe = PROBE | {"seconds_per_sample": 0.2}
+    short = P.make_plan(_fp(n=200), CPU, probe, 600)
+    lo = P.EPOCHS_RANGE[2][0]
+    assert short.folds == P.FOLDS_MIN and 1 <= short.decision("epochs").value < lo
+    b = short.decision("budget")
+    assert b.value == "under_min" and "BUDGET TOO SMALL" in b.reason and f"minimum {lo}" in b.reason
+    assert short.estimated_s <= 600  # the promise holds at fewer epochs rather than 10x over at the minimum
+    hopeless = P.make_plan(_fp(n=200), CPU, probe, 300)
+    assert hopeless.decision("budget").value == "over" and hopeless.decision("epochs").value == 1
+    assert hopeless.estimated_s > 300 and "over budget" in hopeless.decision("budget").reason
+
+
+def test_the_whole_run_is_budgeted_time_spent_before_and_after_the_race_included() -> None:
+    fp, budget = _fp(n=400), 900
+    fresh = P.make_plan(fp, CPU, PROBE, budget)
+    late = P.make_plan(fp, CPU, PROBE, budget, reserved_s=300)
+    assert late.decision("epochs").value < fresh.decision("epochs").value
+    assert late.reserved_s == 300 and late.estimated_s == pytest.approx(300 + late.race_s + late.post_s)
+    for p in (fresh, late):
+        assert p.estimated_s <= budget and p.race_deadline_s == pytest.approx(budget - p.post_s)
+        assert p.post_s >= P.POST_FIXED_S  # test inference of every member + the fixed evaluation/registration
+    assert "spent (ingest, plan)" in late.decision("epochs").reason
+    # More studies for every fold member to infer (test, and non-test for the OOD features): more after the race.
+    assert P.make_plan(_fp(n=800), CPU, PROBE, budget).post_s > fresh.post_s
+    # ... and fewer bootstrap resamples (--set evaluation.bootstrap=20): less.
+    few = P.make_plan(fp, CPU, PROBE, budget, {"evaluation": {"bootstrap": 20}})
+    assert few.post_s == pytest.approx(fresh.post_s - 980 * P.POST_PER_RESAMPLE_S, abs=0.1)
+
+
+def test_each_arm_is_costed_from_its_own_measured_step() -> None:
+    probe = PROBE | {"seconds_per_sample_head": 0.002, "seconds_per_sample_eval": 0.003, "checkpoint_s": 0.1}
+    p = P.make_plan(_fp(n=200, minority=0.25), CPU, probe, 1800)
+    arms = {a.name: a for a in p.arms}
+    assert arms["probe"].s_per_sample == pytest.approx(0.002) and arms["transfer"].s_per_sample == 0.01
+    assert arms["progressive"].s_per_sample == pytest.approx(0.25 * 0.002 + 0.75 * 0.01)
+    assert arms["probe"].epoch_s < arms["progressive"].epoch_s < arms["transfer"].epoch_s == arms["scratch"].epoch_s
+    for a in p.arms:
+        assert a.estimated_s == pytest.approx(a.fixed_s + a.epochs * a.epoch_s, abs=0.2)
+    # The race's plan is the halving schedule at these per-fold costs, as the race itself prices it.
+    from medxfer.planning.race import Labels, Race, RaceArm
+
+    race = Race([RaceArm(a.name, a.kind, a.epochs, a.estimated_s) for a in p.arms], p.folds, Labels(None, 2), 1800)
+    assert race.planned_s() == pytest.approx(p.race_s, rel=0.01)
+    assert P.schedule_cost(2, [10, 20, 30]) == pytest.approx(60 + 50)  # rung 0: all 3; rung 1: ceil(3/2) = 2
+
+
+def test_probe_times_the_planned_batch_after_a_warm_up() -> None:
+    probe = P.probe_cost("efficientnet_lite0", 2, [32, 32], 2, steps=1, batch=2)
+    assert probe["batch"] == 2 and probe["warmup_steps"] == 1 and probe["steps"] == 1
+    for k in ("seconds_per_sample", "seconds_per_sample_head", "seconds_per_sample_eval", "checkpoint_s"):
+        assert probe[k] > 0, k
+    assert probe["seconds_per_sample_eval"] < probe["seconds_per_sample"] and probe["bytes_per_sample"] > 0
 
 
 def test_budget_parsing() -> None:
@@ -84,7 +140,9 @@ def _check_written(res: P.PlanResult, dims: int, n_classes: int) -> dict:
     """plan.json re-derives from its own recorded inputs (the rules are a pure function), and every arm's recipe
     loads and validates as a recipe for this spec."""
     body = json.loads(res.paths["plan"].read_text())
-    again = P.make_plan(body["fingerprint"], body["machine"], body["probe"], body["budget_s"], {"encoder": "e"})
+    defaults = yaml.safe_load(default_recipe_path(dims).read_text())
+    fp, machine, probe = body["fingerprint"], body["machine"], body["probe"]
+    again = P.make_plan(fp, machine, probe, body["budget_s"], defaults, reserved_s=body["reserved_s"])
     assert [d["value"] for d in body["decisions"] if d["key"] != "encoder"] == [
         d.value for d in again.decisions if d.key != "encoder"
     ]

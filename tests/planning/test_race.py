@@ -155,3 +155,22 @@ def test_an_upper_bound_of_exactly_zero_under_a_loss_is_not_a_tie() -> None:
         }
     }
     assert _tied(stats) == ["transfer", "probe", "progressive"]
+
+
+def test_the_race_reports_the_probed_against_the_measured_seconds_per_sample() -> None:
+    labels, fold_of = _labels(2)
+    arms = _arms()
+    for a in arms:
+        a.planned_s_per_sample = 0.01
+    race = Race(arms, 2, labels, budget_s=1e6, n_resamples=RESAMPLES)
+    while (r := race.next_rung()) is not None:
+        for name in r.arms:
+            for f in r.folds:
+                oof = _oof(labels, fold_of, f, 1.0, 1)
+                race.record(name, f, 10.0, oof, s_per_sample=0.012 if f == 0 else 0.02)
+        race.close_rung(10.0)
+    res = race.result()
+    for a in res["arms"]:
+        sps = a["s_per_sample"]
+        assert sps["planned"] == 0.01 and sps["first_fold"] == 0.012 and sps["ratio"] == pytest.approx(1.2)
+        assert sps["mean"] == pytest.approx(0.016 if a["folds"] == [0, 1] else 0.012)
