@@ -45,7 +45,10 @@ LOCAL_PREFIX = "offline-"
 TAG_SPOOL_ID = "medxfer.spool_id"  # on a run created by a replay: the local id it was spooled under
 # Tags whose value is a run id: a run spooled offline may name another one (a control arm names its parent).
 RUN_ID_TAGS = ("mlflow.parentRunId", "medxfer.control_run_id")
-MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+# MLflow's log_batch limits (mlflow.utils.validation): per call, 1000 metrics, 100 params, 100 tags, 1000 in all
+MAX_METRICS_PER_CALL = 1000
+MAX_PARAMS_TAGS_PER_CALL = 100
+MAX_ENTITIES_PER_CALL = 1000
 
 
 def now_ms() -> int:
@@ -352,12 +355,8 @@ def apply(
             params = kept
         tags = [RunTag(k, v) for k, v in (entry.get("tags") or {}).items()]
         ms = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in metrics]
-        for i in range(0, max(len(ms), 1), MAX_METRICS_PER_CALL):
-            chunk = ms[i : i + MAX_METRICS_PER_CALL]
-            p = [Param(k, v) for k, v in params.items()] if i == 0 else []
-            t = tags if i == 0 else []
-            if chunk or p or t:
-                client.log_batch(run_id, metrics=chunk, params=p, tags=t, synchronous=True)
+        for m, p, t in batch_calls(ms, [Param(k, v) for k, v in params.items()], tags):
+            client.log_batch(run_id, metrics=m, params=p, tags=t, synchronous=True)
         if seen is not None:
             seen.params().update(params)
             for k, _v, ts, step in metrics:
@@ -379,6 +378,18 @@ def apply(
         client.set_terminated(run_id, status=entry["status"], end_time=entry.get("end_time"))
     elif op != "open":
         raise ValueError(f"unknown spool entry {op!r}")
+
+
+def batch_calls(metrics: Sequence[Any], params: Sequence[Any], tags: Sequence[Any]) -> list[tuple[list, list, list]]:
+    """(metrics, params, tags) per log_batch call, each within MLflow's limits, as few calls as they allow."""
+    calls = []
+    m, p, t = list(metrics), list(params), list(tags)
+    while m or p or t:
+        cp, ct = p[:MAX_PARAMS_TAGS_PER_CALL], t[:MAX_PARAMS_TAGS_PER_CALL]
+        cm = m[: min(MAX_METRICS_PER_CALL, MAX_ENTITIES_PER_CALL - len(cp) - len(ct))]
+        calls.append((cm, cp, ct))
+        m, p, t = m[len(cm) :], p[len(cp) :], t[len(ct) :]
+    return calls
 
 
 def _log_dataset(client: Any, run_id: str, entry: Mapping[str, Any]) -> None:

@@ -14,8 +14,9 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,14 @@ def _quiet_mlflow() -> None:
 
 # MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) made a dead server cost 256 s of silence
 # before `Max retries exceeded`. These make it cost seconds; a user's own setting wins.
+# MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT: set_terminated would GET the whole run again only to print a "View run"
+# link, one more authenticated request per run (~0.3 s of server CPU under basic-auth); the stage summary says
+# where the run is.
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 PROBE_TIMEOUT_ENV = "MEDXFER_TRACKING_PROBE_TIMEOUT_S"
 PROBE_TIMEOUT_S = 4.0
@@ -330,25 +335,29 @@ def _client(tracking_uri: str):
 
 def experiment_id(tracking_uri: str, name: str) -> str:
     """The experiment's id, created as a model-training experiment (the UI's kind tag) when it is new."""
+    return _experiment(tracking_uri, name)[0]
+
+
+def _experiment(tracking_uri: str, name: str) -> tuple[str, dict[str, str]]:
+    """(id, tags) of the experiment, made as :func:`experiment_id` says: one lookup gives both."""
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        tags = dict(exp.tags)
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
-        if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older medxfer: the UI would guess GenAI
+        if TAG_EXPERIMENT_KIND not in tags:  # made by an older medxfer: the UI would guess GenAI
             client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
-        return exp.experiment_id
+            tags[TAG_EXPERIMENT_KIND] = EXPERIMENT_KIND
+        return exp.experiment_id, tags
+    tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
     try:
-        return client.create_experiment(
-            name,
-            artifact_location=default_artifact_root(tracking_uri),
-            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
-        )
+        return client.create_experiment(name, artifact_location=default_artifact_root(tracking_uri), tags=tags), tags
     except Exception:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
-        return exp.experiment_id
+        return exp.experiment_id, dict(exp.tags)
 
 
 def source_tags(entry_point: str) -> dict[str, str]:
@@ -394,6 +403,48 @@ def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
 
 
 # --- a run -----------------------------------------------------------------------------------------------------------
+# System metrics (MLflow's CPU, memory, disk, network and GPU monitors, a sample every 10 s) ride on the run's own
+# log_batch calls. MLflow's monitor thread made two requests per sample (a get_run to see whether the run still
+# runs, then a log_batch): against a basic-auth server each costs a password hash (~0.3 s of server CPU, measured),
+# 19 of the 43 requests of a 3-epoch quick benchmark run. Queued here, a sample waits for the next epoch's batch, or
+# at most SYSTEM_METRICS_MAX_DELAY_S; the steps and timestamps are MLflow's.
+SYSTEM_METRICS_MAX_DELAY_S = 60.0
+SYSTEM_METRICS_MAX_QUEUED = 500  # points: a short sampling interval (tests use 0.1 s) must not grow one batch
+
+
+def _system_monitor(tracker: Tracker, resume: bool) -> Any:
+    """MLflow's SystemMetricsMonitor (its monitors, intervals, node id and resumed step count) whose samples go to
+    ``tracker._record_system`` instead of their own requests; it stops when the Tracker ends the run."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class _Sink:
+        data: list = []  # what MLflow's finish() reads of its own BatchMetricsLogger
+
+        def record_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+            tracker._record_system(metrics, int(step or 0))
+
+        def flush(self) -> None:  # the Tracker's next batch (at the latest, the one end() sends) takes the queue
+            pass
+
+    class _Monitor(SystemMetricsMonitor):
+        def monitor(self) -> None:
+            log = logging.getLogger(__name__)
+            while not self._shutdown_event.is_set():
+                for _ in range(self.samples_before_logging):
+                    self.collect_metrics()
+                    if self._shutdown_event.wait(self.sampling_interval):
+                        return  # as MLflow's loop: a sample cut short by the end is not logged
+                try:
+                    self.publish_metrics(self.aggregate_metrics())
+                except Exception as exc:  # a refused name, a 403: the run goes on without them
+                    log.warning("system metrics stopped: %s", type(exc).__name__)
+                    return
+
+    monitor = _Monitor(tracker.run_id, resume_logging=resume, tracking_uri=tracker.uri)
+    monitor.mlflow_logger = _Sink()
+    return monitor
+
+
 class Tracker:
     """One MLflow run. With ``enabled=False`` (DDP ranks other than 0) every method is a no-op.
 
@@ -425,7 +476,12 @@ class Tracker:
         self.journal: Journal | None = None  # set once this run spools (offline, or the server went away)
         self.outage_s = 0.0  # seconds the call that found the server gone spent before it gave up
         self._tables: list[dict[str, str]] | None = None
-        self._monitor = None
+        self._monitor: Any = None
+        # One sender at a time: the system-metrics thread may flush its samples while the main thread logs.
+        self._lock = threading.RLock()
+        self._system: list[list[Any]] = []  # system-metric points waiting for the run's next log_batch
+        self._held: dict[str, Any] | None = None  # params/tags/metrics collected inside batched()
+        self._exp: tuple[str, dict[str, str]] | None = None  # (id, tags) from the one lookup start() made
         self._client = self._connect() if enabled and not offline else None
 
     def _connect(self) -> Any:
@@ -441,26 +497,75 @@ class Tracker:
         return self.journal is not None
 
     def _send(self, entry: dict[str, Any], files: Sequence[Path] = ()) -> None:
-        """One call to the server, or to the journal once this run spools (every later call too: order holds)."""
+        """One call to the server, or to the journal once this run spools (every later call too: order holds).
+
+        A batch also carries the system-metric samples taken since the last one (see :meth:`_start_monitor`)."""
         from medxfer.tracking import spool as sp
 
-        if self.journal is None:
-            t0 = time.monotonic()
-            try:
-                sp.apply(
-                    self._client,
-                    str(self.run_id),
-                    {**entry, "files": [str(f) for f in files]} if files else entry,
-                    experiment_id=lambda: experiment_id(self.uri, self.experiment),
-                )
-                return
-            except Exception as exc:
-                if self.spool is None or not sp.unreachable(exc):
-                    raise
-                self.outage_s = time.monotonic() - t0
-                self._go_offline(exc)
-        assert self.journal is not None
-        self.journal.append(entry, files)
+        with self._lock:
+            if entry["op"] == "batch" and self._system:
+                entry = {**entry, "metrics": [*(entry.get("metrics") or []), *self._system]}
+                self._system = []
+            if self.journal is None:
+                t0 = time.monotonic()
+                try:
+                    sp.apply(
+                        self._client,
+                        str(self.run_id),
+                        {**entry, "files": [str(f) for f in files]} if files else entry,
+                        experiment_id=self._experiment_id,
+                    )
+                    return
+                except Exception as exc:
+                    if self.spool is None or not sp.unreachable(exc):
+                        raise
+                    self.outage_s = time.monotonic() - t0
+                    self._go_offline(exc)
+            assert self.journal is not None
+            self.journal.append(entry, files)
+
+    def _experiment_id(self) -> str:
+        if self._exp is None:
+            self._exp = _experiment(self.uri, self.experiment)
+        return self._exp[0]
+
+    def _batch(
+        self, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, metrics: Sequence = ()
+    ) -> None:
+        """Params, tags and metrics (already guarded) as one batch entry: inside :meth:`batched` they wait for the
+        end of the block. :func:`medxfer.tracking.spool.apply` splits an entry into calls within MLflow's limits."""
+        params, tags = dict(params or {}), dict(tags or {})
+        if self._held is not None:
+            self._held["params"].update(params)
+            self._held["tags"].update(tags)
+            self._held["metrics"].extend(metrics)
+            return
+        entry: dict[str, Any] = {"op": "batch"}
+        for key, value in (("params", params), ("tags", tags), ("metrics", list(metrics))):
+            if value:
+                entry[key] = value
+        self._send(entry)
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Params, tags and metrics logged in the block go as one batch when it ends (one request per 100 params
+        instead of one per call: every request to a basic-auth server costs a password hash there)."""
+        if self._held is not None or not self.enabled:
+            yield
+            return
+        self._held = {"params": {}, "tags": {}, "metrics": []}
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what the block logged, and its error
+                self._flush_held()
+            raise
+        self._flush_held()
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, None
+        if held and (held["params"] or held["tags"] or held["metrics"]):
+            self._batch(held["params"], held["tags"], held["metrics"])
 
     def _go_offline(self, exc: BaseException | None) -> None:
         """From now on this run writes to its journal (keyed by its server run id); system metrics stop."""
@@ -505,7 +610,7 @@ class Tracker:
             from medxfer.tracking import spool as sp
 
             try:
-                exp_id = experiment_id(self.uri, self.experiment)
+                exp_id = self._experiment_id()
                 run = self._client.create_run(exp_id, run_name=run_name, tags=checked)
                 self.run_id = run.info.run_id
                 self._start_monitor(resume=False)
@@ -554,13 +659,23 @@ class Tracker:
         if not self.system_metrics:
             return
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self._monitor = _system_monitor(self, resume)
             self._monitor.start()
         except Exception as exc:  # psutil missing or similar: training must not fail for it
             logging.getLogger(__name__).warning("system metrics disabled: %s", type(exc).__name__)
             self._monitor = None
+
+    def _record_system(self, metrics: Mapping[str, float], step: int) -> None:
+        """One system-metrics sample (from the monitor's thread): queued for the run's next batch, or sent now once
+        the oldest queued sample is SYSTEM_METRICS_MAX_DELAY_S old (a long epoch still shows them within a minute)."""
+        now = int(time.time() * 1000)
+        points = [[self.guard.check("metric name", k), float(v), now, int(step)] for k, v in metrics.items()]
+        with self._lock:
+            self._system.extend(points)
+            oldest = self._system[0][2]
+            due = now - oldest >= SYSTEM_METRICS_MAX_DELAY_S * 1000 or len(self._system) >= SYSTEM_METRICS_MAX_QUEUED
+            if due and self.run_id is not None:
+                self._send({"op": "batch"})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -569,14 +684,13 @@ class Tracker:
             self.guard.check(f"param key {k!r}", k)[:250]: self.guard.check(f"param {k!r}", v)[:6000]
             for k, v in params.items()
         }
-        keys = list(items)
-        for i in range(0, len(keys), MAX_PARAMS_PER_CALL):
-            self._send({"op": "batch", "params": {k: items[k] for k in keys[i : i + MAX_PARAMS_PER_CALL]}})
+        if items:
+            self._batch(params=items)  # MAX_PARAMS_PER_CALL per request (spool.apply splits)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        self._send({"op": "batch", "tags": self._tags(tags)})
+        self._batch(tags=self._tags(tags))
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         """All of one epoch's metrics in one log_batch call; `step` is the epoch number (one-based)."""
@@ -584,7 +698,7 @@ class Tracker:
             return
         now = int(time.time() * 1000)
         batch = [[self.guard.check("metric name", k), float(v), now, int(step)] for k, v in metrics.items()]
-        self._send({"op": "batch", "metrics": batch})
+        self._batch(metrics=batch)
 
     def describe(self, text: str) -> None:
         """The run's description (Markdown), shown on the run overview."""
@@ -594,7 +708,12 @@ class Tracker:
         """The experiment's description (the experiment page's "About this experiment")."""
         if not self.enabled:
             return
-        self._send({"op": "experiment_tag", "key": TAG_NOTE, "value": self.guard.check("experiment description", text)})
+        text = self.guard.check("experiment description", text)
+        if self._exp is not None and self._exp[1].get(TAG_NOTE) == text:
+            return  # the lookup at start() saw this description already: the experiment's every run but its first
+        self._send({"op": "experiment_tag", "key": TAG_NOTE, "value": text})
+        if self._exp is not None:
+            self._exp[1][TAG_NOTE] = text
 
     def log_dataset(
         self, name: str, digest: str, counts: Mapping[str, Mapping[str, int]], context: str = "training"

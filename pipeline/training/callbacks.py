@@ -189,11 +189,12 @@ class Tracking(Callback):
             return
         t = self.tracker
         t.describe_experiment(experiment_note(fit.spec))
-        t.describe(run_note(fit))
         counts = fit.tables.class_counts(fit.spec.classes)
         digest = f"{fit.hashes.get('labelled_content', '')[:16]}-{fit.hashes.get('split', '')[:16]}"
         t.log_dataset(fit.spec.name, digest, counts)
-        t.log_params(params(fit))
+        with t.batched():  # the description rides with the params: 2 requests for ~130 params and the tag, not 3
+            t.describe(run_note(fit))
+            t.log_params(params(fit))
         t.log_text(yaml.safe_dump(fit.recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")
         t.log_text("\n".join(fit.unfreezer.describe()) + "\n", "unfreeze_schedule.txt")
         t.log_json(counts, "reports/split_counts.json")
