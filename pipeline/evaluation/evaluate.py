@@ -267,13 +267,7 @@ def compute_evaluation(
 
 def _auroc_statistic(pos: int | None):
     """AUROC of the positive class (binary) or macro one-vs-rest (multiclass), as a bootstrap statistic."""
-
-    def stat(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-        if pos is None:
-            return {"auroc": M.macro_auroc(y, p)}
-        return {"auroc": M.auroc(y == pos, p[:, pos])}
-
-    return stat
+    return M.auroc_statistic(pos)  # batched over resamples (same numbers, ~10x faster)
 
 
 def _warnings(val: SplitOutputs, test: SplitOutputs, ev: dict[str, Any], temperature: float) -> list[str]:

@@ -137,8 +137,8 @@ class Labels:
         return df["study_key"].to_numpy(), y, prob, df["patient_key"].to_numpy()
 
 
-def _auroc_stat(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {"auroc": M.macro_auroc(y, p)}
+# macro one-vs-rest AUROC (for two classes, the AUROC), as the batched bootstrap statistic: ~6x the per-resample loop
+_auroc_stat = M.auroc_statistic(None)
 
 
 def compare(

@@ -343,6 +343,15 @@ class BootstrapResult:
         }
 
 
+def _patient_codes(patients: Sequence[Any]) -> tuple[np.ndarray, int]:
+    """(patient number per study, number of patients), numbered in order of first appearance."""
+    _, first, inverse = np.unique(
+        np.asarray(patients, dtype=object).astype(str), return_index=True, return_inverse=True
+    )
+    codes = np.argsort(np.argsort(first))[inverse]
+    return codes, int(codes.max()) + 1 if codes.size else 0
+
+
 def patient_resample_indices(
     patients: Sequence[Any], n_resamples: int, seed: int
 ) -> tuple[int, Callable[[], np.ndarray]]:
@@ -352,11 +361,7 @@ def patient_resample_indices(
     the workspace's secret key, and sorted codes drew other patients (and gave other CIs) in every workspace
     (demo test AUROC CI low 0.8495 in one workspace, 0.8498 in another, from bit-identical weights).
     """
-    _, first, inverse = np.unique(
-        np.asarray(patients, dtype=object).astype(str), return_index=True, return_inverse=True
-    )
-    codes = np.argsort(np.argsort(first))[inverse]
-    n_pat = int(codes.max()) + 1 if codes.size else 0
+    codes, n_pat = _patient_codes(patients)
     rng = np.random.default_rng(seed)
     studies = np.arange(codes.size)
 
@@ -386,6 +391,12 @@ def bootstrap(
     p = np.asarray(prob, dtype=np.float64)
     point = statistic(y, p)
     k = p.shape[1] if p.ndim == 2 else 2
+    batch = getattr(statistic, "batch", None)
+    if batch is not None and y.size:
+        n_pat, weights = _patient_weights(patients, n_resamples, seed)
+        keep, chunks = _batched(y, k, weights, lambda w: batch(y, p, w))
+        samples = {name: np.concatenate([np.empty(0)] + [c[name] for c in chunks]) for name in point}
+        return _percentile_result(point, samples, n_resamples, int((~keep).sum()), n_pat, seed, level)
     n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
     draws: dict[str, list[float]] = {name: [] for name in point}
     skipped = 0
@@ -398,6 +409,18 @@ def bootstrap(
         for name, v in statistic(yb, p[idx]).items():
             draws[name].append(v)
     samples = {name: np.asarray(v, dtype=np.float64) for name, v in draws.items()}
+    return _percentile_result(point, samples, n_resamples, skipped, n_pat, seed, level)
+
+
+def _percentile_result(
+    point: dict[str, float],
+    samples: dict[str, np.ndarray],
+    n_resamples: int,
+    skipped: int,
+    n_pat: int,
+    seed: int,
+    level: float,
+) -> BootstrapResult:
     alpha = (1.0 - level) / 2.0
     intervals = {}
     for name, v in point.items():
@@ -431,16 +454,23 @@ def paired_bootstrap_diff(
     pa, pb = np.asarray(prob_a, dtype=np.float64), np.asarray(prob_b, dtype=np.float64)
     k = pa.shape[1]
     ma, mb = metric(y, pa), metric(y, pb)
-    n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
-    diffs, skipped = [], 0
-    for _ in range(n_resamples):
-        idx = draw()
-        yb = y[idx]
-        if np.unique(yb).size < k:
-            skipped += 1
-            continue
-        diffs.append(metric(yb, pa[idx]) - metric(yb, pb[idx]))
-    d = np.asarray(diffs, dtype=np.float64)
+    batch = getattr(metric, "batch", None)
+    if batch is not None and y.size:
+        n_pat, weights = _patient_weights(patients, n_resamples, seed)
+        keep, chunks = _batched(y, k, weights, lambda w: batch(y, pa, w) - batch(y, pb, w))
+        d = np.concatenate([np.empty(0), *chunks])
+        skipped = int((~keep).sum())
+    else:
+        n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
+        diffs, skipped = [], 0
+        for _ in range(n_resamples):
+            idx = draw()
+            yb = y[idx]
+            if np.unique(yb).size < k:
+                skipped += 1
+                continue
+            diffs.append(metric(yb, pa[idx]) - metric(yb, pb[idx]))
+        d = np.asarray(diffs, dtype=np.float64)
     d = d[np.isfinite(d)]
     alpha = (1.0 - level) / 2.0
     lo, hi = (float(x) for x in np.quantile(d, [alpha, 1.0 - alpha])) if d.size else (float("nan"),) * 2
@@ -454,6 +484,160 @@ def paired_bootstrap_diff(
         "n_patients": n_pat,
         "seed": seed,
     }
+
+
+# ---------------------------------------------------------------------------- batched bootstrap
+#
+# A patient resample is the original studies with integer multiplicities (how often each study's patient was
+# drawn), so every metric above is a weighted sum over the ORIGINAL studies: sort once, then array operations on
+# a (resamples, studies) weight chunk instead of argsort/unique/bincount per resample (compute_evaluation with
+# 78 val / 156 test studies and a control arm: 0.33-0.45 -> 0.055 ms per resample, 1000 resamples). Counts
+# are integers held exactly in float64, so AUROC (a half-integer U over an integer product), the confusion
+# rates and the skip decisions are bit-identical to the per-resample path; AUPRC, ECE and Brier only sum the
+# same terms in another order (differences <= 2e-16, tests/stats/test_bootstrap_fast.py).
+
+_CHUNK_CELLS = 2_000_000  # resamples x studies per chunk: ~16 MB of float64 weights
+
+
+def _patient_weights(patients: Sequence[Any], n_resamples: int, seed: int) -> tuple[int, Callable[[int], np.ndarray]]:
+    """Like :func:`patient_resample_indices`, but each draw is a study-weight row; same RNG calls, same order."""
+    codes, n_pat = _patient_codes(patients)
+    rng = np.random.default_rng(seed)
+    left = [n_resamples]
+
+    def draw(n: int) -> np.ndarray:
+        n = min(n, left[0])
+        left[0] -= n
+        # One (n, n_pat) call consumes the generator exactly as n calls of n_pat draws (bounded integers are
+        # drawn one after another; tests/stats/test_bootstrap_fast.py compares with the per-resample loop).
+        picks = rng.integers(0, n_pat, (n, n_pat)) + n_pat * np.arange(n)[:, None]
+        times = np.bincount(picks.ravel(), minlength=n * n_pat).reshape(n, n_pat).astype(np.float64)
+        return times[:, codes]
+
+    return n_pat, draw
+
+
+def _batched(
+    y: np.ndarray, k: int, weights: Callable[[int], np.ndarray], compute: Callable[[np.ndarray], Any]
+) -> tuple[np.ndarray, list[Any]]:
+    """Run ``compute`` on the kept rows of every weight chunk; a row lacking any of k classes is skipped."""
+    onehot = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)
+    chunk = max(1, _CHUNK_CELLS // max(y.size, 1))
+    keeps, out = [], []
+    while True:
+        w = weights(chunk)
+        if w.shape[0] == 0:
+            break
+        keep = (_wsum(w, onehot) > 0).sum(axis=1) >= k
+        keeps.append(keep)
+        if keep.any():
+            out.append(compute(w[keep]))
+    return (np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)), out
+
+
+def _wsum(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Weighted sums per resample row. einsum, not ``@``: BLAS threads cost more than these tiny products on a
+    loaded 2-core box (0.13 vs 0.04 ms per resample, 156 test studies), and einsum's fixed summation order
+    keeps the results independent of the chunk size and the BLAS build."""
+    return np.einsum("rn,n...->r...", w, x)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _rank_metrics_w(
+    y: np.ndarray, s: np.ndarray, w: np.ndarray, with_ap: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(AUROC, average precision or None) per weight row, as :func:`auroc` / :func:`average_precision`."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(s, kind="mergesort")
+    starts = np.r_[0, np.nonzero(np.diff(s[order]))[0] + 1]  # ascending tie blocks
+    ws = w[:, order]
+    pb = np.add.reduceat(ws * y[order], starts, axis=1)  # positive weight per tie block, exact integers
+    nb = np.add.reduceat(ws, starts, axis=1) - pb
+    n_pos, n_neg = pb.sum(axis=1), nb.sum(axis=1)
+    # Mann-Whitney U with ties counted one half: each positive beats the negatives below and half its own block.
+    u = (pb * (np.cumsum(nb, axis=1) - nb + 0.5 * nb)).sum(axis=1)
+    auc = _safe_div(u, n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    if not with_ap:
+        return auc, None
+    tp = np.cumsum(pb[:, ::-1], axis=1)  # highest score first, as _operating_points
+    tot = np.cumsum((pb + nb)[:, ::-1], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tot > 0, tp / np.where(tot > 0, tot, 1.0), 0.0)  # empty blocks add 0 recall
+        recall = tp / n_pos[:, None]
+    step = np.diff(np.concatenate([np.zeros((w.shape[0], 1)), recall], axis=1), axis=1)
+    ap = np.where(n_pos > 0, np.sum(np.where(n_pos[:, None] > 0, step, 0.0) * precision, axis=1), np.nan)
+    return auc, ap
+
+
+def _rates_w(y: np.ndarray, d: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    y, d = np.asarray(y).astype(bool), np.asarray(d).astype(bool)
+    tp, fp = _wsum(w, (y & d).astype(np.float64)), _wsum(w, (~y & d).astype(np.float64))
+    tn, fn = _wsum(w, (~y & ~d).astype(np.float64)), _wsum(w, (y & ~d).astype(np.float64))
+    sens, spec = _safe_div(tp, tp + fn), _safe_div(tn, tn + fp)
+    return {
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": _safe_div(tp, tp + fp),
+        "npv": _safe_div(tn, tn + fn),
+        "balanced_accuracy": (sens + spec) / 2.0,
+    }
+
+
+def _ece_brier_w(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """(ECE, Brier) per weight row, as :func:`ece` / :func:`brier` on the resample."""
+    conf, hit = _reliability_inputs(y, p)
+    bins = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
+    onehot = np.zeros((y.size, n_bins))
+    onehot[np.arange(y.size), bins] = 1.0
+    counts = _wsum(w, onehot)
+    gap = np.abs(_wsum(w, onehot * conf[:, None]) - _wsum(w, onehot * hit[:, None]))
+    binary = p.shape[1] == 2
+    err = (p[:, 1] - (y == 1)) ** 2 if binary else np.sum((p - np.eye(p.shape[1])[y]) ** 2, axis=1)
+    n = w.sum(axis=1)
+    return gap.sum(axis=1) / counts.sum(axis=1), _wsum(w, err) / n
+
+
+def _nanmean_rows(cols: Sequence[np.ndarray]) -> np.ndarray:
+    arr = np.stack(cols, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(arr)
+        total = np.where(ok, arr, 0.0).sum(axis=1)
+        return np.where(ok.any(axis=1), total / ok.sum(axis=1), np.nan)
+
+
+def _binary_headline_w(yb: np.ndarray, p2: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    auc, ap = _rank_metrics_w(yb, p2[:, 1], w)
+    out = {"auroc": auc, "auprc": ap, **_rates_w(yb, p2[:, 1] >= threshold, w)}
+    e, b = _ece_brier_w(yb, p2, w)
+    return {k: out[k] for k in METRIC_NAMES} | {"ece": e, "brier": b}
+
+
+def _multiclass_headline_w(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    pred = p.argmax(axis=1)
+    per: dict[str, list[np.ndarray]] = {m: [] for m in ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")}
+    for c in range(p.shape[1]):
+        auc, ap = _rank_metrics_w(y == c, p[:, c], w)
+        r = _rates_w(y == c, pred == c, w)
+        per["auroc"].append(auc)
+        per["auprc"].append(ap)
+        for m in ("sensitivity", "specificity", "ppv", "npv"):
+            per[m].append(r[m])
+    out = {m: _nanmean_rows(v) for m, v in per.items()}
+    out["balanced_accuracy"] = out["sensitivity"]
+    e, b = _ece_brier_w(y, p, w)
+    return {m: out[m] for m in METRIC_NAMES} | {"ece": e, "brier": b}
+
+
+def _macro_auroc_w(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    if p.shape[1] == 2:
+        return _rank_metrics_w(y == 1, p[:, 1], w, with_ap=False)[0]
+    return _nanmean_rows([_rank_metrics_w(y == c, p[:, c], w, with_ap=False)[0] for c in range(p.shape[1])])
 
 
 # ---------------------------------------------------------------------------- task-level helpers
@@ -477,6 +661,30 @@ def headline_statistic(
         p2 = binary_prob(p, positive_index)
         return binary_metrics(yb, p2[:, 1], threshold) | {"ece": ece(yb, p2), "brier": brier(yb, p2)}
 
+    def batch(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+        """``stat`` on every resample at once; ``w`` holds one row of study multiplicities per resample."""
+        if threshold is None:
+            return _multiclass_headline_w(y, p, w)
+        return _binary_headline_w((y == positive_index).astype(int), binary_prob(p, positive_index), threshold, w)
+
+    stat.batch = batch  # type: ignore[attr-defined]
+    return stat
+
+
+def auroc_statistic(pos: int | None) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
+    """{"auroc": AUROC of class ``pos``}, or macro one-vs-rest for ``pos=None``, as a batched bootstrap statistic."""
+
+    def stat(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        if pos is None:
+            return {"auroc": macro_auroc(y, p)}
+        return {"auroc": auroc(y == pos, p[:, pos])}
+
+    def batch(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+        if pos is None:
+            return {"auroc": _macro_auroc_w(y, p, w)}
+        return {"auroc": _rank_metrics_w(y == pos, p[:, pos], w, with_ap=False)[0]}
+
+    stat.batch = batch  # type: ignore[attr-defined]
     return stat
 
 
@@ -491,3 +699,6 @@ def macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
     if p.shape[1] == 2:
         return auroc(y == 1, p[:, 1])
     return _nanmean([auroc(y == c, p[:, c]) for c in range(p.shape[1])])
+
+
+macro_auroc.batch = _macro_auroc_w  # type: ignore[attr-defined]
