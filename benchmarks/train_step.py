@@ -239,22 +239,20 @@ def run(size: str = "full", sets: list[str] | None = None) -> dict[str, Any]:
                 call("arm_pipeline", kind=kind, limit=limit, dims=dims, stage_epochs=stage_epochs, extra=extra)
             )
             hand()
-        loop_r, step_r, head_r, head_first_r, hand_head_r = [], [], [], [], []
+        loop_r, step_r, head_r, head_first_r, hand_head_r, base = [], [], [], [], [], []
         for i, pipe in enumerate(pipes):
             around = hands[i : i + 2] if isolate else hands[i : i + 1]
             hand_full = sum(h[False]["samples_per_s"] for h in around) / len(around)
             hand_head = sum(h[True]["samples_per_s"] for h in around) / len(around)
             hand_step = common.median([s for h in around for s in h[False]["step_samples_per_s"]])
+            base.append((hand_full, hand_head, hand_step))
             loop_r.append(pipe["full_samples_per_s"] / hand_full)
             step_r.append(pipe["full_median_step_samples_per_s"] / hand_step)
             head_r.append(pipe["head_samples_per_s"] / pipe["full_samples_per_s"])
             head_first_r.append(pipe["head_first_epoch_samples_per_s"] / pipe["full_samples_per_s"])
             hand_head_r.append(hand_head / hand_full)
         k = sorted(range(len(pipes)), key=lambda i: step_r[i])[len(pipes) // 2]  # rows from the median run
-        pipe, around = pipes[k], (hands[k : k + 2] if isolate else hands[k : k + 1])
-        hand_full = sum(h[False]["samples_per_s"] for h in around) / len(around)
-        hand_head = sum(h[True]["samples_per_s"] for h in around) / len(around)
-        hand_step = common.median([s for h in around for s in h[False]["step_samples_per_s"]])
+        pipe, (hand_full, hand_head, hand_step) = pipes[k], base[k]
         h0 = hands[0][False]
         ctx = {
             "set": label,

@@ -20,7 +20,7 @@ dominates at these sizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,35 +392,16 @@ def bootstrap(
     point = statistic(y, p)
     k = p.shape[1] if p.ndim == 2 else 2
     batch = getattr(statistic, "batch", None)
-    if batch is not None and y.size:
-        n_pat, weights = _patient_weights(patients, n_resamples, seed)
-        keep, chunks = _batched(y, k, weights, lambda w: batch(y, p, w))
-        samples = {name: np.concatenate([np.empty(0)] + [c[name] for c in chunks]) for name in point}
-        return _percentile_result(point, samples, n_resamples, int((~keep).sum()), n_pat, seed, level)
-    n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
-    draws: dict[str, list[float]] = {name: [] for name in point}
-    skipped = 0
-    for _ in range(n_resamples):
-        idx = draw()
-        yb = y[idx]
-        if np.unique(yb).size < k:
-            skipped += 1
-            continue
-        for name, v in statistic(yb, p[idx]).items():
-            draws[name].append(v)
-    samples = {name: np.asarray(v, dtype=np.float64) for name, v in draws.items()}
-    return _percentile_result(point, samples, n_resamples, skipped, n_pat, seed, level)
-
-
-def _percentile_result(
-    point: dict[str, float],
-    samples: dict[str, np.ndarray],
-    n_resamples: int,
-    skipped: int,
-    n_pat: int,
-    seed: int,
-    level: float,
-) -> BootstrapResult:
+    n_pat, skipped, outs = _resample(
+        y,
+        k,
+        patients,
+        n_resamples,
+        seed,
+        lambda idx: statistic(y[idx], p[idx]),
+        None if batch is None else lambda w: batch(y, p, w),
+    )
+    samples = {name: _flat(o[name] for o in outs) for name in point}
     alpha = (1.0 - level) / 2.0
     intervals = {}
     for name, v in point.items():
@@ -455,22 +436,16 @@ def paired_bootstrap_diff(
     k = pa.shape[1]
     ma, mb = metric(y, pa), metric(y, pb)
     batch = getattr(metric, "batch", None)
-    if batch is not None and y.size:
-        n_pat, weights = _patient_weights(patients, n_resamples, seed)
-        keep, chunks = _batched(y, k, weights, lambda w: batch(y, pa, w) - batch(y, pb, w))
-        d = np.concatenate([np.empty(0), *chunks])
-        skipped = int((~keep).sum())
-    else:
-        n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
-        diffs, skipped = [], 0
-        for _ in range(n_resamples):
-            idx = draw()
-            yb = y[idx]
-            if np.unique(yb).size < k:
-                skipped += 1
-                continue
-            diffs.append(metric(yb, pa[idx]) - metric(yb, pb[idx]))
-        d = np.asarray(diffs, dtype=np.float64)
+    n_pat, skipped, outs = _resample(
+        y,
+        k,
+        patients,
+        n_resamples,
+        seed,
+        lambda idx: metric(y[idx], pa[idx]) - metric(y[idx], pb[idx]),
+        None if batch is None else lambda w: batch(y, pa, w) - batch(y, pb, w),
+    )
+    d = _flat(outs)
     d = d[np.isfinite(d)]
     alpha = (1.0 - level) / 2.0
     lo, hi = (float(x) for x in np.quantile(d, [alpha, 1.0 - alpha])) if d.size else (float("nan"),) * 2
@@ -515,6 +490,38 @@ def _patient_weights(patients: Sequence[Any], n_resamples: int, seed: int) -> tu
         return times[:, codes]
 
     return n_pat, draw
+
+
+def _resample(
+    y: np.ndarray,
+    k: int,
+    patients: Sequence[Any],
+    n_resamples: int,
+    seed: int,
+    one: Callable[[np.ndarray], Any],
+    rows: Callable[[np.ndarray], Any] | None,
+) -> tuple[int, int, list[Any]]:
+    """(patients, skipped resamples, outputs) of the patient bootstrap: ``rows(w)`` on chunks of study-weight rows
+    when the statistic has a batched form, else ``one(idx)`` on each resample's study indices (the reference the
+    batched forms are tested against); a resample lacking any of the k classes is skipped either way."""
+    if rows is not None and y.size:
+        n_pat, weights = _patient_weights(patients, n_resamples, seed)
+        keep, outs = _batched(y, k, weights, rows)
+        return n_pat, int((~keep).sum()), outs
+    n_pat, draw = patient_resample_indices(patients, n_resamples, seed)
+    outs, skipped = [], 0
+    for _ in range(n_resamples):
+        idx = draw()
+        if np.unique(y[idx]).size < k:
+            skipped += 1
+            continue
+        outs.append(one(idx))
+    return n_pat, skipped, outs
+
+
+def _flat(outs: Iterable[Any]) -> np.ndarray:
+    """float64 values of :func:`_resample`'s outputs, in resample order (a chunk's array or one resample's value)."""
+    return np.concatenate([np.empty(0), *(np.atleast_1d(o) for o in outs)])
 
 
 def _batched(

@@ -23,7 +23,7 @@ from typing import Any
 
 from medxfer.core.errors import StageError
 from medxfer.tracking.guard import PHIGuard
-from medxfer.tracking.spool import Journal, Spool
+from medxfer.tracking.spool import MAX_PARAMS_TAGS_PER_CALL, Journal, Spool
 
 TAG_STATUS = "medxfer.status"  # running | finished | failed | interrupted
 TAG_ROLE = "medxfer.role"  # main | control
@@ -43,7 +43,7 @@ PACKAGES = (
     "albumentations",
     "scikit-learn",
 )
-MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+MAX_PARAMS_PER_CALL = MAX_PARAMS_TAGS_PER_CALL  # MLflow's log_batch limit; spool.batch_calls splits by it
 # Tags MLflow's UI reads. The values mirror mlflow.utils.mlflow_tags (tests/tracking pins them to MLflow's own
 # constants); spelt out here so `import medxfer.tracking` does not import mlflow.
 TAG_NOTE = "mlflow.note.content"  # MLFLOW_RUN_NOTE: the description of a run, and of an experiment
@@ -668,12 +668,13 @@ class Tracker:
     def _record_system(self, metrics: Mapping[str, float], step: int) -> None:
         """One system-metrics sample (from the monitor's thread): queued for the run's next batch, or sent now once
         the oldest queued sample is SYSTEM_METRICS_MAX_DELAY_S old (a long epoch still shows them within a minute)."""
-        now = int(time.time() * 1000)
-        points = [[self.guard.check("metric name", k), float(v), now, int(step)] for k, v in metrics.items()]
+        points = self._points(step, metrics)
+        if not points:
+            return
         with self._lock:
             self._system.extend(points)
-            oldest = self._system[0][2]
-            due = now - oldest >= SYSTEM_METRICS_MAX_DELAY_S * 1000 or len(self._system) >= SYSTEM_METRICS_MAX_QUEUED
+            waited_ms = points[0][2] - self._system[0][2]
+            due = waited_ms >= SYSTEM_METRICS_MAX_DELAY_S * 1000 or len(self._system) >= SYSTEM_METRICS_MAX_QUEUED
             if due and self.run_id is not None:
                 self._send({"op": "batch"})
 
@@ -696,9 +697,12 @@ class Tracker:
         """All of one epoch's metrics in one log_batch call; `step` is the epoch number (one-based)."""
         if not self.enabled:
             return
+        self._batch(metrics=self._points(step, metrics))
+
+    def _points(self, step: int, metrics: Mapping[str, float]) -> list[list[Any]]:
+        """[name, value, timestamp ms, step] per metric, as a batch entry (and the spool) carries them."""
         now = int(time.time() * 1000)
-        batch = [[self.guard.check("metric name", k), float(v), now, int(step)] for k, v in metrics.items()]
-        self._batch(metrics=batch)
+        return [[self.guard.check("metric name", k), float(v), now, int(step)] for k, v in metrics.items()]
 
     def describe(self, text: str) -> None:
         """The run's description (Markdown), shown on the run overview."""

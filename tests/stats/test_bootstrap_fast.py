@@ -1,8 +1,9 @@
 """The batched bootstrap (one weight matrix for all resamples) gives the per-resample loop's numbers.
 
-The references below are verbatim copies of the loops ``bootstrap`` / ``paired_bootstrap_diff`` ran before the
-batched path (they still run for statistics without a ``batch``); they index each resample's studies and call
-the scalar metrics, so they pin the same seed, draw order, skips, metric values and CI quantiles.
+The reference is the per-resample loop ``bootstrap`` / ``paired_bootstrap_diff`` still run for a statistic
+without a ``batch`` (the loop they ran before the batched path, checked identical to it when it came): it
+indexes each resample's studies and calls the scalar metrics, so it pins the same seed, draw order, skips,
+metric values and CI quantiles, and the two paths cannot drift apart unnoticed.
 """
 
 from __future__ import annotations
@@ -12,64 +13,17 @@ import pytest
 from medxfer.stats import metrics as M
 
 
+def _per_resample(statistic):
+    """``statistic`` without its ``batch``: the bootstraps then take their per-resample loop."""
+    return lambda y, p: statistic(y, p)
+
+
 def _old_bootstrap(y_true, prob, patients, statistic, n_resamples=1000, seed=0, level=0.95):
-    y = np.asarray(y_true).astype(int)
-    p = np.asarray(prob, dtype=np.float64)
-    point = statistic(y, p)
-    k = p.shape[1] if p.ndim == 2 else 2
-    n_pat, draw = M.patient_resample_indices(patients, n_resamples, seed)
-    draws = {name: [] for name in point}
-    skipped = 0
-    for _ in range(n_resamples):
-        idx = draw()
-        yb = y[idx]
-        if np.unique(yb).size < k:
-            skipped += 1
-            continue
-        for name, v in statistic(yb, p[idx]).items():
-            draws[name].append(v)
-    samples = {name: np.asarray(v, dtype=np.float64) for name, v in draws.items()}
-    alpha = (1.0 - level) / 2.0
-    intervals = {}
-    for name, v in point.items():
-        arr = samples[name]
-        arr = arr[np.isfinite(arr)]
-        if arr.size == 0 or not np.isfinite(v):
-            lo = hi = float("nan")
-        else:
-            lo, hi = (float(x) for x in np.quantile(arr, [alpha, 1.0 - alpha]))
-        intervals[name] = M.Interval(float(v), lo, hi)
-    return M.BootstrapResult(intervals, n_resamples, skipped, n_pat, seed, samples)
+    return M.bootstrap(y_true, prob, patients, _per_resample(statistic), n_resamples, seed, level)
 
 
 def _old_paired(y_true, prob_a, prob_b, patients, metric, n_resamples=1000, seed=0, level=0.95):
-    y = np.asarray(y_true).astype(int)
-    pa, pb = np.asarray(prob_a, dtype=np.float64), np.asarray(prob_b, dtype=np.float64)
-    k = pa.shape[1]
-    ma, mb = metric(y, pa), metric(y, pb)
-    n_pat, draw = M.patient_resample_indices(patients, n_resamples, seed)
-    diffs, skipped = [], 0
-    for _ in range(n_resamples):
-        idx = draw()
-        yb = y[idx]
-        if np.unique(yb).size < k:
-            skipped += 1
-            continue
-        diffs.append(metric(yb, pa[idx]) - metric(yb, pb[idx]))
-    d = np.asarray(diffs, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    alpha = (1.0 - level) / 2.0
-    lo, hi = (float(x) for x in np.quantile(d, [alpha, 1.0 - alpha])) if d.size else (float("nan"),) * 2
-    return {
-        "a": ma,
-        "b": mb,
-        "diff": M.Interval(ma - mb, lo, hi),
-        "p_not_better": float(np.mean(d <= 0)) if d.size else float("nan"),
-        "n_resamples": n_resamples,
-        "n_skipped": skipped,
-        "n_patients": n_pat,
-        "seed": seed,
-    }
+    return M.paired_bootstrap_diff(y_true, prob_a, prob_b, patients, _per_resample(metric), n_resamples, seed, level)
 
 
 def _data(n: int, k: int, seed: int, decimals: int | None = 2):
