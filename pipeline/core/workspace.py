@@ -34,9 +34,9 @@ class WorkspaceBusy(MedxferError):
 
 
 @contextmanager
-def atomic_path(path: Path, mode: int | None = None) -> Iterator[Path]:
+def atomic_path(path: Path, mode: int | None = None, durable: bool = True) -> Iterator[Path]:
     """A unique temporary file next to ``path``, fsync'd and moved onto it when the block succeeds (removed if it
-    fails).
+    fails). ``durable=False``: no fsyncs, for a file that a power loss may tear (a cache that then reads as none).
 
     A fixed temp name (``path.with_suffix('.tmp')``) let two ingests of one spec rename each other's temp file
     away: ``FileNotFoundError .scan_cache.tmp -> .scan_cache.parquet`` in 2 of 22 concurrent pairs.
@@ -55,15 +55,17 @@ def atomic_path(path: Path, mode: int | None = None) -> Iterator[Path]:
         yield Path(tmp)
         # fsync before the rename: a crash or power loss after it must find the whole new file or the old one,
         # never a renamed empty one (ext4's delayed allocation allows that without it).
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-        with suppress(OSError):  # the rename itself, where the filesystem lets a directory be fsync'd
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        if durable:
+            with suppress(OSError):  # the rename itself, where the filesystem lets a directory be fsync'd
+                dfd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)

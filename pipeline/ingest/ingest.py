@@ -33,13 +33,11 @@ split's duplicate grouping needs. NIfTI rows hash and range the whole volume.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -214,18 +212,13 @@ def _common_input(paths: list[str]) -> str:
         return paths[0]
     first = os.path.dirname(paths[0])
     if all(os.path.dirname(p) == first for p in paths):
-        # Distinct files of one folder: commonpath gives that folder (normalised), which two names show as well
-        # as all of them (a 20-slice series: 36 -> 12 us).
-        return _folder_input(first)
+        # Distinct files of one folder: commonpath gives that folder, normalised as commonpath([folder]) does
+        # it alone (a 20-slice series: 36 -> 12 us).
+        return os.path.commonpath([first])
     try:
         return os.path.commonpath(paths)
     except ValueError:
         return paths[0]
-
-
-@functools.lru_cache(maxsize=4096)
-def _folder_input(folder: str) -> str:
-    return os.path.commonpath([os.path.join(folder, "a"), os.path.join(folder, "b")])
 
 
 class ScanCache:
@@ -274,8 +267,6 @@ class ScanCache:
         return json.loads(hit[2])  # "h": Header.to_record's list (its path is ``key``)
 
     def put(self, kind: str, key: str, size: int, mtime_ns: int, record: dict[str, Any]) -> None:
-        if "path" in record:
-            record = {k: v for k, v in record.items() if k != "path"}
         self._new[(kind, self._key(key))] = (size, mtime_ns, json.dumps(record))
 
     def header_record(self, h: Any) -> tuple[str, int, int, str]:
@@ -304,21 +295,11 @@ class ScanCache:
                 "record": pa.array(records, pa.string()),
             }
         )
-        # Straight to Arrow (no DataFrame: its string conversion cost more than the write), and renamed into
-        # place without atomic_path's fsyncs: a cache torn by a power loss reads as no cache (see __init__),
-        # which only makes the next ingest slower. 5,250 rows: ~90 -> ~40 ms.
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        try:
-            os.chmod(tmp, 0o666 & ~umask)  # the mode a plain write gives (mkstemp makes 0600), as atomic_path does
+        # Straight to Arrow (no DataFrame: its string conversion cost more than the write), and without fsyncs:
+        # a cache torn by a power loss reads as no cache (see __init__), which only makes the next ingest
+        # slower. 5,250 rows: ~90 -> ~40 ms.
+        with atomic_path(self.path, durable=False) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,14 +208,17 @@ def _split(spec: DataSpec, ws: Workspace) -> SplitResult:
     free_groups = [groups[i] for i in free]
 
     if policy.folds:
-        held_out = fractions.pop("test", 0.0)
+        held_out = fractions.get("test", 0.0)
         if held_out > 0:
-            # Dealt with the same targets (and the same seeded draw) as the split without folds, so adding folds
-            # to a spec leaves its test studies unchanged (`run --auto` compares against the single-split test).
-            three = {k: v for k, v in (policy.fractions or {}).items() if v > 0}
-            if set(three) == {"test"}:  # `{folds: k, fractions: {test: 0.3}}`: the rest is the folds' share
-                three["rest"] = max(0.0, 1.0 - held_out)
-            part = _deal(free_groups, y, len(classes), {k: v / sum(three.values()) for k, v in three.items()}, rng)
+            # Fractions of a whole split (summing to 1, as without folds) are dealt with the same targets and
+            # seeded draw as the split without folds, so adding folds to a spec leaves its test studies unchanged
+            # (`run --auto` compares against the single-split test); others (`{test: 0.3}`): test against the rest.
+            norm = sum(fractions.values())
+            if abs(norm - 1.0) <= 1e-6:
+                targets = {k: v / norm for k, v in fractions.items() if v > 0}
+            else:
+                targets = {"test": held_out, "rest": max(0.0, 1.0 - held_out)}
+            part = _deal(free_groups, y, len(classes), targets, rng)
             for gi, name in part.items():
                 if name == "test":
                     split_of[free_groups[gi]] = "test"

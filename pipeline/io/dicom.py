@@ -84,7 +84,7 @@ class Header:
     # Manufacturer (0008,0070) and ManufacturerModelName (0008,1090): device names, not PHI; evaluate's subgroups.
     manufacturer: str = ""
     manufacturer_model: str = ""
-    # SeriesDescription: free text that often holds a name, so never in the scan cache (to_dict leaves it out);
+    # SeriesDescription: free text that often holds a name, so never in the scan cache (to_record leaves it out);
     # None on a header from the cache until a series rule asks for it (series_description).
     description: str | None = ""
     image_type: list[str] = field(default_factory=list)
@@ -103,29 +103,25 @@ class Header:
     # ingest_report.json counts these.
     fallback: bool = False
     # Where the native pixel data lies (dicom_header.native_layout), so the pixel check reads it without a
-    # second parse; not in the scan cache (to_dict leaves it out).
+    # second parse; not in the scan cache (to_record leaves it out).
     pixels: dict[str, Any] | None = field(default=None, compare=False)
     # (shape, finite, min, max) of the rescaled pixels when the scan already held them (a small file read
     # whole); sample_pixels checks such slices without reading them again. Not in the scan cache either.
     pixel_stats: tuple[tuple[int, ...], bool, float, float] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The scan-cache record: everything but the free-text SeriesDescription."""
-        # Shallow: the scan cache serialises it right away, and dataclasses.asdict's deep copy cost more
-        # per file than reading the header.
+        """Everything but the free-text SeriesDescription and this run's pixel facts (``to_record`` with its keys
+        and the path)."""
+        # Shallow: dataclasses.asdict's deep copy cost more per file than reading the header.
         d = dict(self.__dict__)
         del d["description"]
         d.pop("pixels", None)
         d.pop("pixel_stats", None)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Header:
-        return cls(**{**d, "description": None})
-
     def to_record(self) -> list[Any]:
-        """``to_dict`` without ``path``, as a list in ``RECORD_FIELDS`` order: the scan cache's JSON then holds no
-        keys to write and parse (a record 17 -> 12 us to write, 11 -> 3 us to read)."""
+        """The scan-cache record: ``to_dict`` without ``path``, as a list in ``RECORD_FIELDS`` order, so the
+        cache's JSON holds no keys to write and parse (a record 17 -> 12 us to write, 11 -> 3 us to read)."""
         d = self.__dict__
         return [d[k] for k in RECORD_FIELDS]
 
@@ -409,10 +405,8 @@ def _read_header_pydicom(h: Header, pseudo: _Pseudo) -> Header:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_magic, specific_tags=list(HEADER_TAGS))
             except InvalidDicomError:
                 return _fail(h, "not_dicom", "not a DICOM file")
-            except Exception:
-                if has_magic:
-                    return _fail(h, "truncated", "DICOM header is cut short or corrupt")
-                return _fail(h, "not_dicom", "not a DICOM file")
+            except Exception:  # noqa: BLE001 - a hostile file: a reason code, never a traceback
+                return _corrupt(h, has_magic)
             if not has_magic and not (_raw(ds, "SOPClassUID") and _raw(ds, "StudyInstanceUID")):
                 return _fail(h, "not_dicom", "not a DICOM file")
             pos = fh.tell()
@@ -428,14 +422,18 @@ def _read_header_pydicom(h: Header, pseudo: _Pseudo) -> Header:
     except Exception:  # noqa: BLE001
         # pydicom converts elements lazily: a value whose length does not fit its VR raises on first access
         # (BytesLengthException, found by the fuzzer in tests/fuzz/regressions/dicom_header/), after dcmread.
-        return _fail(h, *(("truncated", "DICOM header is cut short or corrupt") if has_magic else _NOT_DICOM))
+        return _corrupt(h, has_magic)
     try:
         return _fill(h, ds, tsyntax, truncated, pseudo, at_eof)
     except Exception:  # noqa: BLE001 - the same lazy conversion, in a tag the fill reads
-        return _fail(h, *(("truncated", "DICOM header is cut short or corrupt") if has_magic else _NOT_DICOM))
+        return _corrupt(h, has_magic)
 
 
-_NOT_DICOM = ("not_dicom", "not a DICOM file")
+def _corrupt(h: Header, has_magic: bool) -> Header:
+    """A file pydicom could not make sense of: cut short or corrupt when it says DICM, else not DICOM at all."""
+    if has_magic:
+        return _fail(h, "truncated", "DICOM header is cut short or corrupt")
+    return _fail(h, "not_dicom", "not a DICOM file")
 
 
 def read_description(path: str) -> str:

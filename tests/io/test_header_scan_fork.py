@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the forked scan
 
 
 def _paths(tmp_path):
-    paths = [str(p) for p in write_series(tmp_path / "a", n=6) + write_series(tmp_path / "b", n=5, modality="MR")]
+    # 36 files: 3 chunks of <= 16, so a child has one to take while the parent holds another
+    paths = [str(p) for p in write_series(tmp_path / "a", n=20) + write_series(tmp_path / "b", n=15, modality="MR")]
     (tmp_path / "junk").write_bytes(b"not dicom at all")
     return [*paths, str(tmp_path / "junk")]
 
@@ -27,12 +28,36 @@ def _same(tmp_path, want_pseudo, want, got_pseudo, got):
     assert (tmp_path / "got.csv").read_text() == (tmp_path / "want.csv").read_text()
 
 
+def _spy_chunks(monkeypatch, marks, die: bool = False) -> list[int]:
+    """Patches the scan's chunk reader: a child leaves a file in ``marks`` (and dies there when ``die``); the
+    parent holds its first chunk until a child has taken one, so the children's side is always exercised.
+    Returns the sizes of the chunks the parent read."""
+    marks.mkdir()
+    parent, real, done_here = os.getpid(), dicom._scan_chunk, []
+
+    def spied(chunk, pseudo, record):
+        if os.getpid() != parent:
+            (marks / str(os.getpid())).touch()
+            if die:
+                os._exit(3)  # killed mid-scan (OOM killer, a signal): no results come back
+        elif not done_here:
+            deadline = time.monotonic() + 30
+            while not any(marks.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        done_here.append(len(chunk))
+        return real(chunk, pseudo, record)
+
+    monkeypatch.setattr(dicom, "_PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr(dicom, "_scan_chunk", spied)
+    return done_here
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_forked_scan_matches_one_process_with_records(tmp_path, monkeypatch, workers):
     paths = _paths(tmp_path)
     one = Pseudonymizer(b"k" * 32)
     want, want_rec = dicom.scan_headers_records(paths, one, workers=1, record=lambda h: (h.path, h.instance_number))
-    monkeypatch.setattr(dicom, "_PROCESS_MIN_FILES", 1)
+    done_here = _spy_chunks(monkeypatch, tmp_path / "marks")
     monkeypatch.setattr(dicom, "_cpus", lambda: workers)
     forked = Pseudonymizer(b"k" * 32)
     got, got_rec = dicom.scan_headers_records(
@@ -40,26 +65,17 @@ def test_forked_scan_matches_one_process_with_records(tmp_path, monkeypatch, wor
     )
     _same(tmp_path, one, want, forked, got)
     assert got_rec == want_rec and [r[0] for r in got_rec] == paths
+    assert any((tmp_path / "marks").iterdir()) and sum(done_here) < len(paths)  # a child read some of them
 
 
 def test_a_dead_child_leaves_its_chunks_to_the_parent(tmp_path, monkeypatch):
     paths = [str(p) for p in write_series(tmp_path / "big", n=40)]  # 3 chunks of >= 16 files
     one = Pseudonymizer(b"k" * 32)
     want = dicom.scan_headers(paths, one, workers=1)
-    parent, real, done_here = os.getpid(), dicom._scan_chunk, []
-
-    def dying(chunk, pseudo, record):
-        if os.getpid() != parent:
-            os._exit(3)  # killed mid-scan (OOM killer, a signal): no results come back
-        if not done_here:
-            time.sleep(0.3)  # the child takes the other chunks meanwhile
-        done_here.append(len(chunk))
-        return real(chunk, pseudo, record)
-
-    monkeypatch.setattr(dicom, "_PROCESS_MIN_FILES", 1)
+    done_here = _spy_chunks(monkeypatch, tmp_path / "marks", die=True)
     monkeypatch.setattr(dicom, "_cpus", lambda: 2)
-    monkeypatch.setattr(dicom, "_scan_chunk", dying)
     forked = Pseudonymizer(b"k" * 32)
     got = dicom.scan_headers(paths, forked, workers=2)
     _same(tmp_path, one, want, forked, got)
+    assert any((tmp_path / "marks").iterdir())  # a child did die mid-scan
     assert sum(done_here) == len(paths)  # every chunk read here in the end, the dead child's too
