@@ -12,7 +12,7 @@ the single model's keys under their prefix and ``load_state_dict(strict=True)`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,12 +44,13 @@ class FoldEnsemble(nn.Module):
 
     @property
     def cam_target_layers(self) -> list[str]:
-        """Each member's last spatial feature map (Grad-CAM per member; predict averages the maps)."""
+        """Each member's last spatial feature map, named from the ensemble."""
         return [f"members.{i}.{m.cam_target_layer}" for i, m in enumerate(self.members)]
 
     @property
     def cam_target_layer(self) -> str:
-        # One name for callers that take one: member 0's. predict's saliency uses cam_target_layers.
+        # One name for callers that take one: member 0's, so a CAM on it shows member 0 only. predict's saliency
+        # runs GradCAM on each member (its own cam_target_layer) and averages the maps.
         return self.cam_target_layers[0]
 
     @property
@@ -79,3 +80,9 @@ class FoldEnsemble(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.features(x)
+
+
+def one_or_ensemble(make: Callable[[], nn.Module], members: int | None) -> nn.Module:
+    """``make()``, or a :class:`FoldEnsemble` of `members` fresh ``make()`` models when `members` is set (the one
+    rule by which a checkpoint and a bundle rebuild their architecture)."""
+    return FoldEnsemble([make() for _ in range(int(members))]) if members else make()

@@ -685,27 +685,6 @@ def infer_split(
     ), failed
 
 
-def _checkpoint_path(ws: Any, uri: str, run_id: str, tmp: Path) -> Path:
-    from medxfer import tracking
-    from medxfer.core.errors import StageError
-
-    local = ws.run_dir(run_id) / "best.pt"
-    if local.is_file():
-        return local
-    got = tracking.download_run_artifact(uri, run_id, "checkpoints/best.pt", tmp / run_id)
-    if got is None:
-        raise StageError(
-            f"run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the "
-            "workspace nor the checkpoints/best.pt artifact); did training finish?"
-        )
-    return got
-
-
-OOF_ARTIFACT = "oof/oof_predictions.csv"  # a fold ensemble's out-of-fold logits (medxfer.training.ensemble)
-RACE_ARTIFACT = "auto/race.json"  # the `run --auto` arm race that chose it
-TAG_ENSEMBLE, TAG_AUTO = "medxfer.ensemble", "medxfer.auto"
-
-
 def _run_file(ws: Any, uri: str, run_id: str, artifact: str, tmp: Path, download: bool = True) -> Path | None:
     """A run's file: the workspace run folder's copy, else (when `download`) its MLflow artifact; None if neither."""
     from medxfer import tracking
@@ -727,39 +706,30 @@ def oof_outputs(oof: Any, rows: Any, n_classes: int) -> tuple[SplitOutputs, int]
     does not have, or a fold other than the study's own would evaluate on the wrong data: refused.
     """
     from medxfer.core.errors import StageError
+    from medxfer.training.ensemble import OOF_FILE, check_oof
 
-    cols = [f"logit_{i}" for i in range(n_classes)]
-    missing = [c for c in ("study_key", "fold", *cols) if c not in oof.columns]
-    if missing:
-        raise DataError(
-            f"{OOF_ARTIFACT} lacks the column(s) {', '.join(missing)}; it needs study_key, fold and "
-            f"logit_0..logit_{n_classes - 1} (one row per non-test study)"
-        )
-    keys = oof["study_key"].astype(str)
-    if keys.duplicated().any():
-        raise DataError(f"{OOF_ARTIFACT} has {int(keys.duplicated().sum())} repeated study_key(s); one row per study")
+    oof = check_oof(oof, n_classes, what=OOF_FILE)
+    keys = oof["study_key"]
     by_key = rows.assign(study_key=rows["study_key"].astype(str)).set_index("study_key")
     unknown = ~keys.isin(by_key.index)
     if unknown.any():
         raise StageError(
-            f"{OOF_ARTIFACT} names {int(unknown.sum())} studies this workspace's split does not have; evaluate in the "
+            f"{OOF_FILE} names {int(unknown.sum())} studies this workspace's split does not have; evaluate in the "
             "workspace the fold models were trained in (--workspace)"
         )
     split_of = by_key.loc[keys, "split"].to_numpy()
     if (split_of == "test").any():
         raise StageError(
-            f"{OOF_ARTIFACT} has {int((split_of == 'test').sum())} test studies: out-of-fold predictions come from "
+            f"{OOF_FILE} has {int((split_of == 'test').sum())} test studies: out-of-fold predictions come from "
             "the non-test folds only; the test split must stay unseen until evaluation"
         )
-    fold_of = by_key.loc[keys, "fold"].to_numpy(dtype=float)
-    if (oof["fold"].to_numpy(dtype=float) != fold_of).any():
+    moved = int((oof["fold"].to_numpy(dtype=float) != by_key.loc[keys, "fold"].to_numpy(dtype=float)).sum())
+    if moved:
         raise StageError(
-            f"{OOF_ARTIFACT}: the fold of {int((oof['fold'].to_numpy(dtype=float) != fold_of).sum())} studies differs "
-            "from the split's; the split changed since the fold models were trained. Rerun `run --auto`"
+            f"{OOF_FILE}: the fold of {moved} studies differs from the split's; the split changed since the fold "
+            "models were trained. Rerun `run --auto`"
         )
-    z = oof[cols].to_numpy(dtype=np.float64)
-    if not np.isfinite(z).all():
-        raise DataError(f"{OOF_ARTIFACT} has non-finite logits; the fold model that wrote them diverged")
+    z = oof[[f"logit_{i}" for i in range(n_classes)]].to_numpy(dtype=np.float64)
     pos = {k: i for i, k in enumerate(keys)}
     nontest = rows[rows["split"] != "test"]
     ordered = nontest[nontest["study_key"].astype(str).isin(pos)]
@@ -836,6 +806,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     from medxfer.core.workspace import Workspace
     from medxfer.data.transforms import inference_model, tta_views
     from medxfer.training import checkpoint as ckpt_io
+    from medxfer.training import ensemble as ens_run
 
     uri = Workspace.for_spec(workspace, "_").tracking_uri
     run_id = tracking.sync_workspace(workspace, uri, run_id)  # what the run spooled reaches the server first
@@ -844,13 +815,15 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
     ws = Workspace.for_spec(workspace, spec_name)
     dev = _device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        model, ckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, run_id, Path(tmp)), dev)
+        model, ckpt = ckpt_io.load_for_inference(ckpt_io.best_path(ws, run_id, Path(tmp)), dev)
         spec = spec_from_checkpoint(ckpt)
         recipe = recipe_from_dict(ckpt["recipe"])
         rows, counts, patients = _split_rows(ws, spec, ckpt)
-        wants_oof = bool(ckpt.get("ensemble")) or any(run["tags"].get(t) for t in (TAG_ENSEMBLE, TAG_AUTO))
-        oof_path = _run_file(ws, uri, run_id, OOF_ARTIFACT, Path(tmp), download=wants_oof)
-        race_path = _run_file(ws, uri, run_id, RACE_ARTIFACT, Path(tmp), download=wants_oof)
+        wants_oof = bool(ckpt.get("ensemble")) or any(
+            run["tags"].get(t) for t in (ens_run.TAG_ENSEMBLE, ens_run.TAG_AUTO)
+        )
+        oof_path = _run_file(ws, uri, run_id, ens_run.OOF_FILE, Path(tmp), download=wants_oof)
+        race_path = _run_file(ws, uri, run_id, ens_run.RACE_FILE, Path(tmp), download=wants_oof)
         race = json.loads(race_path.read_text()) if race_path is not None else None
         test_rows = rows[rows["split"] == "test"]
         oof = None
@@ -886,7 +859,7 @@ def evaluate(run_id: str, workspace: Path, n_bootstrap: int | None = None, devic
             ui.info(f"control run {control_id[:12]} not evaluated: out-of-fold runs report transfer in race.json")
             control_id = None
         if control_id:
-            cmodel, cckpt = ckpt_io.load_for_inference(_checkpoint_path(ws, uri, control_id, Path(tmp)), dev)
+            cmodel, cckpt = ckpt_io.load_for_inference(ckpt_io.best_path(ws, control_id, Path(tmp)), dev)
             ui.info(f"control arm {control_id[:12]} ({cckpt.get('control') or 'control'}): same val/test studies")
             crecipe = recipe_from_dict(cckpt["recipe"])
             cmodel = inference_model(cmodel, spec, crecipe)

@@ -306,25 +306,20 @@ def load_config(bundle_dir: Path) -> dict[str, Any]:
 def build_model(cfg: dict[str, Any]):
     """The architecture from preprocessing.json, randomly initialised (weights come from the safetensors): one
     classifier, or a FoldEnsemble of ``model.ensemble_members`` of them (keys ``members.{i}.<key>``)."""
+    from medxfer.models.ensemble import one_or_ensemble
     from medxfer.models.factory import create_classifier
 
     m = cfg["model"]
-
-    def one():
-        return create_classifier(
+    return one_or_ensemble(
+        lambda: create_classifier(
             m["encoder"],
             num_classes=m["num_classes"],
             in_chans=m["in_chans"],
             spatial_dims=m["spatial_dims"],
             weights=None,
-        )
-
-    k = m.get("ensemble_members")
-    if k:
-        from medxfer.models.ensemble import FoldEnsemble
-
-        return FoldEnsemble([one() for _ in range(int(k))])
-    return one()
+        ),
+        m.get("ensemble_members"),
+    )
 
 
 def _medxfer_cause(exc: BaseException) -> MedxferError | None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from medxfer.config.spec import strip_spec_paths
-from medxfer.core.errors import MedxferError
+from medxfer.core.errors import MedxferError, StageError
 from torch import nn
 
 FORMAT = 1
@@ -207,25 +207,20 @@ def for_tracking(ckpt: dict[str, Any]) -> dict[str, Any]:
 def build_model(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the trained architecture (random init; the caller loads the state dict): one classifier, or a
     :class:`medxfer.models.ensemble.FoldEnsemble` of K for a checkpoint made by :func:`ensemble_checkpoint`."""
+    from medxfer.models.ensemble import one_or_ensemble
     from medxfer.models.factory import create_classifier
 
     args = ckpt["model_args"]
-
-    def one() -> nn.Module:
-        return create_classifier(
+    return one_or_ensemble(
+        lambda: create_classifier(
             args["name"],
             num_classes=int(args["num_classes"]),
             in_chans=int(args["in_chans"]),
             spatial_dims=int(args["spatial_dims"]),
             weights=None,
-        )
-
-    ens = ckpt.get("ensemble")
-    if ens:
-        from medxfer.models.ensemble import FoldEnsemble
-
-        return FoldEnsemble([one() for _ in range(int(ens["members"]))])
-    return one()
+        ),
+        (ckpt.get("ensemble") or {}).get("members"),
+    )
 
 
 # What a fold ensemble's members must share: a member built from another recipe, architecture, class list or
@@ -304,6 +299,25 @@ def ensemble_checkpoint(members: list[dict[str, Any]], folds: list[int], member_
         "best_metrics": [None if m.get("best_metric") is None else float(m["best_metric"]) for m in members],
     }
     return out
+
+
+def best_path(ws: Any, run_id: str, tmp: Path) -> Path:
+    """A run's best checkpoint: the workspace run folder's ``best.pt``, else its ``checkpoints/best.pt`` artifact
+    (downloaded under `tmp`). `ws`: the run's :class:`medxfer.core.workspace.Workspace`."""
+    from medxfer import tracking
+
+    local = ws.run_dir(run_id) / BEST
+    if local.is_file():
+        return local
+    got = None
+    if not run_id.startswith(("local-", "offline-")):  # untracked (local-) or spooled (offline-): no MLflow run
+        got = tracking.download_run_artifact(ws.tracking_uri, run_id, "checkpoints/best.pt", tmp / run_id)
+    if got is None:
+        raise StageError(
+            f"run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the "
+            "workspace nor the checkpoints/best.pt artifact); did training finish?"
+        )
+    return got
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -17,7 +17,6 @@ Every string passes the training run's PHI guard; the OOF table holds pseudonymo
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 from medxfer import tracking
 from medxfer.config.spec import DataSpec
 from medxfer.core import ui
-from medxfer.core.errors import MedxferError, StageError
+from medxfer.core.errors import DataError, MedxferError, StageError
 from medxfer.core.workspace import Workspace
 from medxfer.training import checkpoint as ckpt_io
 
@@ -35,41 +34,30 @@ RACE_FILE = "auto/race.json"
 TAG_ENSEMBLE, TAG_AUTO = "medxfer.ensemble", "medxfer.auto"
 
 
-def member_checkpoint(ws: Workspace, run_id: str, tmp: Path) -> dict[str, Any]:
-    """A fold run's best checkpoint: the workspace run folder's ``best.pt``, else its ``checkpoints/best.pt``."""
-    local = ws.run_dir(run_id) / ckpt_io.BEST
-    if local.is_file():
-        return ckpt_io.load(local)
-    got = None
-    if not run_id.startswith(("local-", "offline-")):
-        got = tracking.download_run_artifact(ws.tracking_uri, run_id, "checkpoints/best.pt", tmp / run_id)
-    if got is None:
-        raise StageError(
-            f"fold run {run_id}: no best checkpoint (neither {ws.run_dir(run_id).name}/best.pt in the workspace "
-            "nor the checkpoints/best.pt artifact); did that fold finish training?"
-        )
-    return ckpt_io.load(got)
-
-
-def check_oof(oof: Any, n_classes: int, folds: list[int]) -> Any:
-    """The OOF table with its columns in order (study_key, fold, logit_0..); refused when it cannot be one."""
+def check_oof(oof: Any, n_classes: int, folds: list[int] | None = None, what: str = "the out-of-fold table") -> Any:
+    """The OOF table with its columns in order (study_key as str, fold as int, logit_0..); refused (DataError,
+    naming `what`) when it cannot be one, or when `folds` is given and it has a fold no member was validated on."""
     cols = ["study_key", "fold", *[f"logit_{i}" for i in range(n_classes)]]
     missing = [c for c in cols if c not in oof.columns]
     if missing:
-        raise MedxferError(
-            f"the out-of-fold table lacks {', '.join(missing)}; it needs study_key, fold and "
+        raise DataError(
+            f"{what} lacks {', '.join(missing)}; it needs study_key, fold and "
             f"logit_0..logit_{n_classes - 1} (raw logits), one row per non-test study"
         )
     out = oof[cols].copy()
     out["study_key"] = out["study_key"].astype(str)
-    out["fold"] = out["fold"].astype(int)
-    if out["study_key"].duplicated().any():
-        raise MedxferError("the out-of-fold table repeats a study_key; it needs one row per non-test study")
+    dup = int(out["study_key"].duplicated().sum())
+    if dup:
+        raise DataError(f"{what} repeats {dup} study_key(s); it needs one row per non-test study")
+    fold = out["fold"].to_numpy(dtype=np.float64)
+    if not (np.isfinite(fold) & (fold == np.round(fold))).all():
+        raise DataError(f"{what} has a fold that is not a whole number; it needs each study's k-fold number")
+    out["fold"] = fold.astype(int)
     if not np.isfinite(out[cols[2:]].to_numpy(dtype=np.float64)).all():
-        raise MedxferError("the out-of-fold table has non-finite logits; a fold model diverged")
-    extra = sorted(set(out["fold"].tolist()) - set(folds))
+        raise DataError(f"{what} has non-finite logits; the fold model that wrote them diverged")
+    extra = sorted(set(out["fold"].tolist()) - set(folds)) if folds is not None else []
     if extra:
-        raise MedxferError(f"the out-of-fold table has fold(s) {extra} that no member was validated on ({folds})")
+        raise DataError(f"{what} has fold(s) {extra} that no member was validated on ({folds})")
     return out
 
 
@@ -87,14 +75,14 @@ def create_ensemble_run(
     model that did NOT train on the study, one row per non-test study. `race`: the arm race dict (stored as is).
     `parent_run_id`: the ``run --auto`` run to nest under, if any.
     """
-    from medxfer.core.jsonio import dump_json
+    from medxfer.core.jsonio import dump_json, json_safe
     from medxfer.ingest import manifest
 
     if not member_run_ids:
         raise MedxferError("a fold ensemble needs at least one fold run")
     ws = Workspace.for_spec(workspace, spec.name)
     with tempfile.TemporaryDirectory(prefix="medxfer-ensemble-") as tmp_s:
-        members = [member_checkpoint(ws, rid, Path(tmp_s)) for rid in member_run_ids]
+        members = [ckpt_io.load(ckpt_io.best_path(ws, rid, Path(tmp_s))) for rid in member_run_ids]
     folds = [m.get("fold") for m in members]
     if any(f is None for f in folds):
         bad = [rid for rid, f in zip(member_run_ids, folds, strict=True) if f is None]
@@ -148,8 +136,8 @@ def create_ensemble_run(
         oof_path.parent.mkdir(parents=True, exist_ok=True)
         oof.to_csv(oof_path, index=False)
         tracker.log_file(oof_path, str(Path(OOF_FILE).parent), text=True)
+        guard.check_tree("race", json_safe(race))  # exactly what dump_json writes; checked before it is written
         race_path = dump_json(race, run_dir / RACE_FILE)
-        guard.check_tree("race", json.loads(race_path.read_text()))
         tracker.log_file(race_path, str(Path(RACE_FILE).parent), text=True)
         status = "finished"
     except KeyboardInterrupt:

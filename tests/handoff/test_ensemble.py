@@ -157,3 +157,23 @@ def test_ensemble_torchscript_fallback_reproduces_eager(tmp_path: Path) -> None:
     _, ens = ensemble_bundle(tmp_path, k=2)
     ok, diff = E.export_torchscript(ens, torch.rand(1, 1, 32, 32), tmp_path / "m.pt")
     assert ok and diff < E.ONNX_ATOL
+
+
+def test_check_oof_orders_the_table_and_refuses_what_cannot_be_one() -> None:
+    import pandas as pd
+    from medxfer.core.errors import DataError
+    from medxfer.training.ensemble import check_oof
+
+    oof = pd.DataFrame({"logit_1": [0.5, -1.0], "fold": [0.0, 1.0], "study_key": [7, 8], "logit_0": [0.0, 0.0]})
+    got = check_oof(oof, 2, folds=[0, 1])
+    assert list(got.columns) == ["study_key", "fold", "logit_0", "logit_1"]
+    assert got["study_key"].tolist() == ["7", "8"] and got["fold"].tolist() == [0, 1]
+    for bad, match in (
+        (oof.drop(columns=["logit_0"]), "lacks logit_0"),
+        (oof.assign(study_key=[7, 7]), "repeats 1 study_key"),
+        (oof.assign(fold=[0.0, float("nan")]), "not a whole number"),
+        (oof.assign(logit_1=[0.5, float("inf")]), "non-finite logits"),
+        (oof.assign(fold=[0, 2]), r"fold\(s\) \[2\]"),
+    ):
+        with pytest.raises(DataError, match=match):
+            check_oof(bad, 2, folds=[0, 1], what="oof.csv")
