@@ -24,7 +24,8 @@ from medxfer.config.spec import DataSpec
 from medxfer.core import ui
 from medxfer.core.errors import MedxferError
 from medxfer.core.workspace import Workspace
-from medxfer.runall import TEST_METRICS, _fmt_metric, _stage, _test_metrics
+from medxfer.planning.race import fmt_interval
+from medxfer.runall import RunAllResult, _stage, _test_metrics
 
 OVER_BUDGET = 1.10  # the promise: wall clock within the budget + 10%
 TAG_AUTO = "medxfer.auto"  # "1" on every run of a `run --auto` (H4's ensemble run sets it too)
@@ -33,33 +34,25 @@ TAG_FOLD = "medxfer.auto.fold"
 TAG_PARENT = "medxfer.auto.parent_run_id"
 
 
-@dataclass
-class AutoRunResult:
-    spec_name: str
-    run_id: str
-    model_name: str
-    model_version: str
+@dataclass(kw_only=True)
+class AutoRunResult(RunAllResult):
+    """``run``'s result (model, test metrics, stages, seconds) with the race, the budget and the auto parent run."""
+
     race: dict[str, Any]
-    test: dict[str, dict[str, float | None]]
-    threshold: float | None
-    tracking_uri: str
     parent_run_id: str | None
     budget_s: float
-    seconds: dict[str, float] = field(default_factory=dict)
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     split_note: str = ""
-
-    @property
-    def ui_command(self) -> str:
-        from medxfer import tracking
-
-        return tracking.ui_command(self.tracking_uri)
 
     @property
     def actual_s(self) -> float:
         """The whole run's wall clock, from the call to the registered model."""
         return float(self.race.get("actual_total_s") or sum(self.seconds.values()))
+
+    @property
+    def all_warnings(self) -> list[str]:
+        """The run's own (budget, re-plan) and the registration guard's."""
+        return self.warnings + list((self.stages.get("register") or {}).get("warnings") or [])
 
     def budget(self) -> dict[str, Any]:
         r, pl, sec = self.race, self.stages.get("plan") or {}, self.seconds
@@ -88,30 +81,18 @@ class AutoRunResult:
         }
 
     def summary(self) -> dict[str, Any]:
-        reg = self.stages.get("register") or {}
-        return {
-            "spec": self.spec_name,
+        r = self.race
+        return super().summary() | {
             "auto": True,
-            "run_id": self.run_id,
             "parent_run_id": self.parent_run_id,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "model_uri": f"models:/{self.model_name}/{self.model_version}",
-            "alias": reg.get("alias"),
-            "winner": self.race["winner"],
-            "reason": self.race["reason"],
-            "negative_transfer": self.race["negative_transfer"],
-            "transfer_gain": self.race["transfer_gain"],
+            "winner": r["winner"],
+            "reason": r["reason"],
+            "negative_transfer": r["negative_transfer"],
+            "transfer_gain": r["transfer_gain"],
             "split": self.split_note,
             "budget": self.budget(),
-            "warnings": self.warnings + list(reg.get("warnings") or []),
-            "test": self.test,
-            "threshold": self.threshold,
-            "race": self.race,
-            "tracking_uri": self.tracking_uri,
-            "mlflow_ui": self.ui_command,
-            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
-            "stages": self.stages,
+            "warnings": self.all_warnings,
+            "race": r,
         }
 
     def table(self) -> tuple[str, list[tuple[str, str]]]:
@@ -130,7 +111,7 @@ class AutoRunResult:
             rows.append(
                 (
                     f"arm {a['name']}",
-                    f"OOF AUROC {_iv(a['oof_auroc'])}; diff vs best {_iv(a['diff_vs_best'], True)}; "
+                    f"OOF AUROC {fmt_interval(a['oof_auroc'])}; diff vs best {fmt_interval(a['diff_vs_best'], True)}; "
                     f"folds {a['folds']}; "
                     f"{a['seconds']:.0f} s (planned {a['planned_s']:.0f} s); {state}",
                 )
@@ -138,11 +119,9 @@ class AutoRunResult:
         rows.append(("decision", r["reason"]))
         if r.get("transfer_gain"):
             g = r["transfer_gain"]
-            rows.append(("transfer gain", f"{g['arm']} - {g['control']}: {_iv(g, True)} (paired OOF AUROC)"))
-        reg = self.stages.get("register") or {}
-        alias = f"alias {reg['alias']}" if reg.get("alias") else "NO alias: the registration guard withheld it"
-        rows.append(("model", f"models:/{self.model_name}/{self.model_version}  ({alias})"))
-        rows += [(f"test {k}", _fmt_metric(self.test.get(k))) for k in TEST_METRICS if k in self.test]
+            rows.append(("transfer gain", f"{g['arm']} - {g['control']}: {fmt_interval(g, True)} (paired OOF AUROC)"))
+        rows.append(self._model_row())
+        rows += self._test_rows()
         b = self.budget()
         rows.append(
             (
@@ -151,17 +130,9 @@ class AutoRunResult:
                 f"took {b['actual_train_s']:.0f} s)",
             )
         )
-        rows += [("WARNING", w) for w in self.warnings + list(reg.get("warnings") or [])]
+        rows += [("WARNING", w) for w in self.all_warnings]
         rows.append(("review", self.ui_command))
         return f"medxfer run --auto: {self.spec_name}", rows
-
-
-def _iv(d: dict[str, Any] | None, signed: bool = False) -> str:
-    if not d or d.get("value") is None:
-        return "n/a"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    ci = f" [{f.format(d['lo'])}, {f.format(d['hi'])}]" if d.get("lo") is not None and d.get("hi") is not None else ""
-    return f.format(d["value"]) + ci
 
 
 def kfold_spec(spec: DataSpec, folds: int) -> DataSpec:
@@ -227,7 +198,8 @@ def auto_run(
     """The whole ``run --auto``; see the module docstring. ``overrides`` (``--set``) apply to every arm's recipe;
     ``folds`` (or the spec's own ``split.folds``) replaces the plan's fold count."""
     from medxfer import tracking
-    from medxfer.config.recipe import load_recipe
+    from medxfer.config.recipe import load_recipe, parse_override
+    from medxfer.evaluation.evaluate import _device as resolve_device
     from medxfer.evaluation.evaluate import evaluate
     from medxfer.handoff.registry import register
     from medxfer.ingest import manifest
@@ -250,7 +222,7 @@ def auto_run(
 
     stages["ingest"] = _stage("ingest", lambda: ingest(spec, workspace), seconds).summary()
     # An input size fixed with --set is what the arms train at: the plan probes its cost there.
-    size = resolved.data.size if any(o.replace(" ", "").startswith("data.size=") for o in overrides) else None
+    size = resolved.data.size if "data.size" in {parse_override(o)[0] for o in overrides} else None
     spent = time.perf_counter() - t0
     planned = _stage(
         "plan", lambda: make_plan(spec, workspace, budget_s, size=size, spent_s=spent, overrides=overrides), seconds
@@ -293,7 +265,7 @@ def auto_run(
         n_resamples=resolved.evaluation.bootstrap,
         seed=resolved.seed,
     )
-    dev = device or ("cuda" if _cuda() else "cpu")
+    dev = resolve_device(device)  # the out-of-fold pass infers where evaluate will
 
     guard = tracking.PHIGuard.for_training(spec, joined.manifest["files"], pseudonym_map=ws.pseudonym_map)
     parent = tracking.Tracker(ws.tracking_uri, spec.name, guard, system_metrics=False)
@@ -314,16 +286,9 @@ def auto_run(
                     t = time.perf_counter()
                     res = train(kspec, workspace, recipe=recipes[arm_name], overrides=overrides, fold=f, device=device)
                     run_id = str(res.run_id)
+                    nest = {TAG_PARENT: str(parent_id), "mlflow.parentRunId": str(parent_id)} if parent_id else {}
                     tracking.attach(ws.tracking_uri, spec.name, run_id, guard).set_tags(
-                        {
-                            TAG_AUTO: "1",
-                            TAG_ARM: arm_name,
-                            TAG_FOLD: str(f),
-                            TAG_PARENT: str(parent_id),
-                            "mlflow.parentRunId": str(parent_id),
-                        }
-                        if parent_id
-                        else {TAG_AUTO: "1", TAG_ARM: arm_name, TAG_FOLD: str(f)}
+                        {TAG_AUTO: "1", TAG_ARM: arm_name, TAG_FOLD: str(f), **nest}
                     )
                     fold_rows = trainval[trainval["fold"] == f]
                     oof = _oof_logits(kspec, ws, run_id, f, fold_rows, dev)
@@ -348,7 +313,7 @@ def auto_run(
         run_id = create_ensemble_run(kspec, workspace, member_ids, winner.table(), result, parent_run_id=parent_id)
         seconds["ensemble"] = time.perf_counter() - t
         tracking.attach(ws.tracking_uri, spec.name, run_id, guard).set_tags(
-            {TAG_ARM: result["winner"], TAG_PARENT: str(parent_id)} if parent_id else {TAG_ARM: result["winner"]}
+            {TAG_ARM: result["winner"], **({TAG_PARENT: str(parent_id)} if parent_id else {})}
         )
         stages["ensemble"] = {"run_id": run_id, "members": member_ids, "arm": result["winner"]}
         evaluated = _stage(
@@ -399,15 +364,11 @@ def auto_run(
     )
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _rung_lines(closed: dict[str, Any]) -> None:
     stats = closed["stats"]
-    parts = [f"{n} {_iv(s['oof_auroc'])} (diff {_iv(s['diff_vs_best'], True)})" for n, s in stats.items()]
+    parts = [
+        f"{n} {fmt_interval(s['oof_auroc'])} (diff {fmt_interval(s['diff_vs_best'], True)})" for n, s in stats.items()
+    ]
     ui.info(f"[bold]auto[/bold] rung {closed['index']} on folds {closed['folds']}: " + "; ".join(parts))
     if closed.get("eliminated"):
         ui.info(f"[bold]auto[/bold] stopped: {', '.join(closed['eliminated'])}")

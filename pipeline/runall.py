@@ -64,12 +64,19 @@ class RunAllResult:
             "stages": self.stages,
         }
 
-    def table(self) -> tuple[str, list[tuple[str, str]]]:
+    def _model_row(self) -> tuple[str, str]:
         reg = self.stages.get("register") or {}
         alias = f"alias {reg['alias']}" if reg.get("alias") else "NO alias: the registration guard withheld it"
-        rows = [("run id", self.run_id), ("model", f"models:/{self.model_name}/{self.model_version}  ({alias})")]
+        return "model", f"models:/{self.model_name}/{self.model_version}  ({alias})"
+
+    def _test_rows(self) -> list[tuple[str, str]]:
+        return [(f"test {k}", _fmt_metric(self.test.get(k))) for k in TEST_METRICS if k in self.test]
+
+    def table(self) -> tuple[str, list[tuple[str, str]]]:
+        reg = self.stages.get("register") or {}
+        rows = [("run id", self.run_id), self._model_row()]
         rows += [("WARNING", w) for w in reg.get("warnings") or []]
-        rows += [(f"test {k}", _fmt_metric(self.test.get(k))) for k in TEST_METRICS if k in self.test]
+        rows += self._test_rows()
         if self.threshold is not None:
             rows.append(("threshold", f"{self.threshold:.3f}"))
         total = sum(self.seconds.values())

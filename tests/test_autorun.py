@@ -105,9 +105,9 @@ def test_run_auto_races_the_arms_and_registers_the_fold_ensemble(tmp_path, monke
     for rid in arms[race["winner"]]["run_ids"].values():
         tags = tracking.get_run(uri, rid)["tags"]
         assert tags["medxfer.auto.arm"] == race["winner"] and tags["mlflow.parentRunId"] == s["parent_run_id"]
-    ev = s["stages"]["evaluate"]
-    assert (ev.get("validation_source") or ev.get("evaluation", {}).get("validation_source")) in (None, "out_of_fold")
     ws = Workspace.for_spec(ds.workspace, ds.spec.name)
+    # The evaluate stage's summary names the ensemble run's evaluation.json (read just below).
+    assert s["stages"]["evaluate"]["evaluation_json"] == str(ws.run_dir(s["run_id"]) / "evaluation.json")
     evaluation = json.loads((ws.run_dir(s["run_id"]) / "evaluation.json").read_text())
     assert evaluation["validation_source"] == "out_of_fold" and evaluation["race"]["winner"] == race["winner"]
     # The model card renders the race.

@@ -597,18 +597,12 @@ def build_model_card(run_info: dict[str, Any], evaluation: dict[str, Any]) -> tu
 _FITTED_ON = {"out_of_fold": "out-of-fold predictions (each study scored by the fold model that did not train on it)"}
 
 
-def _race_iv(d: dict[str, Any] | None, signed: bool = False) -> str:
-    if not d or d.get("value") is None:
-        return "n/a"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    lo, hi = d.get("lo"), d.get("hi")
-    return f.format(d["value"]) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None and hi is not None else "")
-
-
 def _race_markdown(race: dict[str, Any] | None) -> list[str]:
     """`run --auto`'s arm race: every arm with its out-of-fold AUROC, the decision and why, the transfer gain."""
     if not race:
         return []
+    from medxfer.planning.race import fmt_interval
+
     L = ["## Arm race (`medxfer run --auto`)", ""]
     if race.get("negative_transfer"):
         L += ["**Negative transfer: scratch was chosen.** The scratch control beat or tied the pretrained arms.", ""]
@@ -623,7 +617,7 @@ def _race_markdown(race: dict[str, Any] | None) -> list[str]:
     if g:
         L.append(
             f"- Transfer gain ({g.get('arm')} - {g.get('control')}, out-of-fold AUROC, paired patient bootstrap): "
-            f"{_race_iv(g, True)}"
+            f"{fmt_interval(g, True)}"
         )
     else:
         L.append("- Transfer gain: n/a (no scratch arm, or no transfer arm, raced)")
@@ -643,7 +637,7 @@ def _race_markdown(race: dict[str, Any] | None) -> list[str]:
         )
         L.append(
             f"| {arm.get('name')} | {arm.get('kind')} | {', '.join(str(f) for f in arm.get('folds') or [])} | "
-            f"{_race_iv(arm.get('oof_auroc'))} | {_race_iv(arm.get('diff_vs_best'), True)} | "
+            f"{fmt_interval(arm.get('oof_auroc'))} | {fmt_interval(arm.get('diff_vs_best'), True)} | "
             f"{_fmt(arm.get('seconds'), 0)} | {outcome} |"
         )
     L.append("")

@@ -71,7 +71,6 @@ EPOCHS_RANGE = {2: (4, 30), 3: (3, 20)}
 # so ~8 s + 0.24 s per resample.
 FOLD_FIXED_S = 6.0
 EPOCH_FIXED_S = 0.3
-PER_STUDY_CACHE_S = 0.0
 POST_FIXED_S = 8.0
 POST_PER_RESAMPLE_S = 0.24
 PLAN_WRITE_S = 0.5  # plan.json and the recipes, after the clock stops
@@ -297,16 +296,9 @@ def _per_sample(probe: dict[str, Any]) -> tuple[float, float, float, float]:
 def schedule_cost(k: int, fold_costs: list[float]) -> float:
     """Seconds the race's successive halving takes over ``k`` folds at these per-fold arm costs, when the
     costliest arms survive each halving (the race's :func:`rung_folds`, eta 2): an upper bound, no early losses."""
-    from medxfer.planning.race import ETA, rung_folds
+    from medxfer.planning.race import halving_cost, rung_folds
 
-    costs = sorted(fold_costs, reverse=True)
-    n, total = len(costs), 0.0
-    sched = rung_folds(k)
-    for i, new in enumerate(sched):
-        total += len(new) * sum(costs[:n])
-        if i < len(sched) - 1:
-            n = max(1, math.ceil(n / ETA))
-    return total
+    return halving_cost(list(fold_costs), rung_folds(k))
 
 
 def _fit_budget(
@@ -327,7 +319,7 @@ def _fit_budget(
         n_train = n_trainval - n_val
         # Per fold: the fixed set-up/logging cost, the out-of-fold inference (with test-time views), and per
         # epoch the training steps, the validation pass, a checkpoint write and the per-epoch logging.
-        fixed = FOLD_FIXED_S + n_val * s_infer * views + PER_STUDY_CACHE_S * n_train
+        fixed = FOLD_FIXED_S + n_val * s_infer * views
         per_epoch = {a: n_train * step[a] + n_val * s_infer + ckpt_s + EPOCH_FIXED_S for a in kinds}
         costs = {a: (lambda e, a=a: fixed + e * per_epoch[a]) for a in kinds}
         at0 = schedule_cost(k, [costs[a](0) for a in kinds])
@@ -563,7 +555,7 @@ def plan(
     epochs are then planned at it, and the input-size decision says so. ``spent_s``: seconds the run spent before
     planning (ingest); with planning's own seconds they are reserved out of the budget. ``overrides``: the run's
     ``--set`` list; the probe times the recipe they give (its augmentation, a batch size they fix)."""
-    from medxfer.config.recipe import load_recipe
+    from medxfer.config.recipe import load_recipe, parse_override
     from medxfer.core.errors import StageError
 
     t0 = time.perf_counter()
@@ -574,7 +566,7 @@ def plan(
     defaults = yaml.safe_load(default_recipe_path(spec.dims).read_text())
     overrides = list(overrides or [])
     recipe = load_recipe(None, spec.dims, overrides, n_classes=len(spec.classes))
-    fixed_batch = any(o.replace(" ", "").startswith("data.batch_size=") for o in overrides)
+    fixed_batch = "data.batch_size" in {parse_override(o)[0] for o in overrides}
     fp = dataset_fingerprint(spec, ws)
     machine = machine_fingerprint()
     # Probe at the size the rules will choose; the size rules do not depend on the probe.

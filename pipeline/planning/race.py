@@ -62,6 +62,17 @@ def rung_folds(k: int) -> list[list[int]]:
     return out
 
 
+def halving_cost(costs: list[float], rungs: list[list[int]]) -> float:
+    """Seconds these rungs take when the arms of these per-fold ``costs`` enter the first of them and
+    ceil(n / ETA) go on after each, the costliest surviving (an upper bound: no early losses)."""
+    costs = sorted(costs, reverse=True)
+    n, total = len(costs), 0.0
+    for new in rungs:
+        total += len(new) * sum(costs[:n])
+        n = max(1, math.ceil(n / ETA))
+    return total
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -152,15 +163,19 @@ def compare(
         res = M.bootstrap(y, p, pat, _auroc_stat, n_resamples=n_resamples, seed=seed)
         out[n] = {"oof_auroc": _iv(res.intervals["auroc"]), "n_studies": int(y.size)}
     best = best or max(out, key=lambda n: _nan_low(out[n]["oof_auroc"]["value"]))
-    kb, yb, pb, patb = scored[best]
-    for n, (k, y, p, pat) in scored.items():
-        if n == best:
-            out[n]["diff_vs_best"] = {"value": 0.0, "lo": 0.0, "hi": 0.0}
-            continue
-        common, ia, ib = np.intersect1d(k, kb, return_indices=True)
-        d = M.paired_bootstrap_diff(y[ia], p[ia], pb[ib], pat[ia], M.macro_auroc, n_resamples=n_resamples, seed=seed)
-        out[n]["diff_vs_best"] = _iv(d["diff"]) | {"n_studies": int(common.size)}
+    for n, sc in scored.items():
+        out[n]["diff_vs_best"] = (
+            {"value": 0.0, "lo": 0.0, "hi": 0.0} if n == best else _paired(sc, scored[best], n_resamples, seed)
+        )
     return {"best": best, "arms": out}
+
+
+def _paired(a: tuple, b: tuple, n_resamples: int, seed: int) -> dict[str, Any]:
+    """AUROC of ``a`` minus ``b`` (two :meth:`Labels.scores`), paired patient bootstrap on the studies both have."""
+    (k, y, p, pat), (kb, _, pb, _) = a, b
+    common, ia, ib = np.intersect1d(k, kb, return_indices=True)
+    d = M.paired_bootstrap_diff(y[ia], p[ia], pb[ib], pat[ia], M.macro_auroc, n_resamples=n_resamples, seed=seed)
+    return _iv(d["diff"]) | {"n_studies": int(common.size)}
 
 
 def _nan_low(v: float | None) -> float:
@@ -228,13 +243,7 @@ class Race:
 
     def planned_s(self) -> float:
         """The schedule's cost at the plan's estimates, with halving as planned (no early losses)."""
-        costs = sorted((a.planned_s for a in self.arms.values()), reverse=True)
-        n, total = len(costs), 0.0
-        for i, new in enumerate(self.schedule):
-            total += len(new) * sum(costs[:n])
-            if i < len(self.schedule) - 1:
-                n = max(1, math.ceil(n / ETA))
-        return total
+        return halving_cost([a.planned_s for a in self.arms.values()], self.schedule)
 
     def record(
         self,
@@ -258,13 +267,7 @@ class Race:
 
     def _projected(self, keep: list[str], rung: int) -> float:
         """Seconds the rungs after ``rung`` need when ``keep`` go on (each later rung halves again)."""
-        costs = sorted((self.arms[n].cost for n in keep), reverse=True)
-        n, total = len(costs), 0.0
-        for j in range(rung + 1, len(self.schedule)):
-            total += len(self.schedule[j]) * sum(costs[:n])
-            if j < len(self.schedule) - 1:
-                n = max(1, math.ceil(n / ETA))
-        return total
+        return halving_cost([self.arms[n].cost for n in keep], self.schedule[rung + 1 :])
 
     def close_rung(self, elapsed_s: float) -> dict[str, Any]:
         """Compare the alive arms on the folds trained so far; stop losers; re-plan from the measured costs."""
@@ -343,7 +346,7 @@ class Race:
         bw = fs[best]["oof_auroc"]
         if winner == best:
             others = [n for n in tied if n != best]
-            reason = f"{winner} has the best out-of-fold AUROC, {_f(bw)}"
+            reason = f"{winner} has the best out-of-fold AUROC, {fmt_interval(bw)}"
             reason += (
                 f"; {', '.join(others)} tie with it (difference CI includes 0) but {winner} comes first in the "
                 f"order simplest/cheapest first ({' < '.join(order)})"
@@ -357,7 +360,8 @@ class Race:
         else:
             d = fs[winner]["diff_vs_best"]
             reason = (
-                f"{winner} ties with the best arm {best} ({_f(bw)}): difference {_f(d)} includes 0, and "
+                f"{winner} ties with the best arm {best} ({fmt_interval(bw)}): difference {fmt_interval(d)} "
+                "includes 0, and "
                 f"{winner} is simpler/cheaper (order {' < '.join(order)})"
             )
         lost = [n for r in self.rungs for n in r.get("eliminated", [])]
@@ -395,7 +399,7 @@ class Race:
             "best": best,
             "winner": winner,
             "reason": reason,
-            "transfer_gain": self.transfer_gain(full),
+            "transfer_gain": self.transfer_gain(full, every["arms"]),
             "negative_transfer": negative,
             "notes": list(self.notes),
             "selection": (
@@ -405,25 +409,30 @@ class Race:
             ),
         }
 
-    def transfer_gain(self, full: dict[str, pd.DataFrame] | None = None) -> dict[str, Any] | None:
-        """Best transfer-family arm minus scratch: the paired OOF AUROC difference on the studies both have."""
+    def transfer_gain(
+        self, full: dict[str, pd.DataFrame] | None = None, stats: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Best transfer-family arm minus scratch: the paired OOF AUROC difference on the studies both have.
+        ``stats``: :func:`compare`'s arms on ``full`` when the caller has them (their OOF AUROC picks the best)."""
         full = full or {n: self.arms[n].table() for n in self.arms}
         scratch = [n for n, a in self.arms.items() if a.kind == "scratch"]
         family = [n for n, a in self.arms.items() if a.kind != "scratch"]
         if not scratch or not family:
             return None
         s = scratch[0]
-        stats = compare({n: full[n] for n in family + [s]}, self.labels, self.n_resamples, self.seed)["arms"]
+        stats = stats or compare({n: full[n] for n in family}, self.labels, self.n_resamples, self.seed)["arms"]
         top = max(family, key=lambda n: _nan_low(stats[n]["oof_auroc"]["value"]))
-        pair = compare({top: full[top], s: full[s]}, self.labels, self.n_resamples, self.seed, best=s)["arms"][top]
-        return pair["diff_vs_best"] | {"arm": top, "control": s}
+        gain = _paired(self.labels.scores(full[top]), self.labels.scores(full[s]), self.n_resamples, self.seed)
+        return gain | {"arm": top, "control": s}
 
 
-def _f(iv: dict[str, Any]) -> str:
-    v, lo, hi = iv.get("value"), iv.get("lo"), iv.get("hi")
-    if v is None:
+def fmt_interval(iv: dict[str, Any] | None, signed: bool = False) -> str:
+    """A race interval ``{value, lo, hi}`` as ``0.912 [0.870, 0.950]`` (``signed``: a difference, ``+0.012 ...``)."""
+    if not iv or iv.get("value") is None:
         return "n/a"
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    lo, hi = iv.get("lo"), iv.get("hi")
+    return f.format(iv["value"]) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None and hi is not None else "")
 
 
 def _planned_actual(planned: float | None, measured: dict[int, float]) -> dict[str, Any]:
