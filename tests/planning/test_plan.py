@@ -76,15 +76,15 @@ def test_batch_loss_arms_folds_and_epochs_follow_their_rules() -> None:
 
 def test_a_budget_below_the_minimum_epochs_trains_fewer_and_says_so_loudly() -> None:
     probe = PROBE | {"seconds_per_sample": 0.2}
-    short = P.make_plan(_fp(n=200), CPU, probe, 600)
+    short = P.make_plan(_fp(n=200), CPU, probe, 400)
     lo = P.EPOCHS_RANGE[2][0]
     assert short.folds == P.FOLDS_MIN and 1 <= short.decision("epochs").value < lo
     b = short.decision("budget")
     assert b.value == "under_min" and "BUDGET TOO SMALL" in b.reason and f"minimum {lo}" in b.reason
-    assert short.estimated_s <= 600  # the promise holds at fewer epochs rather than 10x over at the minimum
-    hopeless = P.make_plan(_fp(n=200), CPU, probe, 300)
+    assert short.estimated_s <= 400  # the promise holds at fewer epochs rather than 10x over at the minimum
+    hopeless = P.make_plan(_fp(n=200), CPU, probe, 200)
     assert hopeless.decision("budget").value == "over" and hopeless.decision("epochs").value == 1
-    assert hopeless.estimated_s > 300 and "over budget" in hopeless.decision("budget").reason
+    assert hopeless.estimated_s > 200 and "over budget" in hopeless.decision("budget").reason
 
 
 def test_the_whole_run_is_budgeted_time_spent_before_and_after_the_race_included() -> None:
