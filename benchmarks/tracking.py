@@ -120,9 +120,9 @@ def _count_requests() -> list[float]:
 
 
 @contextlib.contextmanager
-def remote_server(size: str, notes: list[str]) -> Iterator[dict[str, str] | None]:
-    """The team server for the remote arm, as the environment a user's shell has; None (and why, in `notes`) at
-    the tiny size or without PostgreSQL."""
+def remote_server(size: str, notes: list[str]) -> Iterator[tuple[dict[str, str], Any] | None]:
+    """The team server for the remote arm: (the environment a user's shell has, the running stack for
+    :func:`server_cpu_s`); None (and why, in `notes`) at the tiny size or without PostgreSQL."""
     if size == "tiny":  # the smoke test: tests/tracking already starts (and pays for) this server
         notes.append("remote-server arm not run at the tiny size (tests/tracking runs that server)")
         yield None
@@ -146,12 +146,14 @@ def remote_server(size: str, notes: list[str]) -> Iterator[dict[str, str] | None
     with servers.tracking_stack(root, auth=True, durable=True) as stack:
         user = ("bench", secrets.token_urlsafe(12))
         stack.create_user(*user)
-        yield {
-            "MLFLOW_TRACKING_URI": stack.url,
-            "MLFLOW_TRACKING_USERNAME": user[0],
-            "MLFLOW_TRACKING_PASSWORD": user[1],
-            "_server_cpu": lambda: server_cpu_s(stack),
-        }
+        yield (
+            {
+                "MLFLOW_TRACKING_URI": stack.url,
+                "MLFLOW_TRACKING_USERNAME": user[0],
+                "MLFLOW_TRACKING_PASSWORD": user[1],
+            },
+            stack,
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -187,14 +189,15 @@ def run(size: str = "full") -> dict[str, Any]:
     walls: dict[str, list[float]] = {"sqlite": [], "off": [], "remote": []}
     stores: list[float] = []
     details = []
-    with remote_server(size, result["notes"]) as remote_env:
-        arms = ["sqlite", "off", *(["remote"] if remote_env else [])]
+    with remote_server(size, result["notes"]) as remote:
+        remote_env, stack = remote or (None, None)
+        arms = ["sqlite", "off", *(["remote"] if remote else [])]
         for r in range(repeats):
             for kind in arms if r % 2 == 0 else arms[::-1]:
                 # Isolated (except tiny): each arm pays its own imports and MLflow start-up, as `medxfer train` would.
                 tracked = kind != "off"
                 tag = f"{r}-{kind}"
-                env = {k: v for k, v in remote_env.items() if not k.startswith("_")} if kind == "remote" else None
+                env = remote_env if kind == "remote" else None
                 wkw = dict(kind="breast", limit=limit, tracked=tracked, tag=tag, env=env)
                 ws = (
                     new_workspace(**wkw)
@@ -210,12 +213,11 @@ def run(size: str = "full") -> dict[str, Any]:
                     extra=common.tiny_train(size),
                     env=env,
                 )
-                cpu0 = remote_env["_server_cpu"]() if env else None
+                cpu0 = server_cpu_s(stack) if env else None
                 m = arm(**kw) if size == "tiny" else common.run_isolated("benchmarks.tracking:arm", **kw)
-                if cpu0 is not None:
-                    cpu1 = remote_env["_server_cpu"]()
-                    if cpu1 is not None:
-                        m["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                cpu1 = server_cpu_s(stack) if cpu0 is not None else None
+                if cpu1 is not None:
+                    m["server_cpu_s"] = round(cpu1 - cpu0, 2)
                 walls[kind].append(m["wall_s"])
                 if kind == "sqlite":
                     stores.append(ws["store_init_s"])
