@@ -493,14 +493,30 @@ def _discover_dicom(
             st.content_hash, st.intensity_min, st.intensity_max = rec["content_hash"], rec["min"], rec["max"]
             st.shape = rec["shape"]
 
-    # The checks hold the GIL but for file reads and numpy: threads help only where a core is spare.
-    n_threads = workers or dicom.usable_cpus()
+    # The checks hold the GIL but for file reads and numpy: threads help only where a core is spare, and only
+    # where the slices are big enough for numpy and reads to release it for long (see _THREAD_MIN_PIXELS).
+    n_threads = workers or (dicom.usable_cpus() if _decode_in_threads(chosen) else 1)
     if n_threads == 1:  # no pool: a hand-off per study to one thread only adds its wake-ups
         list(ui.progress(map(pixels, chosen), total=len(chosen), description="decoding chosen series"))
     else:
         with ThreadPoolExecutor(max_workers=n_threads) as ex:
             list(ui.progress(ex.map(pixels, chosen), total=len(chosen), description="decoding chosen series"))
     return disc
+
+
+# Below this many pixels a slice (median over the chosen series), the decode threads only contend for the GIL:
+# per sampled slice the work is a few dozen Python calls around small numpy reductions. Cold ingest of generated
+# trees of 20-slice series on 2 idle cores, median of 5 alternating runs, 2 threads vs none: 250 series of 32^2
+# 0.407 vs 0.364 s, 200 of 128^2 0.361 vs 0.328 s, 100 of 256^2 0.240 vs 0.253 s, 40 of 512^2 0.233 vs 0.273 s
+# (the reads and reductions of big slices release the GIL).
+_THREAD_MIN_PIXELS = 180 * 180
+
+
+def _decode_in_threads(chosen: list[tuple[Study, Any, Any]]) -> bool:
+    if len(chosen) < 2:
+        return False  # one study: one task, nothing to overlap
+    pixels = sorted(c[1].first.rows * c[1].first.cols for c in chosen)
+    return pixels[len(pixels) // 2] >= _THREAD_MIN_PIXELS
 
 
 def _decode_study(st: Study, decode: str, headers: list[Any] | None = None) -> dict[str, Any]:

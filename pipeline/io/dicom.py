@@ -13,6 +13,7 @@ millimetres (DICOM's LPS with x and y negated), the convention nibabel and MONAI
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -707,25 +708,19 @@ def scan_headers_records(
     return headers, ([record(h) for h in headers] if record is not None else None)
 
 
-def _read_all(fd: int) -> bytes:
-    parts = []
-    while True:
-        b = os.read(fd, 1 << 20)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
-
-
 def _scan_forked(
     paths: list[str], pseudo: _Pseudo, cpus: int, description: str, record: Callable[[Header], Any] | None
 ) -> tuple[list[Header], list[Any] | None]:
     """``cpus - 1`` forked children and the parent itself take chunks from one queue until it is empty.
 
     The queue is a pipe holding chunk numbers (4-byte reads of a pipe are atomic), written whole and closed before
-    the fork, so whoever is faster takes more chunks and nobody blocks. A child sends its results once, pickled,
-    down its own pipe. Against a ProcessPoolExecutor of ``cpus`` workers with an idle parent: one process less on
-    the cores, no pool threads or per-chunk calls, one fork less (a fork of a parent that has torch and pandas
-    loaded costs ~50 ms). A child that dies leaves its chunks to the parent, which reads them itself.
+    the fork, so whoever is faster takes more chunks and nobody blocks. A child sends each chunk's results as soon
+    as it has them, pickled and length-prefixed, down its own pipe, and the parent takes what has arrived between
+    its own chunks: sent once at the end, the child's pickling and the parent's unpickling came after both had
+    finished reading (5,000 files: 22 + 13 ms of a 164 ms scan, the parent idle meanwhile). Against a
+    ProcessPoolExecutor of ``cpus`` workers with an idle parent: one process less on the cores, no pool threads or
+    per-chunk calls, one fork less (a fork of a parent that has torch and pandas loaded costs ~50 ms). A child that
+    dies leaves the chunks it had not sent whole to the parent, which reads them itself.
     """
     import pickle
 
@@ -735,7 +730,7 @@ def _scan_forked(
     done: dict[int, tuple[list[Header], list[tuple[str, str]], list[Any] | None]] = {}
     q_read, q_write = os.pipe()
     queue = b"".join(i.to_bytes(4, "little") for i in range(len(chunks)))
-    kids: list[tuple[int, int]] = []
+    kids: list[tuple[int, int, bytearray]] = []
     try:
         os.set_blocking(q_write, False)
         queued = os.write(q_write, queue) == len(queue)
@@ -747,6 +742,12 @@ def _scan_forked(
         q_read = -1
     for _ in range(cpus - 1 if queued else 0):
         r, w = os.pipe()
+        with contextlib.suppress(ImportError, AttributeError, OSError):
+            import fcntl
+
+            # Linux: room for ~20 chunks of results (~50 KB each), so a child does not wait for the parent to
+            # finish its own chunk before it can send (the default 64 KiB holds one).
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
             pid = os.fork()
         except OSError:
@@ -757,19 +758,39 @@ def _scan_forked(
             code = 1
             try:
                 os.close(r)
-                mine = {}
                 while len(tok := os.read(q_read, 4)) == 4:
                     i = int.from_bytes(tok, "little")
-                    mine[i] = _scan_chunk(chunks[i], pseudo, record)
-                view = memoryview(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL))
-                while view:
-                    view = view[os.write(w, view) :]
+                    msg = pickle.dumps((i, _scan_chunk(chunks[i], pseudo, record)), protocol=pickle.HIGHEST_PROTOCOL)
+                    view = memoryview(len(msg).to_bytes(8, "little") + msg)
+                    while view:
+                        view = view[os.write(w, view) :]
                 code = 0
             finally:
                 os._exit(code)
         os.close(w)  # before the next fork: only the child holds the write end, so its exit ends the stream
-        kids.append((pid, r))
+        os.set_blocking(r, False)
+        kids.append((pid, r, bytearray()))
     own: set[int] = set()  # chunks read here: their pseudonyms went into `pseudo` directly
+
+    def arrived(kid: tuple[int, int, bytearray], wait: bool) -> Iterable[Header]:
+        """The whole messages a child has sent so far (with ``wait``: until it closes its pipe)."""
+        _, r, buf = kid
+        if wait:
+            os.set_blocking(r, True)
+        while True:
+            try:
+                b = os.read(r, 1 << 20)
+            except BlockingIOError:
+                b = None
+            if b:
+                buf += b
+            while len(buf) >= 8 and len(buf) >= 8 + (n := int.from_bytes(buf[:8], "little")):
+                i, got = pickle.loads(buf[8 : 8 + n])
+                del buf[: 8 + n]
+                done[i] = got
+                yield from got[0]
+            if not b:  # nothing more now (b is None), or the stream has ended (b"")
+                return
 
     def work() -> Iterable[Header]:
         # Yields headers as they come (for the progress bar); the order is restored below.
@@ -781,19 +802,16 @@ def _scan_forked(
                     done[i] = _scan_chunk(chunks[i], pseudo, record)
                     own.add(i)
                     yield from done[i][0]
+                    for kid in kids:
+                        yield from arrived(kid, wait=False)
             while kids:
-                pid, r = kids[0]
+                kid = kids[0]
                 try:
-                    data = _read_all(r)
+                    yield from arrived(kid, wait=True)  # a torn last message (a child killed mid-write) is left
                 finally:
-                    os.close(r)
+                    os.close(kid[1])
                     kids = kids[1:]
-                    _, status = os.waitpid(pid, 0)
-                if status == 0 and data:
-                    theirs = pickle.loads(data)
-                    done.update(theirs)
-                    for got in theirs.values():
-                        yield from got[0]
+                    os.waitpid(kid[0], 0)
             for i, chunk in enumerate(chunks):
                 if i not in done:  # a chunk a dead child took
                     done[i] = _scan_chunk(chunk, pseudo, record)
@@ -802,7 +820,7 @@ def _scan_forked(
         finally:
             if q_read >= 0:
                 os.close(q_read)
-            for pid, r in kids:  # an exception above: no zombies left behind
+            for pid, r, _ in kids:  # an exception above: no zombies left behind
                 os.close(r)
                 os.waitpid(pid, 0)
 

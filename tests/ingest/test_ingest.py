@@ -449,3 +449,18 @@ def test_series_description_never_stored_and_rules_hold_on_a_cached_rerun(tmp_pa
     assert not hits, hits
     # Parquet may compress a value out of sight of a byte scan: the decoded cache must not hold it either.
     assert name.lower() not in pd.read_parquet(wsd.scan_cache).to_csv().lower()
+
+
+def test_decode_threads_only_for_several_studies_of_big_slices():
+    """Small slices decode faster in one thread (the checks hold the GIL); see ingest._THREAD_MIN_PIXELS."""
+    from types import SimpleNamespace
+
+    from medxfer.ingest import ingest as ingest_mod
+
+    def chosen(n, px):
+        return [(None, SimpleNamespace(first=SimpleNamespace(rows=px, cols=px)), None)] * n
+
+    assert not ingest_mod._decode_in_threads(chosen(250, 32))
+    assert not ingest_mod._decode_in_threads(chosen(200, 128))
+    assert ingest_mod._decode_in_threads(chosen(100, 256))
+    assert not ingest_mod._decode_in_threads(chosen(1, 512))  # one study: one task
