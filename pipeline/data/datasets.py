@@ -30,7 +30,9 @@ and every rank of a DDP job draws the same balanced permutation before taking it
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import math
 import os
@@ -633,6 +635,38 @@ class _Raised:
 _END = object()
 
 
+@functools.cache
+def _openmp() -> Any:
+    """The OpenMP runtime torch runs its CPU kernels on (a wheel bundles it in torch/lib), or None."""
+    import ctypes
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for pattern in ("libgomp*.so*", "libiomp5*", "libomp*"):
+        for path in sorted((Path(torch.__file__).parent / "lib").glob(pattern)):
+            with contextlib.suppress(OSError, AttributeError):
+                lib = ctypes.CDLL(str(path))  # the loaded copy: dlopen of the same file returns its handle
+                lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+                return lib
+    return None
+
+
+def one_openmp_thread() -> None:
+    """Run this thread's torch CPU ops on itself alone, leaving the training thread's OpenMP team as it was.
+
+    A helper thread that calls a parallel torch op (the loader's ``torch.stack`` of a batch) gets an OpenMP team
+    of its own, and once libgomp manages more threads than there are cores it stops spinning at barriers: the
+    training thread and its worker then sleep and wake at every parallel region. 3D pipeline, 2 cores, one
+    process each: 48,000 voluntary context switches of the training thread and a median step of 14.9-17.5
+    samples/s with the loader's team; 5,800 and 20.9 samples/s without it (the hand loop: 19-20).
+    ``torch.set_num_threads(1)`` would not do: it also sets the process-wide count (and MKL's) for every thread.
+    """
+    lib = _openmp()
+    if lib is not None:
+        torch.get_num_threads()  # torch's per-thread set-up first: it would reset the count on the first op
+        lib.omp_set_num_threads(1)
+
+
 def _prefetch(iterable: Any, size: int) -> Iterator[Any]:
     """Produce batches in a background thread; an exception there is re-raised here, not swallowed.
 
@@ -652,6 +686,7 @@ def _prefetch(iterable: Any, size: int) -> Iterator[Any]:
 
     def produce() -> None:
         try:
+            one_openmp_thread()
             for item in iterable:
                 if not put(item):
                     return

@@ -274,3 +274,30 @@ def test_ddp_ranks_share_the_disk_cache_build_and_agree_on_failures(tmp_path: Pa
     assert results == {f"{bad['study_key']}|11"}
     folder = tmp_path / "ws" / spec.name / "cache"
     assert len(list(next(folder.iterdir()).glob("*.pt"))) == 11
+
+
+def test_a_helper_thread_runs_its_ops_on_one_openmp_thread_and_the_caller_keeps_its_team():
+    import threading
+
+    from medxfer.data import datasets as ds_mod
+
+    if ds_mod._openmp() is None:
+        pytest.skip("torch here does not run on a bundled OpenMP runtime")
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def helper() -> None:
+        ds_mod.one_openmp_thread()
+        torch.stack([torch.ones(64, 64, 64)] * 4)  # a parallel op: it must not bring back a team
+        seen["helper"] = torch.get_num_threads()
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    assert seen["helper"] == 1
+    assert torch.get_num_threads() == before
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [before]  # the process-wide count, which a new thread starts from, is untouched
