@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,20 @@ def test_sample_pixels_first_middle_last(tmp_path):
     full, _ = dicom.read_series(geom.files)
     assert dicom.sample_indices(7) == [0, 3, 6] and dicom.sample_indices(1) == [0]
     assert np.array_equal(dicom.sample_pixels(geom.files), full[[0, 3, 6]])
+
+
+def test_usable_cpus_counts_what_runs_now_not_the_lagging_load_average(monkeypatch):
+    monkeypatch.setattr(dicom, "_cpus", lambda: 2)
+    monkeypatch.setattr(dicom.os, "getloadavg", lambda: (1.8, 1.5, 1.2))  # just after a long job: idle now
+    monkeypatch.setattr(dicom, "_runnable_now", lambda: 1)  # only this process runs
+    assert dicom.usable_cpus() == 2
+    monkeypatch.setattr(dicom, "_runnable_now", lambda: 8)  # saturated
+    assert dicom.usable_cpus() == 1
+    monkeypatch.setattr(dicom, "_runnable_now", lambda: None)  # no /proc: the 1-minute load decides
+    assert dicom.usable_cpus() == 1
+    assert dicom.usable_cpus(workers=2) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="Linux only")
+def test_runnable_now_reads_the_kernels_count():
+    assert dicom._runnable_now() >= 1  # this test is running
