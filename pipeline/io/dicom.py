@@ -766,8 +766,8 @@ def _scan_forked(
         with contextlib.suppress(ImportError, AttributeError, OSError):
             import fcntl
 
-            # Linux: room for ~20 chunks of results (~50 KB each), so a child does not wait for the parent to
-            # finish its own chunk before it can send (the default 64 KiB holds one).
+            # Linux: room for about a dozen chunks of results (157 headers pickle to ~76 KB), so a child does not
+            # wait for the parent to finish its own chunk before it can send (the default 64 KiB holds less).
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
             pid = os.fork()
