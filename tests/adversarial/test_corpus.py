@@ -86,7 +86,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         try:
             sets = [a for kv in TINY_RUN_RECIPE for a in ("--set", kv)]
             steps = {
-                "run": ["run", str(corpus.spec_2d), "-w", ws, "--name", MODEL, "--device", "cpu", *sets],
+                # --force: with the corpus's 7 validation studies the tiny model's temperature can end on its bound
+                # (on an AMD EPYC VM, 2026-12-06, with the code that passed here on Intel VMs before), and the
+                # registration guard then withholds 'candidate', which predict and export below load. The guard
+                # has its own tests (tests/tracking/test_guard.py).
+                "run": ["run", str(corpus.spec_2d), "-w", ws, "--name", MODEL, "--device", "cpu", "--force", *sets],
                 "ingest-ct": ["ingest", str(corpus.spec_ct), "-w", ws],
                 "ingest-nii": ["ingest", str(corpus.spec_nii), "-w", ws],
                 "predict": [
