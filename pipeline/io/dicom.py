@@ -714,7 +714,8 @@ def scan_headers_records(
     """
     if not paths:
         return [], ([] if record is not None else None)
-    cpus = usable_cpus(workers)
+    # One file (a predict input) needs no pool, nor the 2 ms that usable_cpus spends reading what runs now.
+    cpus = usable_cpus(workers) if len(paths) > 1 else 1
     if cpus > 1 and len(paths) >= _PROCESS_MIN_FILES and hasattr(os, "fork"):
         return _scan_forked(paths, pseudo, cpus, description, record)
     # Threads overlap only file I/O; with no spare core one thread does the same work without the pool.
